@@ -1,0 +1,76 @@
+"""Load a Hugging Face checkpoint directory (safetensors, single file or sharded) into our models."""
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig
+
+from splitfuse.compiled.bundled import BUNDLED_NAME, bundled_model_dir
+from splitfuse.compiled.models.llama import LlamaForCausalLM
+from splitfuse.compiled.models.opt import OPTForCausalLM
+
+MODEL_CLASSES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM,
+                 "opt": OPTForCausalLM}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_model_dir(model: str | None, cache_dir: str | None = None) -> Path:
+    """`None` or the bundled name gives the bundled model; anything else must be a local HF directory."""
+    if model is None or model.lower() == BUNDLED_NAME:
+        return bundled_model_dir(cache_dir)
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model {model!r} is not a local Hugging Face directory with a config.json "
+                         f"(models are never downloaded); use a local path or {BUNDLED_NAME!r}")
+    return path
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`None`/"auto": bf16 where the hardware computes it natively, else fp16 on GPU and fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+def load_config(model_dir: Path):
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type not in MODEL_CLASSES:
+        raise ValueError(f"unsupported architecture {config.model_type!r}; supported: {sorted(MODEL_CLASSES)}")
+    return config
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    config = load_config(model_dir)
+    with torch.device("meta"):
+        model = MODEL_CLASSES[config.model_type](config)
+    state = {name: t.to(dtype) for name, t in _read_safetensors(model_dir).items()
+             if not name.endswith("rotary_emb.inv_freq")}
+    if getattr(config, "tie_word_embeddings", False):
+        embed = next(name for name in state if name.endswith("embed_tokens.weight"))
+        state["lm_head.weight"] = state[embed]
+    model.load_state_dict(state, strict=True, assign=True)
+    # Only non-persistent buffers (rotary tables) are still fp32 here; they stay fp32.
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (model_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ValueError(f"{model_dir} has no model.safetensors or model.safetensors.index.json")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(model_dir / name))
+    return state

@@ -1,0 +1,90 @@
+"""Pieces shared by the model families: norms, rotary embeddings, blocked-KV attention."""
+import math
+
+import torch
+from torch import nn
+
+from splitfuse.compiled.batch import Batch
+from splitfuse.kernels import ops
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as the reference implementations do, then scale in the model dtype.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_parameters(config) -> dict:
+    """Rotary settings from either config style (transformers >= 5 `rope_parameters`, or
+    `rope_theta` plus `rope_scaling`)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if not params:
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
+    params = rope_parameters(config)
+    inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+    kind = params["rope_type"]
+    if kind == "default":
+        return inv_freq.float()
+    if kind == "linear":
+        return (inv_freq / params["factor"]).float()
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, params).float()
+    raise ValueError(f"unsupported rope type {kind!r}; supported: default, linear, llama3")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between."""
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_len = p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_mid, mid, scaled)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for every position up to the model's maximum, indexed per token."""
+
+    def __init__(self, config, head_dim: int, max_positions: int):
+        super().__init__()
+        # Built on the CPU explicitly: models are constructed on the meta device, and these are not loaded.
+        positions = torch.arange(max_positions, dtype=torch.float32, device="cpu")
+        freqs = torch.outer(positions, rope_inv_freq(config, head_dim))
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                      batch: Batch, scale: float, sliding_window: int) -> torch.Tensor:
+    """Store the new keys/values, then attend over each sequence's cached context. q/k/v: [T, H, D]."""
+    k_cache, v_cache = kv_cache
+    ops.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+    out = ops.paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                              scale, sliding_window)
+    return out.flatten(1)

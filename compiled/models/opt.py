@@ -1,0 +1,107 @@
+"""OPT: learned positions (offset by 2), LayerNorm, ReLU, optional projection of the embeddings.
+Parameter names follow Hugging Face's."""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from splitfuse.compiled.batch import Batch
+from splitfuse.compiled.models.layers import blocked_attention
+
+_POSITION_OFFSET = 2  # OPT's position table reserves its first two rows
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        h = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = h // self.num_heads
+        bias = getattr(config, "enable_bias", True)
+        self.q_proj = nn.Linear(h, h, bias=bias)
+        self.k_proj = nn.Linear(h, h, bias=bias)
+        self.v_proj = nn.Linear(h, h, bias=bias)
+        self.out_proj = nn.Linear(h, h, bias=bias)
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x, batch: Batch, kv_cache):
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_heads, self.head_dim)
+        return self.out_proj(blocked_attention(q, k, v, kv_cache, batch, self.scale, 0))
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.activation_function != "relu":
+            raise ValueError(f"unsupported OPT activation {config.activation_function!r}; supported: relu")
+        h = config.hidden_size
+        bias = getattr(config, "enable_bias", True)
+        self.pre_norm = config.do_layer_norm_before
+        self.self_attn = OPTAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(h, elementwise_affine=config.layer_norm_elementwise_affine)
+        self.fc1 = nn.Linear(h, config.ffn_dim, bias=bias)
+        self.fc2 = nn.Linear(config.ffn_dim, h, bias=bias)
+        self.final_layer_norm = nn.LayerNorm(h, elementwise_affine=config.layer_norm_elementwise_affine)
+
+    def forward(self, x, batch, kv_cache):
+        h = self.self_attn_layer_norm(x) if self.pre_norm else x
+        x = x + self.self_attn(h, batch, kv_cache)
+        if not self.pre_norm:
+            x = self.self_attn_layer_norm(x)
+        h = self.final_layer_norm(x) if self.pre_norm else x
+        x = x + self.fc2(F.relu(self.fc1(h)))
+        return x if self.pre_norm else self.final_layer_norm(x)
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        proj = config.word_embed_proj_dim
+        self.embed_tokens = nn.Embedding(config.vocab_size, proj)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + _POSITION_OFFSET, config.hidden_size)
+        self.project_in = nn.Linear(proj, config.hidden_size, bias=False) if proj != config.hidden_size else None
+        self.project_out = nn.Linear(config.hidden_size, proj, bias=False) if proj != config.hidden_size else None
+        # Post-norm OPT (350m) has no final norm.
+        self.final_layer_norm = (nn.LayerNorm(config.hidden_size,
+                                              elementwise_affine=config.layer_norm_elementwise_affine)
+                                 if config.do_layer_norm_before else None)
+        self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class OPTModel(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.decoder = OPTDecoder(config)
+
+
+class OPTForCausalLM(nn.Module):
+    """Forward over a flat ragged batch; returns fp32 logits for batch.logits_indices only."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.num_kv_heads = config.num_attention_heads
+        self.num_layers = config.num_hidden_layers
+        self.max_model_len = config.max_position_embeddings
+        self.sliding_window = 0
+        self.model = OPTModel(config)
+        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.decoder.embed_tokens.weight
+
+    def forward(self, batch: Batch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        d = self.model.decoder
+        x = d.embed_tokens(batch.input_ids)
+        if d.project_in is not None:
+            x = d.project_in(x)
+        x = x + d.embed_positions(batch.positions + _POSITION_OFFSET)
+        for layer, kv_cache in zip(d.layers, kv_caches):
+            x = layer(x, batch, kv_cache)
+        x = x[batch.logits_indices]
+        if d.final_layer_norm is not None:
+            x = d.final_layer_norm(x)
+        if d.project_out is not None:
+            x = d.project_out(x)
+        return self.lm_head(x).float()

@@ -1,0 +1,180 @@
+"""Fixed-shape execution of the model.
+
+Every step is padded to one of a few token-count buckets (SplitFuse keeps steps near the token
+budget, so a handful covers all traffic). Inputs are written in place into static buffers; each
+bucket's forward is compiled once with static shapes and, on CUDA, captured as a CUDA graph that is
+replayed. Padded tokens have slot -1 and padded sequences query length 0, so they cost nothing
+but their share of the matmuls."""
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from splitfuse.compiled.batch import Batch
+
+
+@dataclass(slots=True)
+class SequenceChunk:
+    """One sequence's share of a step: new tokens starting at position `start`."""
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    sample: bool  # whether this step wants the next-token logits of this sequence
+
+
+def default_buckets(token_budget: int, smallest: int = 8) -> list[int]:
+    """Powers of two from `smallest` up to the budget, plus the budget itself."""
+    buckets, b = [], smallest
+    while b < token_budget:
+        buckets.append(b)
+        b *= 2
+    return buckets + [token_budget]
+
+
+def kv_cache_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, *, num_blocks: int, block_size: int, max_num_seqs: int,
+                 max_model_len: int, buckets: list[int], compile: bool = True, cuda_graphs: bool = True):
+        self.model = model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.buckets = sorted(buckets)
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        # Zeros, not empty: masked-out context still enters the attention's weighted sum as 0 * value.
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+                          for _ in range(model.num_layers)]
+        self._host = _HostBuffers(self.buckets[-1], max_num_seqs, self.max_blocks_per_seq)
+        self._static = Batch(**{name: torch.zeros(arr.shape, dtype=_TORCH_TYPES[arr.dtype], device=self.device)
+                                for name, arr in self._host.arrays().items()})
+        self._views = {t: self._bucket_view(t) for t in self.buckets}
+        self._forward = model.forward
+        if compile:
+            # One compiled graph per bucket; lift dynamo's per-function cache limit to cover them.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(buckets))
+            self._forward = torch.compile(model.forward, dynamic=False)
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def seqs_in_bucket(self, tokens: int) -> int:
+        return min(tokens, self.max_num_seqs)
+
+    def bucket_for(self, num_tokens: int) -> int:
+        for b in self.buckets:
+            if b >= num_tokens:
+                return b
+        raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.buckets[-1]}")
+
+    def _bucket_view(self, tokens: int) -> Batch:
+        s, st = self.seqs_in_bucket(tokens), self._static
+        return Batch(input_ids=st.input_ids[:tokens], positions=st.positions[:tokens],
+                     slot_mapping=st.slot_mapping[:tokens], query_start_loc=st.query_start_loc[:s + 1],
+                     seq_lens=st.seq_lens[:s], block_tables=st.block_tables[:s], logits_indices=st.logits_indices[:s])
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[SequenceChunk]) -> torch.Tensor:
+        """Run one step; returns fp32 logits [num sampled chunks, vocab] in chunk order."""
+        num_tokens = sum(len(c.token_ids) for c in chunks)
+        bucket = self.bucket_for(num_tokens)
+        if len(chunks) > self.seqs_in_bucket(bucket):
+            raise ValueError(f"{len(chunks)} sequences exceed the {self.seqs_in_bucket(bucket)} slots of bucket {bucket}")
+        num_logits = self._host.fill(chunks, bucket, self.seqs_in_bucket(bucket), self.block_size)
+        self._copy_inputs(bucket)
+        return self._run(bucket)[:num_logits]
+
+    def _copy_inputs(self, bucket: int) -> None:
+        view = self._views[bucket]
+        for name, arr in self._host.arrays().items():
+            dst = getattr(view, name)
+            dst.copy_(torch.from_numpy(arr[tuple(slice(0, n) for n in dst.shape)]), non_blocking=True)
+
+    def _run(self, bucket: int) -> torch.Tensor:
+        if not self.use_graphs:
+            return self._forward(self._views[bucket], self.kv_caches)
+        if bucket not in self._graphs:
+            self._capture(bucket)
+        graph, out = self._graphs[bucket]
+        graph.replay()
+        return out
+
+    def _capture(self, bucket: int) -> None:
+        view = self._views[bucket]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up runs off the capture, as CUDA graphs require
+            for _ in range(2):
+                self._forward(view, self.kv_caches)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        pool = next(iter(self._graphs.values()))[0].pool() if self._graphs else None
+        with torch.cuda.graph(graph, pool=pool):
+            out = self._forward(view, self.kv_caches)
+        self._graphs[bucket] = (graph, out)
+
+    @torch.inference_mode()
+    def warm_up(self, progress: bool = True) -> None:
+        """Compile (and on CUDA capture) every bucket now, largest first, on an all-padding batch."""
+        for i, bucket in enumerate(reversed(self.buckets)):
+            start = time.perf_counter()
+            self._host.fill([], bucket, self.seqs_in_bucket(bucket), self.block_size)
+            self._copy_inputs(bucket)
+            self._run(bucket)
+            if progress:
+                print(f"warm-up {i + 1}/{len(self.buckets)}: bucket {bucket} tokens "
+                      f"in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+
+
+_TORCH_TYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
+
+
+class _HostBuffers:
+    """Numpy staging arrays for one step's inputs, sized for the largest bucket."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int):
+        self.input_ids = np.zeros(max_tokens, np.int64)
+        self.positions = np.zeros(max_tokens, np.int64)
+        self.slot_mapping = np.full(max_tokens, -1, np.int64)
+        self.query_start_loc = np.zeros(max_seqs + 1, np.int32)
+        self.seq_lens = np.zeros(max_seqs, np.int32)
+        self.block_tables = np.zeros((max_seqs, max_blocks), np.int32)
+        self.logits_indices = np.zeros(max_seqs, np.int64)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"input_ids": self.input_ids, "positions": self.positions, "slot_mapping": self.slot_mapping,
+                "query_start_loc": self.query_start_loc, "seq_lens": self.seq_lens,
+                "block_tables": self.block_tables, "logits_indices": self.logits_indices}
+
+    def fill(self, chunks: list[SequenceChunk], tokens: int, seqs: int, block_size: int) -> int:
+        """Lay the chunks out flat and pad to `tokens`/`seqs`; returns the number of logits rows."""
+        self.input_ids[:tokens] = 0
+        self.positions[:tokens] = 0
+        self.slot_mapping[:tokens] = -1
+        self.seq_lens[:seqs] = 0
+        self.block_tables[:seqs] = 0
+        self.logits_indices[:seqs] = 0
+        offset = num_logits = 0
+        for i, chunk in enumerate(chunks):
+            n = len(chunk.token_ids)
+            pos = np.arange(chunk.start, chunk.start + n)
+            table = np.asarray(chunk.block_table, dtype=np.int64)
+            self.input_ids[offset:offset + n] = chunk.token_ids
+            self.positions[offset:offset + n] = pos
+            self.slot_mapping[offset:offset + n] = table[pos // block_size] * block_size + pos % block_size
+            self.block_tables[i, :len(table)] = table
+            self.query_start_loc[i] = offset
+            self.seq_lens[i] = chunk.start + n
+            offset += n
+            if chunk.sample:
+                self.logits_indices[num_logits] = offset - 1
+                num_logits += 1
+        self.query_start_loc[len(chunks):seqs + 1] = offset  # padded sequences: query length 0
+        return num_logits

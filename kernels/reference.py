@@ -1,0 +1,88 @@
+"""Torch implementations of the kernels: the CPU serving path and the oracle for the Triton ones.
+
+Shapes (one attention layer):
+  q            [T, Hq, D]      new tokens of all sequences, flat; rows past query_start_loc[-1] are padding
+  k_cache      [num_blocks, block_size, Hkv, D]   (v_cache the same)
+  block_tables [S, max_blocks] int32, the blocks of each sequence in order
+  seq_lens     [S] int32, context length of each sequence *including* its new tokens
+  query_start_loc [S+1] int32, sequence s owns q[query_start_loc[s]:query_start_loc[s+1]]
+A padded sequence has query length 0; a sequence's new tokens sit at the end of its context,
+so new token i of sequence s is at position seq_lens[s] - q_len + i and attends causally.
+sliding_window > 0 restricts each query to the last `sliding_window` positions, itself included.
+"""
+import torch
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write key/value [T, Hkv, D] into the caches at flat slots; slot -1 marks a padded token."""
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[valid].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[valid].to(v_cache.dtype)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                    scale: float, sliding_window: int) -> torch.Tensor:
+    """Attention of every new token over its sequence's cached context (see module docstring)."""
+    out = torch.zeros_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    q_lens = [starts[i + 1] - starts[i] for i in range(len(lens))]
+    decodes = [s for s, n in enumerate(q_lens) if n == 1]
+    if decodes:
+        _decode_attention(q, k_cache, v_cache, block_tables, decodes, starts, lens, scale, sliding_window, out)
+    for s, n in enumerate(q_lens):
+        if n > 1:
+            _chunk_attention(q, k_cache, v_cache, block_tables[s], starts[s], n, lens[s], scale,
+                             sliding_window, out)
+    return out
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx: int) -> torch.Tensor:
+    """Context [.., ctx, Hkv, D] of sequences whose blocks are listed in block_table [.., max_blocks]."""
+    block_size = cache.shape[1]
+    n_blocks = -(-ctx // block_size)
+    blocks = cache[block_table[..., :n_blocks].long()]  # [.., n_blocks, bs, Hkv, D]
+    return blocks.flatten(-4, -3)[..., :ctx, :, :]
+
+
+def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=-2)
+
+
+def _decode_attention(q, k_cache, v_cache, block_tables, seqs, starts, lens, scale, window, out) -> None:
+    """All single-token queries at once: pad contexts to the longest and mask."""
+    idx = torch.tensor(seqs, device=q.device)
+    rows = torch.tensor([starts[s] for s in seqs], device=q.device)
+    ctx_lens = torch.tensor([lens[s] for s in seqs], device=q.device)
+    max_ctx = int(ctx_lens.max())
+    groups = q.shape[1] // k_cache.shape[2]
+    k = _expand_kv(_gather(k_cache, block_tables[idx], max_ctx), groups).float()  # [B, C, Hq, D]
+    v = _expand_kv(_gather(v_cache, block_tables[idx], max_ctx), groups).float()
+    qs = q[rows].float()  # [B, Hq, D]
+    scores = torch.einsum("bhd,bchd->bhc", qs, k) * scale
+    pos = torch.arange(max_ctx, device=q.device)
+    keep = pos[None, :] < ctx_lens[:, None]
+    if window > 0:
+        keep &= pos[None, :] >= (ctx_lens[:, None] - window)
+    scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
+    v = v.masked_fill(~keep[:, :, None, None], 0.0)  # slots past a shorter context may hold NaN: 0 * NaN = NaN
+    probs = torch.softmax(scores, dim=-1)
+    out[rows] = torch.einsum("bhc,bchd->bhd", probs, v).to(out.dtype)
+
+
+def _chunk_attention(q, k_cache, v_cache, block_table, start, n, ctx, scale, window, out) -> None:
+    """One sequence's chunk of n new tokens, causal, over its whole context."""
+    groups = q.shape[1] // k_cache.shape[2]
+    k = _expand_kv(_gather(k_cache, block_table, ctx), groups).float().transpose(0, 1)  # [Hq, C, D]
+    v = _expand_kv(_gather(v_cache, block_table, ctx), groups).float().transpose(0, 1)
+    qs = q[start:start + n].float().transpose(0, 1)  # [Hq, n, D]
+    q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
+    k_pos = torch.arange(ctx, device=q.device)[None, :]
+    keep = k_pos <= q_pos
+    if window > 0:
+        keep &= k_pos > q_pos - window
+    o = torch.nn.functional.scaled_dot_product_attention(qs, k, v, attn_mask=keep, scale=scale)
+    out[start:start + n] = o.transpose(0, 1).to(out.dtype)

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny random-weight checkpoints of each supported family, built with transformers."""
+import pytest
+import torch
+import transformers
+
+TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+FAMILIES = {
+    "llama": lambda: transformers.LlamaConfig(
+        **TINY, num_key_value_heads=2, intermediate_size=96, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32}),
+    "mistral": lambda: transformers.MistralConfig(**TINY, num_key_value_heads=1, intermediate_size=96,
+                                                  sliding_window=8, head_dim=16),
+    "qwen2": lambda: transformers.Qwen2Config(**TINY, num_key_value_heads=2, intermediate_size=96),
+    "opt": lambda: transformers.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          ffn_dim=96, max_position_embeddings=256, word_embed_proj_dim=32),
+}
+
+
+def build_checkpoint(family: str, path) -> "transformers.PreTrainedModel":
+    """Save a seeded random model of `family` to `path` and return the transformers model (fp32, eager)."""
+    torch.manual_seed(0)
+    config = FAMILIES[family]()
+    config._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILIES))
+def tiny_model(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, path, build_checkpoint(request.param, path)
