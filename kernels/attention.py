@@ -3,8 +3,9 @@
 
 Grid (sequence, query tile, kv head). A program takes BLOCK_Q new tokens of its sequence times the
 GROUPS query heads sharing its kv head, as BLOCK_M = BLOCK_Q * GROUPS (padded to a power of two)
-rows, so each K/V block is read once per GQA group. It walks the sequence's cache one block
-(BLOCK_N = block_size keys) at a time through the block table, with an fp32 online softmax.
+rows, so each K/V block is read once per GQA group. It walks the sequence's context BLOCK_N keys at a
+time, each key finding its cache block through the block table (so BLOCK_N need not equal the
+block size, which keeps the tiles small for block_size 128), with an fp32 online softmax.
 The grid depends only on tensor shapes, never on values, so the launch can be CUDA-graph captured:
 every sequence gets the worst-case cdiv(T, BLOCK_Q) tiles and tiles past its query length exit.
 """
@@ -25,7 +26,7 @@ def _paged_attention_kernel(
         stride_cb, stride_cs, stride_ch, stride_cd,
         stride_bs, stride_bb,
         GROUPS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     tile = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -59,12 +60,14 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for blk in range(lo // BLOCK_N, tl.cdiv(hi, BLOCK_N)):
+    for kv_tile in range(lo // BLOCK_N, tl.cdiv(hi, BLOCK_N)):
+        k_pos = kv_tile * BLOCK_N + n
+        kv_ok = k_pos < hi  # never read slots, or block table entries, past the context
         # int64: block * stride can exceed 2**31 in a large cache.
-        block_id = tl.load(block_tables + seq * stride_bs + blk * stride_bb).to(tl.int64)
-        k_pos = blk * BLOCK_N + n
-        kv_ok = k_pos < hi  # never read slots past the context (uninitialised memory)
-        kv_offs = block_id * stride_cb + n[:, None] * stride_cs + kv_head * stride_ch + d[None, :] * stride_cd
+        block_id = tl.load(block_tables + seq * stride_bs + (k_pos // BLOCK_SIZE) * stride_bb,
+                           mask=kv_ok, other=0).to(tl.int64)
+        kv_offs = (block_id[:, None] * stride_cb + (k_pos % BLOCK_SIZE)[:, None] * stride_cs
+                   + kv_head * stride_ch + d[None, :] * stride_cd)
         k = tl.load(k_cache + kv_offs, mask=kv_ok[:, None], other=0.0).to(DOT_DTYPE)
         s = tl.dot(qv, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # log2 domain for exp2
         keep = kv_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > win_lo[:, None])
@@ -90,7 +93,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                            scale: float, sliding_window: int) -> torch.Tensor:
     """Ragged causal attention of q [T, Hq, D] over the blocked cache; see kernels/reference.py.
-    Requires head_dim and block_size to be powers of two >= 16. Rows past query_start_loc[-1] are 0."""
+    Requires head_dim to be a power of two >= 16. Rows past query_start_loc[-1] are 0."""
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError(f"expected q [T, Hq, D] and k/v caches [num_blocks, block_size, Hkv, D] of one layout, "
                          f"got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
@@ -99,9 +102,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if Dk != D or Hq % Hkv != 0:
         raise ValueError(f"q heads/head_dim ({Hq}, {D}) incompatible with cache's ({Hkv}, {Dk}): "
                          "need equal head_dim and Hq a multiple of Hkv")
-    for name, x in (("head_dim", D), ("block_size", block_size)):
-        if x < 16 or x & (x - 1):
-            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tile), got {x}")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16 (a tl.dot tile), got {D}")
     if k_cache.dtype not in _TL_DTYPES:
         raise ValueError(f"unsupported cache dtype {k_cache.dtype}; expected one of {list(_TL_DTYPES)}")
     S = seq_lens.numel()
@@ -126,8 +128,10 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
         scale * 1.4426950408889634, sliding_window,  # scale * log2(e): softmax via exp2
         *q.stride(), *out.stride(), *k_cache.stride(), *block_tables.stride(),
-        GROUPS=groups, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_size, HEAD_DIM=D,
+        # Key tile: 64 keys, 32 for fp32 with D >= 128 to bound registers and shared memory.
+        GROUPS=groups, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=32 if k_cache.element_size() * D >= 512 else 64,
+        BLOCK_SIZE=block_size, HEAD_DIM=D,
         # fp32 dots in full precision (not TF32) so fp32 matches the reference; ignored for 16-bit.
         DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
-        num_warps=8 if block_size * D >= 128 * 64 else 4)
+        num_warps=8 if D >= 128 else 4)
     return out

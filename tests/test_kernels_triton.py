@@ -28,7 +28,8 @@ def make_batch(q_lens, ctx_lens, *, hq=4, hkv=2, d=16, block_size=16, dtype=torc
     if fill is not None:
         k_cache.fill_(fill)
         v_cache.fill_(fill)
-    block_tables = torch.randperm(num_blocks, generator=g)[:S * max_blocks].view(S, max_blocks).int()
+    # Block 0 is never handed out, so in the NaN-filled pool it is always uninitialised.
+    block_tables = (torch.randperm(num_blocks - 1, generator=g)[:S * max_blocks] + 1).view(S, max_blocks).int()
 
     slots = [int(block_tables[s, p // block_size]) * block_size + p % block_size
              for s, c in enumerate(ctx_lens) for p in range(c)]
@@ -71,8 +72,9 @@ def test_block_boundaries(hq, hkv, block_size):
 def test_sliding_window(window):
     # Windows smaller than, equal to and larger than a block; a long chunk so rows of one tile see
     # different windows (some rows see no key in early blocks); decodes whose window starts just
-    # before / exactly at a block boundary.
-    check(make_batch([1, 40, 3, 1, 1, 1], [70, 60, 20, 9, 31 + window, 32 + window], hq=6, hkv=2), window=window)
+    # before / exactly at a block and a 64-key tile boundary.
+    ctx_lens = [70, 60, 20, 9, 31 + window, 32 + window, 63 + window, 64 + window]
+    check(make_batch([1, 40, 3, 1, 1, 1, 1, 1], ctx_lens, hq=6, hkv=2), window=window)
 
 
 def test_padding():
@@ -93,7 +95,7 @@ def test_uninitialised_cache_is_never_read():
         check(make_batch([1, 1, 9, 1], [3, 17, 40, 50], hq=6, hkv=2, fill=float("nan")), window=window)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(10))
 def test_random_ragged(seed):
     # Mix of decodes, prompt chunks with prior context, and padded sequences; head_dim 16 or 32.
     g = torch.Generator().manual_seed(100 + seed)
@@ -109,7 +111,7 @@ def test_random_ragged(seed):
         q_lens.append(ql)
         ctx_lens.append(prior + ql)
     hq, hkv = [(4, 4), (6, 2), (8, 1), (4, 2)][seed % 4]
-    batch = make_batch(q_lens, ctx_lens, hq=hq, hkv=hkv, d=[16, 32][seed % 2], block_size=[16, 32][seed // 3],
+    batch = make_batch(q_lens, ctx_lens, hq=hq, hkv=hkv, d=[16, 32][seed % 2], block_size=[16, 32][seed // 2 % 2],
                        extra_rows=seed % 3, seed=seed)
     check(batch, window=[0, 0, 13][seed % 3], scale=0.1 + 0.1 * seed)
 
@@ -119,8 +121,10 @@ def test_half_precision(dtype):
     check(make_batch([1, 12, 1], [40, 30, 5], hq=4, hkv=2, d=32, dtype=dtype))
 
 
-def test_head_dim_64_block_64():
-    check(make_batch([1, 20], [100, 90], hq=2, hkv=1, d=64, block_size=64))
+@pytest.mark.parametrize("d,block_size", [(64, 64), (128, 128)])
+def test_model_sizes(d, block_size):
+    # Real head_dim / block sizes; D=128 in fp32 uses the smaller key tile, spanning part of a block.
+    check(make_batch([1, 20, 1], [100, 150, 129], hq=4, hkv=2, d=d, block_size=block_size), window=[0, 50][d == 128])
 
 
 def test_rejects_bad_shapes():
