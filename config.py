@@ -1,0 +1,115 @@
+"""Engine and sampling configuration: plain dataclasses, validated once at construction.
+Imported by both the frontend and the worker, so it must not import torch."""
+from dataclasses import asdict, dataclass, field, fields
+
+SCHEDULERS = ("splitfuse", "prefill-first")
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Per-request generation settings; names follow DeepSpeed-MII and transformers."""
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0            # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)          # stop strings, applied on text
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None   # None: none; 0: the chosen token's; n: also the top n
+    return_full_text: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0,
+               f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        _check(isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens <= self.max_new_tokens,
+               f"min_new_tokens must be between 0 and max_new_tokens, got {self.min_new_tokens!r}")
+        _check(_is_number(self.temperature) and self.temperature >= 0,
+               f"temperature must be >= 0, got {self.temperature!r}")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check(_is_number(self.min_p) and 0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p!r}")
+        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+               f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        _check(_is_number(self.presence_penalty) and _is_number(self.frequency_penalty),
+               "presence_penalty and frequency_penalty must be numbers")
+        _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop must be a non-empty string or a list of them")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+               "stop_token_ids must be a list of token ids")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+               f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "SamplingParams":
+        return _from_kwargs(cls, "sampling parameter", kwargs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """What one worker runs. `model=None` means the bundled SmolLM2-135M-Instruct."""
+    model: str | None = None
+    dtype: str = "auto"               # auto: bf16 where the hardware has it natively
+    device: str = "auto"              # auto: cuda if available, else cpu
+    token_budget: int = 256           # tokens per forward pass (the SplitFuse target)
+    max_num_seqs: int = 64            # sequences per forward pass
+    block_size: int = 16
+    num_blocks: int | None = None     # KV cache size; None: from kv_memory_fraction
+    kv_memory_fraction: float = 0.1   # of free device memory (CPU: of total RAM) for the KV cache
+    max_model_len: int | None = None  # None: the model's maximum
+    scheduler: str = "splitfuse"
+    eager: bool = False               # True: no torch.compile, no CUDA graphs
+    buckets: list[int] | None = None  # token-count shapes; None: powers of two up to token_budget
+    cache_dir: str | None = None      # where the bundled model is converted to
+
+    def __post_init__(self) -> None:
+        _check(self.scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        _check(isinstance(self.token_budget, int) and self.token_budget >= 8,
+               f"token_budget must be an integer >= 8, got {self.token_budget!r}")
+        _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,
+               f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
+        _check(self.block_size in (16, 32, 64, 128), f"block_size must be 16, 32, 64 or 128, got {self.block_size!r}")
+        _check(self.num_blocks is None or (isinstance(self.num_blocks, int) and self.num_blocks >= 1),
+               f"num_blocks must be a positive integer, got {self.num_blocks!r}")
+        _check(0 < self.kv_memory_fraction < 1, f"kv_memory_fraction must be in (0, 1), got {self.kv_memory_fraction!r}")
+        _check(self.buckets is None or (all(isinstance(b, int) and b > 0 for b in self.buckets)
+                                        and max(self.buckets) >= self.token_budget),
+               "buckets must be positive integers, the largest at least token_budget")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        return _from_kwargs(cls, "engine option", kwargs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _from_kwargs(cls, what: str, kwargs: dict):
+    unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {', '.join(unknown)}; valid: {', '.join(f.name for f in fields(cls))}")
+    return cls(**kwargs)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

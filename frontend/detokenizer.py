@@ -1,0 +1,63 @@
+"""Incremental detokenization with stop strings, for streaming."""
+from splitfuse.frontend.tokenizer import Tokenizer
+
+_CONTEXT = 5  # earlier tokens decoded along with new ones, so word-boundary spaces come out right
+
+
+class IncrementalDetokenizer:
+    """Turns a request's new token ids into text deltas.
+
+    Never emits half a multi-byte character (byte-fallback and byte-level tokens can split one),
+    and holds back any tail that could still become a stop string, so the concatenated deltas
+    always equal the final, stop-trimmed text."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str]):
+        self._tok = tokenizer
+        self._ids = list(prompt_ids)
+        self._prefix = max(len(self._ids) - _CONTEXT, 0)
+        self._read = len(self._ids)
+        self._stop = stop
+        self.text = ""       # generated text decoded so far (trimmed at a stop string)
+        self._emitted = 0    # how much of self.text has been returned
+        self.stopped = False
+
+    def add(self, new_ids: list[int]) -> tuple[str, bool]:
+        """Returns (text delta, whether a stop string ended the text)."""
+        if self.stopped:
+            return "", True
+        self._ids.extend(new_ids)
+        before = self._tok.decode(self._ids[self._prefix:self._read])
+        after = self._tok.decode(self._ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            start = len(self.text)
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self._ids)
+            self._find_stop(start)
+        end = len(self.text) if self.stopped else len(self.text) - self._held_back()
+        return self._emit(end), self.stopped
+
+    def flush(self) -> str:
+        """At the end of the request: whatever was held back."""
+        return self._emit(len(self.text))
+
+    def _emit(self, end: int) -> str:
+        delta = self.text[self._emitted:end]
+        self._emitted = max(self._emitted, end)
+        return delta
+
+    def _find_stop(self, start: int) -> None:
+        for s in self._stop:
+            i = self.text.find(s, max(0, start - len(s) + 1))
+            if i >= 0:
+                self.text = self.text[:i]
+                self.stopped = True
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of some stop string."""
+        best = 0
+        for s in self._stop:
+            for n in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:n]):
+                    best = n
+                    break
+        return best

@@ -1,0 +1,138 @@
+"""The step loop of one worker: add and abort requests, schedule, run the model, sample, update."""
+import itertools
+import os
+import random
+
+import torch
+
+from splitfuse.compiled.loader import load_config, load_model, resolve_dtype, resolve_model_dir
+from splitfuse.compiled.runner import ModelRunner, SequenceChunk, default_buckets, kv_cache_bytes_per_block
+from splitfuse.config import EngineConfig, SamplingParams
+from splitfuse.worker.block_manager import BlockManager
+from splitfuse.worker.request import Request, RequestOutput
+from splitfuse.worker.sampler import Sampler
+from splitfuse.worker.scheduler import Scheduler
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, progress: bool = True):
+        self.config = config
+        device = torch.device(config.device if config.device != "auto"
+                              else "cuda" if torch.cuda.is_available() else "cpu")
+        dtype = resolve_dtype(config.dtype, device)
+        self.model_dir = resolve_model_dir(config.model, config.cache_dir)
+        hf_config = load_config(self.model_dir)
+        model = load_model(self.model_dir, dtype, device)
+        self.max_model_len = min(config.max_model_len or model.max_model_len, model.max_model_len)
+        self.eos_token_ids = _eos_token_ids(hf_config)
+        num_blocks = config.num_blocks or _blocks_for_memory(model, config, dtype, device)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(config.scheduler, config.token_budget, config.max_num_seqs, self.blocks)
+        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=config.block_size,
+                                  max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+                                  buckets=config.buckets or default_buckets(config.token_budget),
+                                  compile=not config.eager, cuda_graphs=not config.eager)
+        if not config.eager:
+            self.runner.warm_up(progress)
+        self.sampler = Sampler(self.eos_token_ids)
+        self._requests: dict[str, Request] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        self._pending: list[RequestOutput] = []  # aborts, reported by the next step
+        self._arrivals = itertools.count()
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        self._check_prompt(prompt_token_ids, params)
+        request = Request(request_id, list(prompt_token_ids), len(prompt_token_ids), params, next(self._arrivals))
+        self._requests[request_id] = request
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
+            self._generators[request_id] = torch.Generator().manual_seed(seed)
+        self.scheduler.add(request)
+
+    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not isinstance(ids, list) or not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        vocab = self.runner.model.lm_head.weight.shape[0]
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's maximum length is {self.max_model_len}, "
+                             f"so prompts can have at most {self.max_model_len - 1}")
+        longest = min(len(ids) + params.max_new_tokens, self.max_model_len)
+        if self.blocks.blocks_for(longest) > self.blocks.num_blocks:
+            raise ValueError(f"prompt plus max_new_tokens ({longest} tokens) exceeds the KV cache "
+                             f"({self.blocks.num_blocks * self.blocks.block_size} tokens); shorten them or raise num_blocks")
+
+    def abort(self, request_id: str) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return
+        self.scheduler.remove(request)
+        self._generators.pop(request_id, None)
+        self._pending.append(RequestOutput(request_id, [], "abort"))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests or self._pending)
+
+    def stats(self) -> dict:
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "blocks_in_use": self.blocks.num_used, "blocks_total": self.blocks.num_blocks,
+                "queued_tokens": self.scheduler.queued_tokens(), "preemptions": self.scheduler.num_preemptions}
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return outputs
+        chunks = [SequenceChunk(s.request.token_ids[s.request.num_computed_tokens:
+                                                    s.request.num_computed_tokens + s.num_tokens],
+                                s.request.num_computed_tokens, s.request.block_table,
+                                s.request.num_computed_tokens + s.num_tokens == len(s.request.token_ids))
+                  for s in scheduled]
+        logits = self.runner.execute(chunks)
+        for s in scheduled:
+            s.request.num_computed_tokens += s.num_tokens
+        sampling = [s.request for s, c in zip(scheduled, chunks) if c.sample]
+        if sampling:
+            result = self.sampler(logits, sampling, [self._generators.get(r.request_id) for r in sampling])
+            for i, request in enumerate(sampling):
+                outputs.append(self._append(request, result.token_ids[i],
+                                            result.logprobs[i] if result.logprobs else None,
+                                            result.top_logprobs[i] if result.top_logprobs else None))
+        return outputs
+
+    def _append(self, request: Request, token: int, logprob: float | None, top: dict | None) -> RequestOutput:
+        request.token_ids.append(token)
+        request.finish_reason = self._finish_reason(request, token)
+        if request.finish_reason is not None:
+            self.scheduler.remove(request)
+            del self._requests[request.request_id]
+            self._generators.pop(request.request_id, None)
+        wants = request.params.logprobs is not None
+        return RequestOutput(request.request_id, [token], request.finish_reason,
+                             [logprob] if wants else None, [top] if wants else None)
+
+    def _finish_reason(self, request: Request, token: int) -> str | None:
+        p = request.params
+        if request.num_generated >= p.min_new_tokens:
+            if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+                return "stop"
+        if request.num_generated >= p.max_new_tokens or len(request.token_ids) >= self.max_model_len:
+            return "length"
+        return None
+
+
+def _eos_token_ids(hf_config) -> list[int]:
+    eos = getattr(hf_config, "eos_token_id", None)
+    return sorted(set(eos)) if isinstance(eos, list) else [] if eos is None else [eos]
+
+
+def _blocks_for_memory(model, config: EngineConfig, dtype: torch.dtype, device: torch.device) -> int:
+    """KV blocks that fit in kv_memory_fraction of free GPU memory, or of total RAM on CPU."""
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(int(available * config.kv_memory_fraction) // kv_cache_bytes_per_block(model, config.block_size, dtype), 1)

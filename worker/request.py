@@ -1,0 +1,36 @@
+"""A request as the worker sees it: token ids only."""
+from dataclasses import dataclass, field
+
+from splitfuse.config import SamplingParams
+
+
+@dataclass(slots=True)
+class Request:
+    request_id: str
+    token_ids: list[int]                    # prompt + generated
+    prompt_len: int
+    params: SamplingParams
+    arrival: int                            # admission order, for first-come-first-served
+    num_computed_tokens: int = 0            # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def num_new_tokens(self) -> int:
+        """Tokens not yet in the cache: 1 for a request that is generating, more for a prompt."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request."""
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None        # "stop", "length", "abort" or "error"
+    logprobs: list[float] | None = None     # of the new tokens, when asked
+    top_logprobs: list[dict[int, float]] | None = None
+    error: str | None = None

@@ -1,0 +1,91 @@
+"""Next-token choice for a batch of requests, vectorised over the batch.
+
+A request's random draws come from its own generator, seeded per request, so its samples do not
+depend on what else is in the batch."""
+from dataclasses import dataclass
+
+import torch
+
+from splitfuse.worker.request import Request
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float] | None          # of the chosen tokens, when any request asked
+    top_logprobs: list[dict[int, float]] | None
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: list[int]):
+        self.eos_token_ids = eos_token_ids
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request],
+                 generators: list[torch.Generator | None]) -> SampleResult:
+        """logits: fp32 [len(requests), vocab]; generators[i] is None for a greedy request."""
+        logits = logits.clone()
+        self._apply_penalties(logits, requests)
+        self._block_early_stop(logits, requests)
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = logits.argmax(dim=-1)
+        sampled = [i for i, g in enumerate(generators) if g is not None]
+        if sampled:
+            chosen[sampled] = self._sample(logits[sampled], [requests[i] for i in sampled],
+                                           [generators[i] for i in sampled])
+        tokens = chosen.tolist()
+        return SampleResult(tokens, *_logprobs(raw_logprobs, chosen, requests))
+
+    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        rows = [i for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0
+                or r.params.presence_penalty or r.params.frequency_penalty]
+        for i in rows:  # only requests that ask pay for this
+            p, r = requests[i].params, requests[i]
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(r.token_ids)), dtype=torch.long)
+                vals = logits[i, seen]
+                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if p.presence_penalty or p.frequency_penalty:
+                generated = torch.tensor(r.token_ids[r.prompt_len:], dtype=torch.long)
+                counts = torch.bincount(generated, minlength=logits.shape[1]).float()
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+
+    def _block_early_stop(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        """Before min_new_tokens, EOS and stop tokens cannot be chosen."""
+        for i, r in enumerate(requests):
+            if r.num_generated < r.params.min_new_tokens:
+                stops = r.params.stop_token_ids + ([] if r.params.ignore_eos else self.eos_token_ids)
+                logits[i, stops] = float("-inf")
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request], generators: list[torch.Generator]) -> torch.Tensor:
+        temps = torch.tensor([r.params.temperature for r in requests]).unsqueeze(1)
+        probs = torch.softmax(logits / temps, dim=-1)
+        probs = _filter(probs, requests)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; E comes from each request's generator.
+        noise = torch.stack([torch.empty(probs.shape[1]).exponential_(generator=g) for g in generators])
+        return (probs / noise).argmax(dim=-1)
+
+
+def _filter(probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """top-k, top-p and min-p, each a no-op for requests that leave it off."""
+    top_k = torch.tensor([r.params.top_k or probs.shape[1] for r in requests]).unsqueeze(1)
+    top_p = torch.tensor([r.params.top_p for r in requests]).unsqueeze(1)
+    min_p = torch.tensor([r.params.min_p for r in requests]).unsqueeze(1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(probs.shape[1]).unsqueeze(0)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    keep = (rank < top_k) & (mass_before < top_p) & (sorted_probs >= min_p * sorted_probs[:, :1])
+    keep[:, 0] = True  # the most likely token always survives
+    kept = torch.zeros_like(probs).scatter_(1, order, sorted_probs * keep)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def _logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, requests: list[Request]):
+    wanted = [r.params.logprobs for r in requests]
+    if all(w is None for w in wanted):
+        return None, None
+    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    most = max(w or 0 for w in wanted)
+    top_vals, top_ids = logprobs.topk(most, dim=-1) if most else (None, None)
+    tops = [dict(zip(top_ids[i, :w].tolist(), top_vals[i, :w].tolist())) if w else {}
+            for i, w in enumerate(wanted)]
+    return chosen_lp, tops
