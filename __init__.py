@@ -1,0 +1,6 @@
+"""splitfuse: an LLM serving engine built around Dynamic SplitFuse."""
+from splitfuse.config import EngineConfig, SamplingParams
+from splitfuse.frontend.pipeline import Pipeline, pipeline
+from splitfuse.frontend.response import Delta, Response
+
+__all__ = ["EngineConfig", "SamplingParams", "Pipeline", "pipeline", "Response", "Delta"]
