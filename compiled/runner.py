@@ -84,12 +84,22 @@ class ModelRunner:
     def execute(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         """Run one step; returns fp32 logits [num sampled chunks, vocab] in chunk order."""
         num_tokens = sum(len(c.token_ids) for c in chunks)
+        if num_tokens > self.buckets[-1]:
+            return self._execute_oversized(chunks, num_tokens)
         bucket = self.bucket_for(num_tokens)
         if len(chunks) > self.seqs_in_bucket(bucket):
             raise ValueError(f"{len(chunks)} sequences exceed the {self.seqs_in_bucket(bucket)} slots of bucket {bucket}")
         num_logits = self._host.fill(chunks, bucket, self.seqs_in_bucket(bucket), self.block_size)
         self._copy_inputs(bucket)
         return self._run(bucket)[:num_logits]
+
+    def _execute_oversized(self, chunks: list[SequenceChunk], num_tokens: int) -> torch.Tensor:
+        """Only the prefill-first baseline exceeds the budget (a whole long prompt in one step):
+        such steps run eagerly at their exact size rather than adding shapes to compile."""
+        host = _HostBuffers(num_tokens, len(chunks), self.max_blocks_per_seq)
+        num_logits = host.fill(chunks, num_tokens, len(chunks), self.block_size)
+        batch = Batch(**{name: torch.from_numpy(arr).to(self.device) for name, arr in host.arrays().items()})
+        return self.model(batch, self.kv_caches)[:num_logits]
 
     def _copy_inputs(self, bucket: int) -> None:
         view = self._views[bucket]
