@@ -74,7 +74,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's maximum
     scheduler: str = "splitfuse"
     eager: bool = False               # True: no torch.compile, no CUDA graphs
-    buckets: list[int] | None = None  # token-count shapes; None: powers of two up to token_budget
+    buckets: list[int] | None = None  # token-count shapes; None: token_budget and quarters of it down to 16
     cache_dir: str | None = None      # where the bundled model is converted to
 
     def __post_init__(self) -> None:
@@ -83,6 +83,9 @@ class EngineConfig:
                f"token_budget must be an integer >= 8, got {self.token_budget!r}")
         _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,
                f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
+        _check(self.max_num_seqs <= self.token_budget,
+               f"max_num_seqs ({self.max_num_seqs}) must not exceed token_budget ({self.token_budget}): "
+               f"every running sequence needs a token in each step")
         _check(self.block_size in (16, 32, 64, 128), f"block_size must be 16, 32, 64 or 128, got {self.block_size!r}")
         _check(self.num_blocks is None or (isinstance(self.num_blocks, int) and self.num_blocks >= 1),
                f"num_blocks must be a positive integer, got {self.num_blocks!r}")

@@ -25,13 +25,14 @@ class SequenceChunk:
     sample: bool  # whether this step wants the next-token logits of this sequence
 
 
-def default_buckets(token_budget: int, smallest: int = 8) -> list[int]:
-    """Powers of two from `smallest` up to the budget, plus the budget itself."""
-    buckets, b = [], smallest
-    while b < token_budget:
-        buckets.append(b)
-        b *= 2
-    return buckets + [token_budget]
+def default_buckets(token_budget: int, smallest: int = 16, step: int = 4) -> list[int]:
+    """The budget and shapes `step` times smaller down to `smallest`: few shapes to compile, at most
+    `step`x padding for steps under the budget (light load, where padding costs little)."""
+    buckets, b = [token_budget], token_budget // step
+    while b >= smallest:
+        buckets.insert(0, b)
+        b //= step
+    return buckets
 
 
 def kv_cache_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:

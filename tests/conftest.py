@@ -31,3 +31,16 @@ def build_checkpoint(family: str, path) -> "transformers.PreTrainedModel":
 def tiny_model(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     return request.param, path, build_checkpoint(request.param, path)
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory):
+    """`make_checkpoint(family)` -> directory of a tiny random checkpoint (built once per family)."""
+    built: dict[str, object] = {}
+
+    def make(family: str):
+        if family not in built:
+            built[family] = tmp_path_factory.mktemp(family)
+            build_checkpoint(family, built[family])
+        return built[family]
+    return make

@@ -1,0 +1,81 @@
+"""Fixed-shape execution: bucket bookkeeping on CPU, compiled == eager, one compile per bucket."""
+import torch
+import torch._dynamo.utils
+
+from splitfuse.compiled.loader import load_model
+from splitfuse.compiled.runner import ModelRunner, SequenceChunk, default_buckets
+from splitfuse.config import EngineConfig, SamplingParams
+from splitfuse.worker.engine import Engine
+
+
+def test_default_buckets():
+    assert default_buckets(256) == [16, 64, 256]
+    assert default_buckets(1000) == [62, 250, 1000]
+    assert default_buckets(8) == [8]
+
+
+def make_runner(path, **kw) -> ModelRunner:
+    model = load_model(path, torch.float32, torch.device("cpu"))
+    return ModelRunner(model, num_blocks=32, block_size=16, max_num_seqs=4, max_model_len=128, buckets=[8, 32],
+                       compile=kw.pop("compile", False), **kw)
+
+
+def test_padding_layout_and_buffer_reuse(make_checkpoint):
+    runner = make_runner(make_checkpoint("llama"))
+    static = {name: getattr(runner._static, name).data_ptr() for name in ("input_ids", "slot_mapping")}
+    chunks = [SequenceChunk([5, 6, 7], 0, [3], True), SequenceChunk([9], 20, [1, 2], True)]
+    assert runner.bucket_for(4) == 8 and runner.bucket_for(9) == 32 and runner.seqs_in_bucket(8) == 4
+    logits = runner.execute(chunks)
+    view = runner._views[8]
+    assert logits.shape == (2, 128)
+    assert view.input_ids.tolist() == [5, 6, 7, 9, 0, 0, 0, 0]
+    assert view.positions.tolist()[:4] == [0, 1, 2, 20]
+    # Slots: block 3 offsets 0..2, then position 20 = block table [1, 2] entry 1, offset 4. Padding is -1.
+    assert view.slot_mapping.tolist() == [48, 49, 50, 36, -1, -1, -1, -1]
+    assert view.query_start_loc.tolist() == [0, 3, 4, 4, 4]  # padded sequences have query length 0
+    assert view.seq_lens.tolist() == [3, 21, 0, 0]
+    assert view.logits_indices.tolist()[:2] == [2, 3]
+    assert view.block_tables[1, :2].tolist() == [1, 2]
+    # The next step reuses the same static storage, so captured graphs see new inputs.
+    runner.execute([SequenceChunk([1], 3, [3], True)])
+    assert {name: getattr(runner._static, name).data_ptr() for name in static} == static
+    assert runner._views[8].slot_mapping.tolist() == [51] + [-1] * 7
+
+
+def test_padding_never_changes_logits(make_checkpoint):
+    """The same sequence gives the same logits whether its step is padded to 8 or to 32 tokens."""
+    runner = make_runner(make_checkpoint("qwen2"))
+    small = runner.execute([SequenceChunk(list(range(1, 8)), 0, [0], True)])
+    padded_more = runner.execute([SequenceChunk(list(range(1, 8)), 0, [1], True),
+                                  SequenceChunk(list(range(10, 30)), 0, [2, 3], False)])
+    torch.testing.assert_close(small, padded_more[:1], atol=1e-5, rtol=1e-5)
+
+
+def workload(engine: Engine, vocab: int) -> dict[str, list[int]]:
+    """Prompts of 1 to 100 tokens, 1 to 12 at once, arriving while others generate."""
+    g = torch.Generator().manual_seed(0)
+    out: dict[str, list[int]] = {}
+    for wave, count in enumerate([1, 12, 5]):
+        for i in range(count):
+            n = int(torch.randint(1, 100, (1,), generator=g))
+            engine.add_request(f"{wave}-{i}", torch.randint(0, vocab, (n,), generator=g).tolist(),
+                               SamplingParams(max_new_tokens=6, ignore_eos=True))
+        for _ in range(3):
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+    while engine.has_unfinished():
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+    return out
+
+
+def test_compiled_equals_eager_and_compiles_once_per_bucket(make_checkpoint):
+    path = str(make_checkpoint("llama"))
+    options = dict(model=path, dtype="float32", token_budget=64, max_num_seqs=16, num_blocks=128, buckets=[16, 64])
+    eager = workload(Engine(EngineConfig(**options, eager=True)), 128)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled_engine = Engine(EngineConfig(**options), progress=False)
+    compiled = workload(compiled_engine, 128)
+    assert compiled == eager and len(compiled) == 18
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one per bucket, none while serving
