@@ -11,6 +11,7 @@ so new token i of sequence s is at position seq_lens[s] - q_len + i and attends 
 sliding_window > 0 restricts each query to the last `sliding_window` positions, itself included.
 """
 import torch
+from torch.nn import functional as F
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -48,41 +49,37 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx: int) -> torch.T
     return blocks.flatten(-4, -3)[..., :ctx, :, :]
 
 
-def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=-2)
-
-
 def _decode_attention(q, k_cache, v_cache, block_tables, seqs, starts, lens, scale, window, out) -> None:
-    """All single-token queries at once: pad contexts to the longest and mask."""
+    """All single-token queries at once, contexts padded to the longest and masked. The query heads
+    sharing a KV head form the query axis, so GQA needs no copies of K/V."""
     idx = torch.tensor(seqs, device=q.device)
     rows = torch.tensor([starts[s] for s in seqs], device=q.device)
     ctx_lens = torch.tensor([lens[s] for s in seqs], device=q.device)
     max_ctx = int(ctx_lens.max())
-    groups = q.shape[1] // k_cache.shape[2]
-    k = _expand_kv(_gather(k_cache, block_tables[idx], max_ctx), groups).float()  # [B, C, Hq, D]
-    v = _expand_kv(_gather(v_cache, block_tables[idx], max_ctx), groups).float()
-    qs = q[rows].float()  # [B, Hq, D]
-    scores = torch.einsum("bhd,bchd->bhc", qs, k) * scale
+    num_kv = k_cache.shape[2]
+    k = _gather(k_cache, block_tables[idx], max_ctx).transpose(1, 2).to(q.dtype)  # [B, Hkv, C, D]
+    v = _gather(v_cache, block_tables[idx], max_ctx).transpose(1, 2).to(q.dtype)
     pos = torch.arange(max_ctx, device=q.device)
     keep = pos[None, :] < ctx_lens[:, None]
     if window > 0:
         keep &= pos[None, :] >= (ctx_lens[:, None] - window)
-    scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
-    v = v.masked_fill(~keep[:, :, None, None], 0.0)  # slots past a shorter context may hold NaN: 0 * NaN = NaN
-    probs = torch.softmax(scores, dim=-1)
-    out[rows] = torch.einsum("bhc,bchd->bhd", probs, v).to(out.dtype)
+    # Slots past a shorter context may hold anything, NaN included, which a mask cannot cancel.
+    k = k.masked_fill(~keep[:, None, :, None], 0.0)
+    v = v.masked_fill(~keep[:, None, :, None], 0.0)
+    qs = q[rows].unflatten(1, (num_kv, -1))  # [B, Hkv, groups, D]
+    o = F.scaled_dot_product_attention(qs, k, v, attn_mask=keep[:, None, None, :], scale=scale)
+    out[rows] = o.flatten(1, 2).to(out.dtype)
 
 
 def _chunk_attention(q, k_cache, v_cache, block_table, start, n, ctx, scale, window, out) -> None:
     """One sequence's chunk of n new tokens, causal, over its whole context."""
-    groups = q.shape[1] // k_cache.shape[2]
-    k = _expand_kv(_gather(k_cache, block_table, ctx), groups).float().transpose(0, 1)  # [Hq, C, D]
-    v = _expand_kv(_gather(v_cache, block_table, ctx), groups).float().transpose(0, 1)
-    qs = q[start:start + n].float().transpose(0, 1)  # [Hq, n, D]
+    k = _gather(k_cache, block_table, ctx).transpose(0, 1).to(q.dtype)  # [Hkv, C, D]
+    v = _gather(v_cache, block_table, ctx).transpose(0, 1).to(q.dtype)
+    qs = q[start:start + n].transpose(0, 1)  # [Hq, n, D]
     q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
     k_pos = torch.arange(ctx, device=q.device)[None, :]
     keep = k_pos <= q_pos
     if window > 0:
         keep &= k_pos > q_pos - window
-    o = torch.nn.functional.scaled_dot_product_attention(qs, k, v, attn_mask=keep, scale=scale)
+    o = F.scaled_dot_product_attention(qs, k, v, attn_mask=keep, scale=scale, enable_gqa=k.shape[0] != qs.shape[0])
     out[start:start + n] = o.transpose(0, 1).to(out.dtype)

@@ -1,0 +1,135 @@
+"""One forward pass of the bundled model at fixed token counts, eager vs compiled, on this machine.
+
+    python -m benchmarks.forward [--dtype bf16] [--tokens 1 8 32 128 256 512] [--no-compile]
+
+Prints tokens/s and model FLOPs utilisation against the bf16 (or fp32) matmul peak measured in
+the same run, then the engine's per-step overhead (scheduling + input preparation) on a
+decode-heavy load."""
+import argparse
+import json
+import time
+
+import torch
+
+from splitfuse.compiled.bundled import bundled_model_dir
+from splitfuse.compiled.loader import load_model, resolve_dtype
+from splitfuse.compiled.runner import ModelRunner, SequenceChunk
+from splitfuse.config import EngineConfig, SamplingParams
+from splitfuse.worker.engine import Engine
+
+BLOCK = 16
+CONTEXT = 256  # cached tokens behind each decode token
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def mixes(tokens: int, max_seqs: int) -> dict[str, list[SequenceChunk]]:
+    """all-prompt: one fresh prompt of `tokens`; decode-heavy: decodes over CONTEXT tokens plus a prompt chunk."""
+    per_seq = -(-(CONTEXT + tokens) // BLOCK)
+    table = lambda i: list(range(i * per_seq, (i + 1) * per_seq))
+    decodes = min(tokens, max_seqs - 1) if tokens > 1 else 1
+    mixed = [SequenceChunk([7], CONTEXT, table(i), True) for i in range(decodes)]
+    if tokens > decodes:
+        mixed.append(SequenceChunk([5] * (tokens - decodes), 0, table(decodes), True))
+    return {"all-prompt": [SequenceChunk([5] * tokens, 0, table(0), True)], "decode-heavy": mixed}
+
+
+def model_flops(model, chunks: list[SequenceChunk]) -> float:
+    """Matmul FLOPs: weights for every token, attention over each token's context, lm_head per sampled row."""
+    d = model.model.embed_tokens.weight.shape[1]
+    vocab = model.lm_head.weight.shape[0]
+    body = sum(p.numel() for n, p in model.named_parameters() if "layers" in n and p.dim() == 2)
+    flops = 0.0
+    for c in chunks:
+        n = len(c.token_ids)
+        context = c.start * n + n * (n + 1) / 2
+        flops += 2 * body * n + 4 * model.num_layers * d * context + (2 * vocab * d if c.sample else 0)
+    return flops
+
+
+def time_step(runner: ModelRunner, chunks: list[SequenceChunk], reps: int) -> float:
+    runner.execute(chunks)
+    start = time.perf_counter()
+    for _ in range(reps):
+        runner.execute(chunks)
+    return (time.perf_counter() - start) / reps
+
+
+def step_overhead(dtype: str, eager: bool) -> dict:
+    """Share of a decode-heavy engine step spent outside the model forward and the sampler."""
+    engine = Engine(EngineConfig(dtype=dtype, eager=eager, token_budget=64, max_num_seqs=32, num_blocks=1024,
+                                 buckets=[64]), progress=False)
+    spent = {"model": 0.0, "sampler": 0.0}
+    for name, obj, attr in (("model", engine.runner, "_run"), ("sampler", engine, "sampler")):
+        inner = getattr(obj, attr)
+
+        def timed(*args, _inner=inner, _name=name):
+            start = time.perf_counter()
+            result = _inner(*args)
+            spent[_name] += time.perf_counter() - start
+            return result
+        setattr(obj, attr, timed)
+    for i in range(32):
+        engine.add_request(str(i), [5] * 100, SamplingParams(max_new_tokens=60, ignore_eos=True))
+    while engine.scheduler.waiting or any(r.num_new_tokens > 1 for r in engine.scheduler.running):
+        engine.step()  # prompts in
+    spent.update(model=0.0, sampler=0.0)
+    steps, start = 30, time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    total = time.perf_counter() - start
+    prep = total - spent["model"] - spent["sampler"]
+    return {"step_ms": 1000 * total / steps, "model_ms": 1000 * spent["model"] / steps,
+            "sampler_ms": 1000 * spent["sampler"] / steps, "prep_ms": 1000 * prep / steps,
+            "prep_fraction": prep / total}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 256, 512])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true", help="eager only (compiling takes ~30 s per shape)")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    model = load_model(bundled_model_dir(), dtype, torch.device("cpu"))
+    peak = matmul_peak(dtype)
+    print(f"# bundled SmolLM2-135M, {dtype}, {torch.get_num_threads()} threads; matmul peak {peak / 1e9:.0f} GFLOP/s")
+    modes = ["eager"] + ([] if args.no_compile else ["compiled"])
+    runners = {mode: ModelRunner(model, num_blocks=2048, block_size=BLOCK, max_num_seqs=64, max_model_len=2048,
+                                 buckets=sorted(args.tokens), compile=mode == "compiled") for mode in modes}
+    rows = []
+    print(f"{'tokens':>6} {'mix':>12} " + " ".join(f"{m + ' ms':>12} {m + ' tok/s':>13} {m + ' MFU':>12}" for m in modes)
+          + ("  compiled/eager" if len(modes) == 2 else ""))
+    for tokens in args.tokens:
+        for mix, chunks in mixes(tokens, 64).items():
+            row = {"tokens": tokens, "mix": mix}
+            for mode, runner in runners.items():
+                seconds = time_step(runner, chunks, args.reps)
+                row[mode] = {"ms": 1000 * seconds, "tok_s": tokens / seconds,
+                             "mfu": model_flops(model, chunks) / seconds / peak}
+            rows.append(row)
+            cells = " ".join(f"{row[m]['ms']:12.1f} {row[m]['tok_s']:13.0f} {100 * row[m]['mfu']:11.1f}%" for m in modes)
+            speed = f"  {row['eager']['ms'] / row['compiled']['ms']:.2f}x" if len(modes) == 2 else ""
+            print(f"{tokens:>6} {mix:>12} {cells}{speed}", flush=True)
+    overhead = {mode: step_overhead(args.dtype, mode == "eager") for mode in modes}
+    for mode, o in overhead.items():
+        print(f"# {mode} decode-heavy step (32 decodes, bucket 64): {o['step_ms']:.1f} ms = model {o['model_ms']:.1f}"
+              f" + sampler {o['sampler_ms']:.1f} + scheduling/input prep {o['prep_ms']:.2f} ms "
+              f"({100 * o['prep_fraction']:.1f}%)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"dtype": str(dtype), "peak_flops": peak, "rows": rows, "overhead": overhead}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
