@@ -105,7 +105,7 @@ def main() -> None:
     peak = matmul_peak(dtype)
     print(f"# bundled SmolLM2-135M, {dtype}, {torch.get_num_threads()} threads; matmul peak {peak / 1e9:.0f} GFLOP/s")
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
-    runners = {mode: ModelRunner(model, num_blocks=2048, block_size=BLOCK, max_num_seqs=64, max_model_len=2048,
+    runners = {mode: ModelRunner(model, num_blocks=4096, block_size=BLOCK, max_num_seqs=64, max_model_len=2048,
                                  buckets=sorted(args.tokens), compile=mode == "compiled") for mode in modes}
     rows = []
     print(f"{'tokens':>6} {'mix':>12} " + " ".join(f"{m + ' ms':>12} {m + ' tok/s':>13} {m + ' MFU':>12}" for m in modes)

@@ -17,10 +17,11 @@ from torch.nn import functional as F
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Write key/value [T, Hkv, D] into the caches at flat slots; slot -1 marks a padded token."""
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[valid].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[valid].to(v_cache.dtype)
+    rows = (slot_mapping >= 0).nonzero().squeeze(1)
+    slots = slot_mapping.index_select(0, rows).long()
+    # index_copy_ rather than advanced-index assignment: the latter is far slower on CPU.
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.index_select(0, rows).to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.index_select(0, rows).to(v_cache.dtype))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
