@@ -26,14 +26,13 @@ class Sampler:
         logits = logits.clone()
         self._apply_penalties(logits, requests)
         self._block_early_stop(logits, requests)
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
         chosen = logits.argmax(dim=-1)
         sampled = [i for i, g in enumerate(generators) if g is not None]
         if sampled:
             chosen[sampled] = self._sample(logits[sampled], [requests[i] for i in sampled],
                                            [generators[i] for i in sampled])
         tokens = chosen.tolist()
-        return SampleResult(tokens, *_logprobs(raw_logprobs, chosen, requests))
+        return SampleResult(tokens, *_logprobs(logits, chosen, requests))
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> None:
         rows = [i for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0
@@ -79,10 +78,12 @@ def _filter(probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def _logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, requests: list[Request]):
+def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, requests: list[Request]):
+    """Log-probabilities under the model's distribution (after penalties, before temperature)."""
     wanted = [r.params.logprobs for r in requests]
     if all(w is None for w in wanted):
         return None, None
+    logprobs = torch.log_softmax(logits, dim=-1)
     chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
     most = max(w or 0 for w in wanted)
     top_vals, top_ids = logprobs.topk(most, dim=-1) if most else (None, None)

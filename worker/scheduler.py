@@ -48,11 +48,14 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         if self.policy == "prefill-first":
             return self._schedule_prefill_first()
+        preemptions = self.num_preemptions
         chunks = self._schedule_decodes()
         budget = self.token_budget - len(chunks)
         for request in [r for r in self.running if r.num_new_tokens > 1]:  # prompts already admitted
             budget -= self._add_prompt_chunk(request, budget, chunks)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # After a preemption, admit nobody this step: the victim would only take its freed blocks straight back.
+        admit = self.num_preemptions == preemptions
+        while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             taken = self._add_prompt_chunk(request, budget, chunks)
             if taken == 0:

@@ -1,0 +1,147 @@
+"""Sampler on synthetic fp32 logits: support restriction, seeding, penalties, stop blocking, logprobs."""
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from splitfuse.config import SamplingParams
+from splitfuse.worker.request import Request
+from splitfuse.worker.sampler import Sampler
+
+EOS = 3
+PROBS = [0.30, 0.25, 0.15, 0.12, 0.08, 0.05, 0.03, 0.02]   # token i has probability PROBS[i] at temperature 1
+LOGITS = torch.tensor(PROBS).log()
+
+
+def req(prompt=(0,), generated=(), **params) -> Request:
+    return Request("r", [*prompt, *generated], len(prompt), SamplingParams(**params), arrival=0)
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def draw(logits: torch.Tensor, request: Request, n: int = 2000, seed: int = 0) -> Counter:
+    sampler, g = Sampler([]), generator(seed)
+    return Counter(sampler(logits[None], [request], [g]).token_ids[0] for _ in range(n))
+
+
+def assert_distribution(counts: Counter, expected: dict[int, float], n: int = 2000) -> None:
+    assert set(counts) <= set(expected), f"tokens outside the support: {set(counts) - set(expected)}"
+    for token, p in expected.items():
+        assert abs(counts[token] / n - p) < 0.05, (token, counts[token] / n, p)
+
+
+def renormalised(tokens: list[int]) -> dict[int, float]:
+    total = sum(PROBS[t] for t in tokens)
+    return {t: PROBS[t] / total for t in tokens}
+
+
+def test_greedy_is_argmax_also_next_to_sampled_rows():
+    logits = torch.randn(4, 50, generator=generator(1))
+    requests = [req(), req(do_sample=True, seed=1), req(), req(do_sample=True, temperature=0.0)]
+    result = Sampler([])(logits, requests, [None, generator(1), None, None])
+    expected = logits.argmax(dim=-1).tolist()
+    assert [result.token_ids[i] for i in (0, 2, 3)] == [expected[i] for i in (0, 2, 3)]
+
+
+def test_plain_sampling_follows_the_softmax():
+    assert_distribution(draw(LOGITS, req(do_sample=True)), renormalised(list(range(8))))
+
+
+def test_temperature_scales_the_logits():
+    tempered = torch.softmax(LOGITS / 0.5, dim=-1).tolist()
+    assert_distribution(draw(LOGITS, req(do_sample=True, temperature=0.5)), dict(enumerate(tempered)))
+
+
+def test_tiny_temperature_gives_argmax():
+    logits = torch.randn(50, generator=generator(2))
+    counts = draw(logits, req(do_sample=True, temperature=1e-4), n=200)
+    assert counts == Counter({int(logits.argmax()): 200})
+
+
+@pytest.mark.parametrize("params,support", [
+    (dict(top_k=3), [0, 1, 2]),
+    (dict(top_p=0.5), [0, 1]),              # 0.30 + 0.25 is the smallest prefix reaching 0.5
+    (dict(top_p=0.56), [0, 1, 2]),
+    (dict(min_p=0.3), [0, 1, 2, 3]),        # keep p >= 0.3 * 0.30 = 0.09
+    (dict(top_k=3, top_p=0.5, min_p=0.1), [0, 1]),   # together: the strictest one wins
+])
+def test_filters_restrict_the_support_and_renormalise(params, support):
+    assert_distribution(draw(LOGITS, req(do_sample=True, **params)), renormalised(support))
+
+
+def run_seeded(rows: list[tuple[torch.Tensor, int]], steps: int = 20) -> list[list[int]]:
+    """Draw `steps` tokens for each (logits, seed) row, all rows in one batch each step."""
+    sampler = Sampler([])
+    requests = [req(do_sample=True, top_p=0.9) for _ in rows]
+    gens = [generator(seed) for _, seed in rows]
+    logits = torch.stack([lg for lg, _ in rows])
+    return [list(col) for col in zip(*(sampler(logits, requests, gens).token_ids for _ in range(steps)))]
+
+
+def test_seeded_sampling_reproduces_and_ignores_the_rest_of_the_batch():
+    mine, other_a, other_b = (torch.randn(64, generator=generator(s)) for s in (10, 11, 12))
+    alone = run_seeded([(mine, 7)])[0]
+    assert run_seeded([(mine, 7)])[0] == alone
+    assert run_seeded([(other_a, 1), (mine, 7), (other_b, 2)])[1] == alone
+    assert run_seeded([(other_b, 7), (other_a, 3), (mine, 7)])[2] == alone
+    assert run_seeded([(mine, 8)])[0] != alone
+
+
+def greedy_pick(logits: list[float], **kw) -> int:
+    return Sampler([])(torch.tensor([logits]), [req(**kw)], [None]).token_ids[0]
+
+
+@pytest.mark.parametrize("logits,kw,expected", [
+    # repetition: a seen positive logit is divided (2.0 / 1.5 = 1.33 > 1.1; 2.0 / 2 = 1.0 < 1.1), prompt included
+    ([2.0, 1.1, 0.5], dict(prompt=[0], repetition_penalty=1.5), 0),
+    ([2.0, 1.1, 0.5], dict(prompt=[0], repetition_penalty=2.0), 1),
+    ([2.0, 1.1, 0.5], dict(prompt=[2], generated=[0], repetition_penalty=2.0), 1),
+    # ...and a seen negative one multiplied (-1.0 * 1.4 = -1.4 > -1.5; -1.0 * 2 = -2.0 < -1.5)
+    ([-1.0, -1.5, -3.0], dict(prompt=[0], repetition_penalty=1.4), 0),
+    ([-1.0, -1.5, -3.0], dict(prompt=[0], repetition_penalty=2.0), 1),
+    # presence: once per generated token (1.0 - 0.3 = 0.7 > 0.6; 1.0 - 0.5 < 0.6); the prompt does not count
+    ([1.0, 0.6, 0.5], dict(generated=[0, 0], presence_penalty=0.3), 0),
+    ([1.0, 0.6, 0.5], dict(generated=[0, 0], presence_penalty=0.5), 1),
+    ([1.0, 0.6, 0.5], dict(prompt=[0, 0], presence_penalty=5.0), 0),
+    ([1.0, 0.6, 0.5], dict(generated=[2], presence_penalty=-1.0), 2),
+    # frequency: per occurrence (1.0 - 2 * 0.15 = 0.7 > 0.6; 1.0 - 2 * 0.25 = 0.5 < 0.6)
+    ([1.0, 0.6, 0.5], dict(generated=[0, 0], frequency_penalty=0.15), 0),
+    ([1.0, 0.6, 0.5], dict(generated=[0, 0], frequency_penalty=0.25), 1),
+])
+def test_penalties_move_the_greedy_choice_exactly_at_the_hand_computed_point(logits, kw, expected):
+    assert Sampler([])(torch.tensor([logits]), [req(**kw)], [None]).token_ids[0] == expected
+
+
+def test_min_new_tokens_blocks_eos_and_stop_tokens():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 9.0, 8.0]])     # EOS (3) is the argmax, then token 4
+    sampler = Sampler([EOS])
+    pick = lambda r, g=None: sampler(logits, [r], [g]).token_ids[0]  # noqa: E731
+    assert pick(req(min_new_tokens=2, max_new_tokens=5)) == 4
+    assert pick(req(generated=[1], min_new_tokens=2, max_new_tokens=5)) == 4
+    assert pick(req(generated=[1, 1], min_new_tokens=2, max_new_tokens=5)) == EOS
+    assert pick(req(min_new_tokens=1, stop_token_ids=[4])) == 2                  # stop tokens are blocked too
+    assert pick(req(min_new_tokens=1, stop_token_ids=[4], ignore_eos=True)) == EOS  # EOS is no stop here
+    g = generator(0)
+    assert EOS not in {pick(req(min_new_tokens=1, do_sample=True), g) for _ in range(200)}
+
+
+def test_logprobs_of_the_chosen_token_and_the_top_n():
+    logits = torch.randn(3, 40, generator=generator(5))
+    requests = [req(logprobs=0), req(logprobs=5), req()]
+    result = Sampler([])(logits, requests, [None] * 3)
+    expected = torch.log_softmax(logits.double(), dim=-1)
+    for i, token in enumerate(result.token_ids):
+        assert math.isclose(result.logprobs[i], expected[i, token].item(), abs_tol=1e-5)
+    assert result.top_logprobs[0] == {}
+    top5 = expected[1].argsort(descending=True)[:5].tolist()
+    assert sorted(result.top_logprobs[1]) == sorted(top5)
+    for token, lp in result.top_logprobs[1].items():
+        assert math.isclose(lp, expected[1, token].item(), abs_tol=1e-5)
+
+
+def test_no_logprobs_when_nobody_asks():
+    result = Sampler([])(torch.randn(2, 10), [req(), req()], [None, None])
+    assert result.logprobs is None and result.top_logprobs is None
