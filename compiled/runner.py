@@ -65,6 +65,7 @@ class ModelRunner:
             self._forward = torch.compile(model.forward, dynamic=False)
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_pool = None
 
     def seqs_in_bucket(self, tokens: int) -> int:
         return min(tokens, self.max_num_seqs)
@@ -126,8 +127,9 @@ class ModelRunner:
                 self._forward(view, self.kv_caches)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        pool = next(iter(self._graphs.values()))[0].pool() if self._graphs else None
-        with torch.cuda.graph(graph, pool=pool):
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()  # one memory pool shared by every bucket's graph
+        with torch.cuda.graph(graph, pool=self._graph_pool):
             out = self._forward(view, self.kv_caches)
         self._graphs[bucket] = (graph, out)
 
