@@ -1,0 +1,282 @@
+"""The `splitfuse` command: serve, generate, chat, demo.
+
+Engine options (--token-budget, --eager, ...) and sampling options (--max-new-tokens,
+--temperature, ...) are made from the fields of EngineConfig and SamplingParams, so every
+setting of either is available here under its own name. Never imports torch itself: the
+model runs in worker processes, whose progress (loading, warm-up) goes to stderr."""
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+import types
+import typing
+from dataclasses import MISSING, fields
+
+from splitfuse.config import EngineConfig, SamplingParams
+from splitfuse.frontend import server
+from splitfuse.frontend.client import AsyncClient, Client
+from splitfuse.frontend.serve import Deployment, serve
+
+HELP = {
+    "dtype": "weights and KV cache dtype: auto, bf16, fp16 or fp32",
+    "device": "auto, cpu, cuda or cuda:N (with several replicas on GPU, auto/cuda gives each its own device)",
+    "token_budget": "tokens per forward pass, the SplitFuse target",
+    "max_num_seqs": "sequences per forward pass",
+    "block_size": "tokens per KV cache block",
+    "num_blocks": "KV cache blocks per replica (default: from --kv-memory-fraction)",
+    "kv_memory_fraction": "share of free GPU memory (CPU: of RAM) for the KV cache",
+    "max_model_len": "longest prompt plus generation (default: the model's maximum)",
+    "scheduler": "splitfuse or prefill-first",
+    "eager": "skip torch.compile and CUDA graphs: starts much faster, runs slower",
+    "buckets": "token-count shapes that are compiled (default: powers of two up to the budget)",
+    "cache_dir": "where the bundled model is converted to (default: ~/.cache/splitfuse)",
+    "max_new_tokens": "tokens to generate at most",
+    "min_new_tokens": "tokens to generate before EOS or a stop token may end the answer",
+    "do_sample": "sample instead of greedy decoding",
+    "seed": "random seed of a sampled request",
+    "stop": "stop strings: the text ends before the first one",
+    "stop_token_ids": "token ids that end the answer",
+    "ignore_eos": "keep generating past the end-of-sequence token",
+    "logprobs": "return log probabilities: 0 of the chosen tokens, N also of the top N",
+    "return_full_text": "prepend the prompt to the answer",
+}
+
+DEMO_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in two sentences what a CPU does.",
+    "Give me three tips for learning to program.",
+    "Why is the sky blue?",
+    "Tell me a fun fact about octopuses.",
+    "How do I boil an egg?",
+    "What is a prime number?",
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as e:  # a bad option or prompt: say what to change, no traceback
+        sys.exit(f"splitfuse: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitfuse", description="LLM serving with Dynamic SplitFuse.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = commands.add_parser("serve", help="run a persistent server (frontend + worker replicas)",
+                            description="Serve a model until Ctrl-C. Clients connect with splitfuse.AsyncClient, "
+                                        "splitfuse.Client, `splitfuse generate --address`, or any ZeroMQ program "
+                                        "speaking docs/protocol.md.")
+    _add_model_options(p)
+    p.add_argument("--replicas", type=int, default=1, help="worker processes, each with a copy of the model")
+    p.add_argument("--port", type=int, help="TCP port on --host (default: a free one, printed)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 for all")
+    p.add_argument("--address", help="a full ZeroMQ address instead of --host/--port, e.g. ipc:///tmp/sf.sock")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is ended")
+    p.set_defaults(run=_serve)
+
+    p = commands.add_parser("generate", help="stream one answer to stdout",
+                            description="Generate from a prompt, streaming the text to stdout. Uses a running "
+                                        "server with --address, else starts the model for this one prompt.")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message, with the chat template")
+    _add_connection_options(p)
+    p.set_defaults(run=_generate)
+
+    p = commands.add_parser("chat", help="chat interactively",
+                            description="An interactive conversation (the model's chat template applies). "
+                                        "Ctrl-C stops an answer; Ctrl-D or /exit quits.")
+    p.add_argument("--system", help="a system message that starts the conversation")
+    _add_connection_options(p)
+    p.set_defaults(run=_chat)
+
+    p = commands.add_parser("demo", help="serve the bundled model and stream answers to concurrent chats",
+                            description="Start a persistent deployment, send several chat prompts at once "
+                                        "through AsyncClient, stream the answers, print throughput and latency, "
+                                        "shut down.")
+    _add_model_options(p)
+    p.add_argument("--replicas", type=int, default=1, help="worker processes")
+    _add_dataclass_options(p.add_argument_group("sampling options"), SamplingParams, defaults={"max_new_tokens": 64})
+    p.set_defaults(run=_demo)
+    return parser
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="a local Hugging Face model directory (default: the bundled "
+                                        "SmolLM2-135M-Instruct)")
+    _add_dataclass_options(parser.add_argument_group("engine options"), EngineConfig, skip=("model",))
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="a running server, e.g. tcp://127.0.0.1:5555 (default: start one)")
+    _add_model_options(parser)
+    _add_dataclass_options(parser.add_argument_group("sampling options"), SamplingParams)
+
+
+def _add_dataclass_options(group, cls: type, skip: tuple[str, ...] = (), defaults: dict | None = None) -> None:
+    """One --option per field. Only options given on the command line (or in `defaults`, which override
+    the field's own default) are passed on, so the dataclass stays the one place defaults live."""
+    defaults = defaults or {}
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        kind, many = _option_type(f.type)
+        shown = defaults.get(f.name, f.default if f.default is not MISSING else f.default_factory())
+        help_text = HELP.get(f.name, f.name.replace("_", " ")) + ("" if shown is None else f" (default: {shown})")
+        flag = "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, argparse.SUPPRESS)
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            group.add_argument(flag, type=kind, nargs="+" if many else None, default=default,
+                               help=help_text, metavar={int: "N", float: "X"}.get(kind, "S"))
+
+
+def _option_type(annotation) -> tuple[type, bool]:
+    """(element type, whether it is a list) of a field annotation such as `int | None` or `list[str]`."""
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def _options(args: argparse.Namespace, cls: type) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    return _options(args, EngineConfig) | {"model": args.model}
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+def _serve(args: argparse.Namespace) -> None:
+    address = args.address or f"tcp://{args.host}:{args.port or '*'}"
+    print(f"starting {args.replicas} replica(s) of {args.model or 'the bundled model'}...", file=sys.stderr)
+    start = time.perf_counter()
+    server.run(EngineConfig.from_kwargs(**_engine_options(args)), args.replicas, address,
+               request_timeout=args.request_timeout,
+               announce=lambda a: print(f"serving on {a} (ready in {time.perf_counter() - start:.1f}s); "
+                                        f"Ctrl-C stops", file=sys.stderr, flush=True))
+
+
+def _connect(args: argparse.Namespace) -> tuple[Client, Deployment | None]:
+    """A client of --address, or of a deployment started for this command (closed by the caller)."""
+    deployment = None
+    if args.address is None:
+        print(f"starting {args.model or 'the bundled model'} (use --address to reuse a running server)...",
+              file=sys.stderr)
+        deployment = serve(**_engine_options(args))
+    return Client(args.address or deployment.address), deployment
+
+
+def _generate(args: argparse.Namespace) -> None:
+    sampling = _options(args, SamplingParams)
+    SamplingParams.from_kwargs(**sampling)  # a bad option fails before a model is started
+    client, deployment = _connect(args)
+    try:
+        prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+        for delta in client.generate(prompt, **sampling):
+            print(delta.text, end="", flush=True)
+            if delta.error:
+                print(f"\nsplitfuse: error: {delta.error}", file=sys.stderr)
+        print()
+    finally:
+        client.close()
+        if deployment is not None:
+            deployment.close()
+
+
+def _chat(args: argparse.Namespace) -> None:
+    sampling = _options(args, SamplingParams)
+    SamplingParams.from_kwargs(**sampling)
+    client, deployment = _connect(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    try:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                break
+            if line in ("/exit", "/quit"):
+                break
+            if not line:
+                continue
+            history.append({"role": "user", "content": line})
+            print("assistant> ", end="", flush=True)
+            answer = ""
+            try:
+                for delta in client.generate(history, **sampling):
+                    print(delta.text, end="", flush=True)
+                    answer += delta.text
+            except KeyboardInterrupt:
+                print(" [stopped]", end="")
+            print()
+            history.append({"role": "assistant", "content": answer})
+    finally:
+        client.close()
+        if deployment is not None:
+            deployment.close()
+
+
+def _demo(args: argparse.Namespace) -> None:
+    sampling = _options(args, SamplingParams)
+    SamplingParams.from_kwargs(**sampling)
+    print(f"splitfuse demo: starting {args.replicas} replica(s) of {args.model or 'SmolLM2-135M-Instruct'}; "
+          f"the workers report loading and warm-up below", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    with serve(replicas=args.replicas, **_engine_options(args)) as deployment:
+        print(f"ready at {deployment.address} in {time.perf_counter() - start:.1f}s\n", file=sys.stderr, flush=True)
+        results = asyncio.run(_demo_requests(deployment.address, sampling))
+    _print_summary(results)
+
+
+async def _demo_requests(address: str, sampling: dict) -> tuple[list[dict], float]:
+    """All prompts at once; the first answer is streamed as it arrives, the others printed when all are done."""
+    async with AsyncClient(address) as client:
+        start = time.perf_counter()
+        print(f"[0] {DEMO_PROMPTS[0]}\n", flush=True)
+        results = await asyncio.gather(*(_demo_one(client, q, sampling, live=i == 0)
+                                         for i, q in enumerate(DEMO_PROMPTS)))
+        wall = time.perf_counter() - start
+    for i, (question, result) in enumerate(zip(DEMO_PROMPTS, results)):
+        if i:
+            print(f"\n\n[{i}] {question}\n\n{result['text'].strip()}")
+    return results, wall
+
+
+async def _demo_one(client: AsyncClient, question: str, sampling: dict, live: bool) -> dict:
+    start, first, text, tokens = time.perf_counter(), None, "", 0
+    async for delta in client.generate([{"role": "user", "content": question}], **sampling):
+        first = first or time.perf_counter() - start
+        text += delta.text
+        tokens += len(delta.token_ids)
+        if live:
+            print(delta.text, end="", flush=True)
+    end = time.perf_counter() - start
+    return {"text": text, "ttft": first, "latency": end, "tokens": tokens,
+            "tpot": (end - first) / (tokens - 1) if tokens > 1 else None}
+
+
+def _print_summary(run: tuple[list[dict], float]) -> None:
+    results, wall = run
+    tokens = sum(r["tokens"] for r in results)
+    ttft = [r["ttft"] for r in results]
+    tpot = [r["tpot"] for r in results if r["tpot"] is not None]
+    latency = [r["latency"] for r in results]
+    print(f"\n\n--- {len(results)} concurrent requests, {tokens} tokens generated in {wall:.2f}s: "
+          f"{tokens / wall:.1f} tokens/s")
+    print(f"time to first token: median {statistics.median(ttft):.3f}s, max {max(ttft):.3f}s")
+    if tpot:
+        print(f"time per output token: median {statistics.median(tpot) * 1000:.1f} ms")
+    print(f"request latency: median {statistics.median(latency):.2f}s, max {max(latency):.2f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Worker replicas and the routing of requests to them.
+
+The router owns one ROUTER socket that every worker's DEALER connects to, starts the worker
+processes, sends each request to the ready replica with the least outstanding work (prompt
+tokens not yet computed plus tokens still to generate, as tracked here), and notices a worker
+that exits or stops sending heartbeats: its in-flight requests end with an error and it is
+started again. Workers run `python -m splitfuse.worker.main`, so this module never imports torch."""
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import zmq
+
+from splitfuse import protocol
+from splitfuse.config import EngineConfig, SamplingParams
+
+MAX_RESTART_DELAY = 30.0  # seconds between restarts of a worker that keeps dying while it loads
+
+
+@dataclass(slots=True)
+class Job:
+    """A request as the router tracks it."""
+    key: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    replica: "Replica | None" = None
+    generated: int = 0
+
+    @property
+    def work(self) -> int:
+        """Tokens this request still costs: its prompt until the first token comes back, then the rest
+        of its max_new_tokens (an upper bound: it may stop sooner)."""
+        prompt = len(self.prompt_ids) if self.generated == 0 else 0
+        return prompt + self.params.max_new_tokens - self.generated
+
+
+@dataclass(slots=True)
+class Replica:
+    index: int
+    process: subprocess.Popen | None = None
+    identity: bytes | None = None      # the live worker's socket identity, once it said ready
+    started: float = 0.0
+    last_seen: float = 0.0
+    restart_at: float = 0.0            # when a dead worker is started again
+    failures: int = 0                  # deaths in a row before becoming ready, for the back-off
+    restarts: int = 0
+    served: int = 0
+    engine_stats: dict = field(default_factory=dict)
+    jobs: dict[str, Job] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.identity is not None
+
+    @property
+    def outstanding(self) -> int:
+        return sum(job.work for job in self.jobs.values())
+
+    def summary(self) -> dict:
+        return {"replica": self.index, "ready": self.ready, "pid": self.process.pid if self.process else None,
+                "restarts": self.restarts, "served": self.served, "in_flight": len(self.jobs),
+                "outstanding_tokens": self.outstanding, "engine": self.engine_stats}
+
+
+def least_loaded(replicas: list[Replica]) -> Replica | None:
+    """The ready replica with the least outstanding work; ties go to the lowest index."""
+    return min((r for r in replicas if r.ready), key=lambda r: r.outstanding, default=None)
+
+
+class Router:
+    def __init__(self, config: EngineConfig, replicas: int = 1, *, heartbeat_timeout: float = 30.0,
+                 startup_timeout: float = 900.0, context: zmq.Context | None = None):
+        if not isinstance(replicas, int) or replicas < 1:
+            raise ValueError(f"replicas must be a positive integer, got {replicas!r}")
+        self.config = config
+        self.heartbeat_timeout = heartbeat_timeout
+        self.startup_timeout = startup_timeout
+        self.context = context or zmq.Context.instance()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a dead worker fails instead of vanishing
+        self.socket.setsockopt(zmq.SNDHWM, 0)            # an internal link: never drop a request or output
+        self.socket.setsockopt(zmq.RCVHWM, 0)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind("tcp://127.0.0.1:*")
+        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.replicas = [Replica(i) for i in range(replicas)]
+        self.jobs: dict[str, Job] = {}
+        self.waiting: deque[Job] = deque()     # submitted while no replica was ready
+        self.info: protocol.Ready | None = None  # the first ready message: model_dir, max_model_len
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self._threads = max(1, cores // replicas)  # replicas on the CPU split its cores
+
+    def start(self) -> None:
+        """Start every replica and wait until all are ready. A replica that dies while loading here
+        is a configuration problem (bad model, no memory), so it stops the start instead of looping."""
+        for replica in self.replicas:
+            self._spawn(replica)
+        deadline = time.monotonic() + self.startup_timeout
+        while not all(r.ready for r in self.replicas):
+            for r in self.replicas:
+                if r.process.poll() is not None:
+                    raise RuntimeError(f"replica {r.index} exited with code {r.process.returncode} while loading "
+                                       f"the model; its error output is above")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replicas not ready after {self.startup_timeout:.0f}s")
+            if self.socket.poll(100):
+                self.receive()
+
+    def submit(self, key: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        job = Job(key, prompt_ids, params)
+        self.jobs[key] = job
+        replica = least_loaded(self.replicas)
+        if replica is None:
+            self.waiting.append(job)
+        else:
+            self._dispatch(job, replica)
+
+    def abort(self, key: str) -> None:
+        """Forget a request and have its worker free its KV blocks."""
+        job = self.jobs.pop(key, None)
+        if job is None:
+            return
+        if job.replica is None:
+            self.waiting.remove(job)
+        else:
+            del job.replica.jobs[key]
+            self._send(job.replica, protocol.Abort(key))
+
+    def receive(self) -> list[protocol.Delta | protocol.Error]:
+        """Drain the worker socket. Returns the outputs of jobs still tracked; a final one (finish
+        reason or error) also ends the job here. Ready and heartbeat messages are handled here."""
+        events = []
+        while True:
+            try:
+                identity, frame = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return events
+            try:
+                msg = protocol.decode(frame, protocol.WORKER_REPLIES)
+            except protocol.ProtocolError as e:
+                print(f"router: dropped a worker message: {e}", file=sys.stderr, flush=True)
+                continue
+            if isinstance(msg, protocol.Ready):
+                self._on_ready(identity, msg)
+                continue
+            replica = next((r for r in self.replicas if r.identity == identity), None)
+            if replica is None:  # from a worker instance that has been replaced
+                continue
+            replica.last_seen = time.monotonic()
+            if isinstance(msg, protocol.Heartbeat):
+                replica.engine_stats = msg.stats
+                continue
+            job = replica.jobs.get(msg.id)
+            if job is None:  # aborted meanwhile
+                continue
+            if isinstance(msg, protocol.Error) or msg.finish_reason is not None:
+                del self.jobs[msg.id], replica.jobs[msg.id]
+            else:
+                job.generated += len(msg.token_ids)
+            events.append(msg)
+
+    def check(self) -> list[protocol.Delta]:
+        """Find dead or hung workers and restart them; returns error deltas for the requests they held."""
+        now, failed = time.monotonic(), []
+        for r in self.replicas:
+            if r.process is None:
+                if now >= r.restart_at:
+                    self._spawn(r)
+                continue
+            if r.process.poll() is not None:
+                failed += self._lost(r, f"replica {r.index} (pid {r.process.pid}) exited with code "
+                                        f"{r.process.returncode}")
+            elif r.ready and now - r.last_seen > self.heartbeat_timeout:
+                failed += self._kill(r, f"replica {r.index} (pid {r.process.pid}) sent no heartbeat "
+                                        f"for {self.heartbeat_timeout:.0f}s")
+            elif not r.ready and now - r.started > self.startup_timeout:
+                failed += self._kill(r, f"replica {r.index} (pid {r.process.pid}) was not ready after "
+                                        f"{self.startup_timeout:.0f}s")
+        return failed
+
+    def stats(self) -> list[dict]:
+        return [r.summary() for r in self.replicas]
+
+    def close(self, timeout: float = 10.0) -> None:
+        """SIGTERM every worker (they exit cleanly between steps), SIGKILL what is left after `timeout`."""
+        for r in self.replicas:
+            if r.process is not None and r.process.poll() is None:
+                r.process.terminate()
+        deadline = time.monotonic() + timeout
+        for r in self.replicas:
+            if r.process is None:
+                continue
+            try:
+                r.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                r.process.kill()
+                r.process.wait()
+        self.socket.close()
+
+    def _spawn(self, replica: Replica) -> None:
+        cmd = [sys.executable, "-m", "splitfuse.worker.main", "--address", self.address,
+               "--replica", str(replica.index), "--threads", str(self._threads),
+               "--config", json.dumps(self.config.to_dict())]
+        # Its own session: a terminal's Ctrl-C reaches only the frontend, which then stops the workers.
+        replica.process = subprocess.Popen(cmd, start_new_session=True)
+        replica.started = time.monotonic()
+
+    def _on_ready(self, identity: bytes, msg: protocol.Ready) -> None:
+        replica = self.replicas[msg.replica] if 0 <= msg.replica < len(self.replicas) else None
+        if replica is None or replica.process is None or replica.process.pid != msg.pid:
+            return  # a stale instance
+        replica.identity, replica.last_seen, replica.failures = identity, time.monotonic(), 0
+        self.info = self.info or msg
+        while self.waiting:
+            self._dispatch(self.waiting.popleft(), least_loaded(self.replicas))
+
+    def _dispatch(self, job: Job, replica: Replica) -> None:
+        job.replica = replica
+        replica.jobs[job.key] = job
+        replica.served += 1
+        self._send(replica, protocol.Generate(job.key, prompt_ids=job.prompt_ids, params=job.params.to_dict()))
+
+    def _send(self, replica: Replica, msg: protocol.Message) -> None:
+        try:
+            self.socket.send_multipart([replica.identity, protocol.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the worker just died: check() fails its jobs
+
+    def _kill(self, replica: Replica, reason: str) -> list[protocol.Delta]:
+        replica.process.kill()
+        replica.process.wait()
+        return self._lost(replica, reason)
+
+    def _lost(self, replica: Replica, reason: str) -> list[protocol.Delta]:
+        print(f"{reason}; restarting it", file=sys.stderr, flush=True)
+        failed = [protocol.Delta(key, finish_reason="error", error=f"{reason} while running this request")
+                  for key in replica.jobs]
+        for key in replica.jobs:
+            del self.jobs[key]
+        replica.jobs.clear()
+        replica.failures = 0 if replica.ready else replica.failures + 1
+        replica.restart_at = time.monotonic() + min(2.0 ** replica.failures - 1, MAX_RESTART_DELAY)
+        replica.identity = replica.process = None
+        replica.restarts += 1
+        return failed

@@ -1,0 +1,208 @@
+"""Wire messages of both links: client <-> frontend and frontend <-> worker (docs/protocol.md).
+
+Every message is one ZeroMQ frame holding a msgpack map with a "type", the protocol version "v"
+and the fields of that type. Token ids travel as packed little-endian int32 bytes. No pickle: a
+peer that is not ours can speak this, and a malformed message is an error reply, never code.
+Imported by the frontend and the worker alike, so it imports neither torch nor zmq."""
+import struct
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar
+
+import msgpack
+
+VERSION = 1
+MAX_MESSAGE_BYTES = 16 << 20   # larger frames are refused before they are unpacked
+ID_FIELDS = ("prompt_ids", "token_ids")  # list[int] in Python, packed int32 bytes on the wire
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be accepted; `request_id` is its id when one could be read."""
+
+    def __init__(self, message: str, request_id: str | None = None):
+        super().__init__(message)
+        self.request_id = request_id
+
+
+def pack_ids(ids: list[int]) -> bytes:
+    return struct.pack(f"<{len(ids)}i", *ids)
+
+
+def unpack_ids(data: bytes) -> list[int]:
+    if len(data) % 4:
+        raise ValueError(f"packed token ids must be a multiple of 4 bytes (int32), got {len(data)} bytes")
+    return list(struct.unpack(f"<{len(data) // 4}i", data))
+
+
+# --- client -> frontend (generate and abort also frontend -> worker) -------------------------
+
+@dataclass(slots=True)
+class Generate:
+    """Start a request. Exactly one of prompt (text), messages (chat) or prompt_ids is given;
+    the worker link always carries prompt_ids. `params` holds SamplingParams fields."""
+    TYPE: ClassVar[str] = "generate"
+    id: str
+    prompt: str | None = None
+    messages: list | None = None
+    prompt_ids: list[int] | None = None
+    params: dict = field(default_factory=dict)
+    stream: bool = True
+    timeout: float | None = None   # seconds; None: the server's default
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ValueError("id must be a non-empty string")
+        if sum(x is not None for x in (self.prompt, self.messages, self.prompt_ids)) != 1:
+            raise ValueError("give exactly one of prompt, messages or prompt_ids")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+
+
+@dataclass(slots=True)
+class Abort:
+    """Cancel a request; the reply is its final delta with finish_reason "abort"."""
+    TYPE: ClassVar[str] = "abort"
+    id: str
+
+
+@dataclass(slots=True)
+class Health:
+    """Request (only `id`) and reply (`ok`: some replica serves; `replicas`: one map each)."""
+    TYPE: ClassVar[str] = "health"
+    id: str | None = None
+    ok: bool | None = None
+    replicas: list | None = None
+
+
+@dataclass(slots=True)
+class Stats:
+    """Request (only `id`) and reply (`stats`: in-flight requests, per-replica load and engine stats)."""
+    TYPE: ClassVar[str] = "stats"
+    id: str | None = None
+    stats: dict | None = None
+
+
+# --- frontend -> client (delta and error also worker -> frontend) ----------------------------
+
+@dataclass(slots=True)
+class Delta:
+    """New tokens of one request. The last delta of a request has a finish_reason ("stop", "length",
+    "abort" or "error", the latter with `error` set) and its `prompt_length`. A request sent with
+    stream=false gets a single delta holding the whole response. Workers send no text."""
+    TYPE: ClassVar[str] = "delta"
+    id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+    logprobs: list | None = None        # of token_ids, when the request asked for logprobs
+    top_logprobs: list | None = None    # per token: {token id: logprob}
+    prompt_length: int | None = None
+
+
+@dataclass(slots=True)
+class Error:
+    """A message was refused (malformed, unknown type, wrong version, invalid request); `id` is the
+    refused request's id when it could be read. Ends that request: nothing else is sent for it."""
+    TYPE: ClassVar[str] = "error"
+    id: str | None
+    error: str
+
+
+# --- frontend <-> worker only -----------------------------------------------------------------
+
+@dataclass(slots=True)
+class Ready:
+    """The worker loaded its model and takes requests."""
+    TYPE: ClassVar[str] = "ready"
+    replica: int
+    pid: int
+    model_dir: str
+    max_model_len: int
+    eos_token_ids: list
+
+
+@dataclass(slots=True)
+class Heartbeat:
+    """Sent by an idle or busy worker every second, and when it drains; carries Engine.stats()."""
+    TYPE: ClassVar[str] = "heartbeat"
+    stats: dict
+
+
+Message = Generate | Abort | Health | Stats | Delta | Error | Ready | Heartbeat
+
+# What each receiver accepts.
+CLIENT_REQUESTS = (Generate, Abort, Health, Stats)   # frontend, from clients
+SERVER_REPLIES = (Delta, Error, Health, Stats)       # client, from the frontend
+WORKER_REQUESTS = (Generate, Abort)                  # worker, from the frontend
+WORKER_REPLIES = (Ready, Delta, Error, Heartbeat)    # frontend, from workers
+
+
+def encode(message: Message) -> bytes:
+    body = {"type": message.TYPE, "v": VERSION}
+    for f in fields(message):
+        value = getattr(message, f.name)
+        body[f.name] = pack_ids(value) if f.name in ID_FIELDS and value is not None else value
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode(frame: bytes, accepted: tuple[type, ...]) -> Message:
+    """One frame into a message of one of the `accepted` classes; ProtocolError otherwise."""
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(frame)} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes")
+    try:
+        body = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"message is not valid msgpack ({type(e).__name__})") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"a message must be a msgpack map, got {type(body).__name__}")
+    request_id = body.get("id") if isinstance(body.get("id"), str) else None
+    if body.get("v") != VERSION:
+        raise ProtocolError(f"protocol version {body.get('v')!r} is not supported; this peer speaks v{VERSION}",
+                            request_id)
+    classes = {cls.TYPE: cls for cls in accepted}
+    cls = classes.get(body.get("type"))
+    if cls is None:
+        raise ProtocolError(f"unknown message type {body.get('type')!r}; expected one of {sorted(classes)}",
+                            request_id)
+    try:
+        return cls(**_fields_of(cls, body))
+    except ValueError as e:
+        raise ProtocolError(f"invalid {cls.TYPE} message: {e}", request_id) from None
+
+
+def _fields_of(cls: type, body: dict) -> dict[str, Any]:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(map(str, set(body) - set(known) - {"type", "v"}))
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}; valid: {sorted(known)}")
+    missing = [name for name, f in known.items()
+               if name not in body and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"missing field(s) {missing}")
+    values = {}
+    for name in known.keys() & body.keys():
+        value = body[name]
+        if name in ID_FIELDS and value is not None:
+            if not isinstance(value, bytes):
+                raise ValueError(f"{name} must be packed little-endian int32 bytes")
+            value = unpack_ids(value)
+        elif not _matches(value, known[name].type):
+            raise ValueError(f"field {name!r} has the wrong type {type(value).__name__}")
+        values[name] = value
+    return values
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Shallow type check against a field annotation (container contents are checked by their users)."""
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    annotation = typing.get_origin(annotation) or annotation
+    if annotation in (int, float) and isinstance(value, bool):
+        return False
+    if annotation is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, annotation)

@@ -1,0 +1,21 @@
+"""The `splitfuse` command's options, made from the config dataclasses."""
+import pytest
+
+from splitfuse import cli
+from splitfuse.config import SamplingParams
+
+
+def test_cli_options_come_from_the_config_dataclasses():
+    args = cli._parser().parse_args(["generate", "hi", "--max-new-tokens", "5", "--stop", "a", "b", "--eager",
+                                     "--num-blocks", "64", "--do-sample", "--temperature", "0.5"])
+    assert cli._options(args, SamplingParams) == {"max_new_tokens": 5, "stop": ["a", "b"], "do_sample": True,
+                                                  "temperature": 0.5}
+    assert cli._engine_options(args) == {"eager": True, "num_blocks": 64, "model": None}
+    demo = cli._parser().parse_args(["demo"])
+    assert cli._options(demo, SamplingParams) == {"max_new_tokens": 64}
+
+
+def test_cli_reports_bad_options_without_a_traceback():
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "hi", "--temperature", "-1"])
+    assert "temperature must be >= 0" in str(exit_info.value)

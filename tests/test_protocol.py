@@ -1,0 +1,78 @@
+"""Wire messages: packing of token ids, round trips, and the refusal of malformed messages."""
+import msgpack
+import pytest
+
+from splitfuse import protocol
+from splitfuse.protocol import ProtocolError
+
+
+def test_ids_are_packed_little_endian_int32():
+    assert protocol.pack_ids([1, -2, 2**31 - 1]) == b"\x01\x00\x00\x00\xfe\xff\xff\xff\xff\xff\xff\x7f"
+    assert protocol.unpack_ids(protocol.pack_ids([5, 0, 49151])) == [5, 0, 49151]
+    assert protocol.unpack_ids(b"") == []
+    with pytest.raises(ValueError, match="multiple of 4"):
+        protocol.unpack_ids(b"\x01\x02\x03")
+
+
+@pytest.mark.parametrize("message, accepted", [
+    (protocol.Generate("a", prompt="hi", params={"max_new_tokens": 3}, stream=False, timeout=2.5),
+     protocol.CLIENT_REQUESTS),
+    (protocol.Generate("b", messages=[{"role": "user", "content": "hi"}]), protocol.CLIENT_REQUESTS),
+    (protocol.Generate("c", prompt_ids=[1, 2, 3]), protocol.WORKER_REQUESTS),
+    (protocol.Abort("a"), protocol.CLIENT_REQUESTS),
+    (protocol.Health("h"), protocol.CLIENT_REQUESTS),
+    (protocol.Stats(stats={"in_flight": 0}), protocol.SERVER_REPLIES),
+    (protocol.Delta("a", [7, 8], "xy", "length", logprobs=[-0.5, -1.0], top_logprobs=[{7: -0.5}, {8: -1.0}],
+                    prompt_length=3), protocol.SERVER_REPLIES),
+    (protocol.Error(None, "no"), protocol.SERVER_REPLIES),
+    (protocol.Ready(1, 123, "/m", 512, [2]), protocol.WORKER_REPLIES),
+    (protocol.Heartbeat({"blocks_in_use": 0}), protocol.WORKER_REPLIES),
+])
+def test_round_trip(message, accepted):
+    assert protocol.decode(protocol.encode(message), accepted) == message
+
+
+def test_token_ids_travel_as_bytes_and_every_message_has_type_and_version():
+    body = msgpack.unpackb(protocol.encode(protocol.Delta("a", [1, 2])))
+    assert body["type"] == "delta" and body["v"] == protocol.VERSION
+    assert body["token_ids"] == protocol.pack_ids([1, 2])
+
+
+def test_optional_fields_may_be_left_out():
+    frame = msgpack.packb({"type": "generate", "v": 1, "id": "x", "prompt": "hi"})
+    assert protocol.decode(frame, protocol.CLIENT_REQUESTS) == protocol.Generate("x", prompt="hi")
+
+
+def _refusal(body, accepted=protocol.CLIENT_REQUESTS) -> ProtocolError:
+    frame = body if isinstance(body, bytes) else msgpack.packb(body)
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode(frame, accepted)
+    return info.value
+
+
+@pytest.mark.parametrize("body, request_id, words", [
+    (b"\xc1", None, "not valid msgpack"),
+    ([1, 2], None, "must be a msgpack map"),
+    ({"type": "generate", "id": "a", "prompt": "x"}, "a", "version None"),
+    ({"type": "generate", "v": 2, "id": "a", "prompt": "x"}, "a", "version 2"),
+    ({"type": "frobnicate", "v": 1, "id": "a"}, "a", "unknown message type 'frobnicate'"),
+    ({"type": "delta", "v": 1, "id": "a"}, "a", "unknown message type 'delta'"),  # a reply is no request
+    ({"type": "generate", "v": 1, "prompt": "x"}, None, "missing field(s) ['id']"),
+    ({"type": "generate", "v": 1, "id": "a"}, "a", "exactly one of prompt, messages or prompt_ids"),
+    ({"type": "generate", "v": 1, "id": "a", "prompt": "x", "prompt_ids": b""}, "a", "exactly one"),
+    ({"type": "generate", "v": 1, "id": "a", "prompt": 5}, "a", "'prompt' has the wrong type int"),
+    ({"type": "generate", "v": 1, "id": "a", "prompt_ids": [1, 2]}, "a", "packed little-endian int32"),
+    ({"type": "generate", "v": 1, "id": "a", "prompt_ids": b"\x01"}, "a", "multiple of 4"),
+    ({"type": "generate", "v": 1, "id": "a", "prompt": "x", "stream": 1}, "a", "'stream' has the wrong type"),
+    ({"type": "generate", "v": 1, "id": "a", "prompt": "x", "timeout": -1}, "a", "timeout must be a positive number"),
+    ({"type": "generate", "v": 1, "id": "a", "prompt": "x", "max_tokens": 3}, "a", "unknown field(s) ['max_tokens']"),
+    ({"type": "abort", "v": 1, "id": 7}, None, "'id' has the wrong type int"),
+])
+def test_malformed_messages_are_refused_with_a_reason(body, request_id, words):
+    error = _refusal(body)
+    assert words in str(error)
+    assert error.request_id == request_id
+
+
+def test_oversized_frames_are_refused_before_unpacking():
+    assert "exceeds the limit" in str(_refusal(b"\x00" * (protocol.MAX_MESSAGE_BYTES + 1)))

@@ -1,0 +1,26 @@
+"""Routing: each request goes to the ready replica with the least outstanding work."""
+from splitfuse.config import SamplingParams
+from splitfuse.frontend.router import Job, Replica, least_loaded
+
+
+def _replica(index: int, *jobs: Job, ready: bool = True) -> Replica:
+    replica = Replica(index, identity=b"w%d" % index if ready else None)
+    replica.jobs = {job.key: job for job in jobs}
+    return replica
+
+
+def test_job_work_is_its_prompt_until_the_first_token_then_what_is_left_to_generate():
+    job = Job("a", [1] * 100, SamplingParams(max_new_tokens=10))
+    assert job.work == 110
+    job.generated = 4
+    assert job.work == 6
+
+
+def test_routing_picks_the_ready_replica_with_the_least_outstanding_work():
+    long_prompt = Job("a", [1] * 1000, SamplingParams(max_new_tokens=8))
+    many_short = [Job(str(i), [1] * 10, SamplingParams(max_new_tokens=8)) for i in range(5)]
+    # Five requests on replica 1 are still less work than one long prompt on replica 0: not round-robin.
+    replicas = [_replica(0, long_prompt), _replica(1, *many_short), _replica(2, ready=False)]
+    assert least_loaded(replicas).index == 1
+    assert least_loaded([_replica(0), _replica(1)]).index == 0
+    assert least_loaded([_replica(0, ready=False)]) is None
