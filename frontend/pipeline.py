@@ -1,21 +1,33 @@
-"""`splitfuse.pipeline(...)`: non-persistent generation from the calling process."""
+"""`splitfuse.pipeline(...)`: non-persistent generation driven from the calling process.
+
+The model runs in one worker subprocess, started through the same router and worker code as
+`splitfuse serve`; this process only tokenizes, detokenizes and waits (it never imports torch)."""
 import itertools
 from collections.abc import Iterator
 
+from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.frontend.response import Delta, Response, ResponseBuilder
+from splitfuse.frontend.router import Router
 from splitfuse.frontend.tokenizer import Tokenizer
+
+POLL_MS = 100  # wait for worker output at most this long before checking the worker is alive
 
 Prompt = str | list[int]
 
 
 class Pipeline:
-    """Holds one engine; `pipe(prompts, **sampling)` returns responses in input order."""
+    """Holds one worker process; `pipe(prompts, **sampling)` returns responses in input order."""
 
     def __init__(self, model: str | None = None, **engine_options):
-        from splitfuse.worker.engine import Engine  # torch is imported only when a pipeline is made
-        self.engine = Engine(EngineConfig.from_kwargs(model=model, **engine_options))
-        self.tokenizer = Tokenizer(self.engine.model_dir)
+        self._router: Router | None = Router(EngineConfig.from_kwargs(model=model, **engine_options))
+        try:
+            self._router.start()
+        except BaseException:
+            self._router.close()
+            raise
+        self.tokenizer = Tokenizer(self._router.info.model_dir)
+        self.max_model_len = self._router.info.max_model_len
         self._ids = itertools.count()
 
     def __call__(self, prompts: Prompt | list[Prompt], **sampling) -> list[Response]:
@@ -38,8 +50,14 @@ class Pipeline:
             if delta is not None and (delta.text or delta.finish_reason):
                 yield delta
 
+    def stats(self) -> dict:
+        """The worker engine's latest counters (running, waiting, blocks_in_use, ...)."""
+        return self._router.stats()[0]["engine"]
+
     def close(self) -> None:
-        self.engine = None
+        if self._router is not None:
+            self._router.close()
+            self._router = None
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -61,32 +79,40 @@ class Pipeline:
         return [b.response() for b in builders.values()]
 
     def _submit(self, encoded: list[tuple[str, list[int]]], params: SamplingParams) -> dict[str, ResponseBuilder]:
-        if self.engine is None:
+        if self._router is None:
             raise ValueError("this pipeline is closed")
         builders: dict[str, ResponseBuilder] = {}
-        try:
-            for text, ids in encoded:
-                rid = f"pipe-{next(self._ids)}"
-                self.engine.add_request(rid, ids, params)
-                builders[rid] = ResponseBuilder(self.tokenizer, ids, params, text)
-        except ValueError:
-            for rid in builders:  # all or nothing: a bad prompt leaves nothing behind
-                self.engine.abort(rid)
-            self.engine.step()
-            raise
+        for text, ids in encoded:
+            rid = f"pipe-{next(self._ids)}"
+            self._router.submit(rid, ids, params)
+            builders[rid] = ResponseBuilder(self.tokenizer, ids, params, text)
         return builders
 
     def _step(self, builders: dict[str, ResponseBuilder]) -> dict[str, Delta]:
+        """Wait for the worker's next outputs and feed them to their requests."""
+        if self._router.socket.poll(POLL_MS):
+            events = self._router.receive()
+        else:
+            events = self._router.check()  # a dead worker's requests come back as errors
         deltas = {}
-        for out in self.engine.step():
-            builder = builders.get(out.request_id)
+        for msg in events:
+            if isinstance(msg, protocol.Error):  # the worker refused a request: nothing of this call survives
+                self._abort_all(builders)
+                raise ValueError(msg.error)
+            builder = builders.get(msg.id)
             if builder is None or builder.finish_reason is not None:
                 continue
-            deltas[out.request_id] = delta = builder.add(out.new_token_ids, out.finish_reason, out.logprobs,
-                                                         out.top_logprobs, out.error)
-            if delta.finish_reason is not None and out.finish_reason is None:
-                self.engine.abort(out.request_id)  # a stop string ended it: free its blocks
+            deltas[msg.id] = delta = builder.add(msg.token_ids, msg.finish_reason, msg.logprobs,
+                                                 msg.top_logprobs, msg.error)
+            if delta.finish_reason is not None and msg.finish_reason is None:
+                self._router.abort(msg.id)  # a stop string ended it: free its blocks
         return deltas
+
+    def _abort_all(self, builders: dict[str, ResponseBuilder]) -> None:
+        for rid, builder in builders.items():
+            if builder.finish_reason is None:
+                self._router.abort(rid)
+                builder.finish_reason = "abort"
 
 
 def pipeline(model: str | None = None, **engine_options) -> Pipeline:
