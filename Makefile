@@ -28,7 +28,7 @@ test: model
 	$(PY) -m pytest tests
 
 bench: model
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)

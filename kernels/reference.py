@@ -9,6 +9,8 @@ Shapes (one attention layer):
 A padded sequence has query length 0; a sequence's new tokens sit at the end of its context,
 so new token i of sequence s is at position seq_lens[s] - q_len + i and attends causally.
 sliding_window > 0 restricts each query to the last `sliding_window` positions, itself included.
+The cache must hold finite values everywhere (the runner zero-initialises it): slots past a
+sequence's context are read and masked here, and a mask cannot cancel NaN (0 * NaN = NaN).
 """
 import torch
 from torch.nn import functional as F
@@ -46,7 +48,9 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx: int) -> torch.T
     """Context [.., ctx, Hkv, D] of sequences whose blocks are listed in block_table [.., max_blocks]."""
     block_size = cache.shape[1]
     n_blocks = -(-ctx // block_size)
-    blocks = cache[block_table[..., :n_blocks].long()]  # [.., n_blocks, bs, Hkv, D]
+    ids = block_table[..., :n_blocks]
+    # index_select copies whole rows; advanced indexing is several times slower on CPU.
+    blocks = cache.index_select(0, ids.flatten()).unflatten(0, ids.shape)  # [.., n_blocks, bs, Hkv, D]
     return blocks.flatten(-4, -3)[..., :ctx, :, :]
 
 
@@ -64,9 +68,6 @@ def _decode_attention(q, k_cache, v_cache, block_tables, seqs, starts, lens, sca
     keep = pos[None, :] < ctx_lens[:, None]
     if window > 0:
         keep &= pos[None, :] >= (ctx_lens[:, None] - window)
-    # Slots past a shorter context may hold anything, NaN included, which a mask cannot cancel.
-    k = k.masked_fill(~keep[:, None, :, None], 0.0)
-    v = v.masked_fill(~keep[:, None, :, None], 0.0)
     qs = q[rows].unflatten(1, (num_kv, -1))  # [B, Hkv, groups, D]
     o = F.scaled_dot_product_attention(qs, k, v, attn_mask=keep[:, None, None, :], scale=scale)
     out[rows] = o.flatten(1, 2).to(out.dtype)
