@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch; an unpinned torch would pull a multi-GB CUDA build. GPU users: install your own torch first.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# A CPU step's throughput flattens past 128 tokens (README, forward pass table): the benchmark budget.
+BENCH_ARGS ?= --token-budget 128
 
 .PHONY: setup model demo test bench clean
 
