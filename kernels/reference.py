@@ -49,8 +49,10 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx: int) -> torch.T
     block_size = cache.shape[1]
     n_blocks = -(-ctx // block_size)
     ids = block_table[..., :n_blocks]
-    # index_select copies whole rows; advanced indexing is several times slower on CPU.
-    blocks = cache.index_select(0, ids.flatten()).unflatten(0, ids.shape)  # [.., n_blocks, bs, Hkv, D]
+    # index_select of whole blocks as flat rows: on CPU about 2x faster than on the 4-d view,
+    # and several times faster than advanced indexing.
+    rows = cache.view(cache.shape[0], -1).index_select(0, ids.flatten())
+    blocks = rows.view(*ids.shape, *cache.shape[1:])  # [.., n_blocks, bs, Hkv, D]
     return blocks.flatten(-4, -3)[..., :ctx, :, :]
 
 
