@@ -44,7 +44,7 @@ class AsyncClient:
         """Stream the response to a prompt as Deltas; the last one has a finish_reason."""
         async with aclosing(self._request(prompt, sampling, stream=True, timeout=timeout)) as messages:
             async for msg in messages:
-                yield Delta(msg.text, msg.token_ids, msg.finish_reason, msg.error)
+                yield Delta(msg.text, msg.token_ids, msg.finish_reason, msg.error, msg.logprobs, msg.top_logprobs)
 
     async def complete(self, prompt: Prompt, *, timeout: float | None = None, **sampling) -> Response:
         """The whole response to a prompt at once."""

@@ -26,6 +26,8 @@ class Delta:
     token_ids: list[int]
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list[float] | None = None     # of token_ids, when the request asked for logprobs
+    top_logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass(slots=True)
@@ -60,7 +62,7 @@ class ResponseBuilder:
         if finish_reason is not None:
             self.finish_reason, self.error = finish_reason, error
             text += self._detok.flush()
-        return Delta(text, list(new_token_ids), self.finish_reason, error)
+        return Delta(text, list(new_token_ids), self.finish_reason, error, logprobs, top_logprobs)
 
     def response(self) -> Response:
         text = self._detok.text

@@ -119,6 +119,19 @@ def test_greedy_text_equals_the_pipeline(deployment):
         assert "".join(d.text for d in client.generate(prompts[0], max_new_tokens=24, return_full_text=True)) == full
 
 
+def test_streamed_logprobs_equal_the_completed_ones(deployment):
+    async def go():
+        async with AsyncClient(deployment.address) as client:
+            deltas = [d async for d in client.generate("The sea is", max_new_tokens=6, logprobs=2)]
+            whole = await client.complete("The sea is", max_new_tokens=6, logprobs=2)
+        return deltas, whole
+    deltas, whole = run(go())
+    streamed = [lp for d in deltas for lp in d.logprobs or []]
+    assert len(streamed) == whole.generated_length == 6
+    assert streamed == pytest.approx(whole.logprobs)
+    assert [t for d in deltas for t in d.top_logprobs or []] == whole.top_logprobs
+
+
 def test_300_concurrent_streams_over_two_replicas(deployment, tokenizer):
     async def one(client: AsyncClient, i: int):
         stop = [" the"] if i % 3 == 0 else []
