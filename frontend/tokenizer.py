@@ -23,10 +23,6 @@ class Tokenizer:
         self.chat_template: str | None = (template_file.read_text() if template_file.is_file()
                                           else config.get("chat_template"))
 
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
-
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str) or not text:
             raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
