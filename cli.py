@@ -11,12 +11,14 @@ import sys
 import time
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, fields
 
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.frontend import server
 from splitfuse.frontend.client import AsyncClient, Client
-from splitfuse.frontend.serve import Deployment, serve
+from splitfuse.frontend.serve import serve
 
 HELP = {
     "dtype": "weights and KV cache dtype: auto, bf16, fp16 or fp32",
@@ -166,39 +168,39 @@ def _serve(args: argparse.Namespace) -> None:
                                         f"Ctrl-C stops", file=sys.stderr, flush=True))
 
 
-def _connect(args: argparse.Namespace) -> tuple[Client, Deployment | None]:
-    """A client of --address, or of a deployment started for this command (closed by the caller)."""
+@contextmanager
+def _connect(args: argparse.Namespace) -> Iterator[tuple[Client, dict]]:
+    """(a client of --address or of a deployment started for this command, the sampling options);
+    everything is closed on exit. Sampling options are checked before a model is started."""
+    sampling = _options(args, SamplingParams)
+    SamplingParams.from_kwargs(**sampling)
     deployment = None
     if args.address is None:
         print(f"starting {args.model or 'the bundled model'} (use --address to reuse a running server)...",
               file=sys.stderr)
         deployment = serve(**_engine_options(args))
-    return Client(args.address or deployment.address), deployment
-
-
-def _generate(args: argparse.Namespace) -> None:
-    sampling = _options(args, SamplingParams)
-    SamplingParams.from_kwargs(**sampling)  # a bad option fails before a model is started
-    client, deployment = _connect(args)
+    client = Client(args.address or deployment.address)
     try:
-        prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-        for delta in client.generate(prompt, **sampling):
-            print(delta.text, end="", flush=True)
-            if delta.error:
-                print(f"\nsplitfuse: error: {delta.error}", file=sys.stderr)
-        print()
+        yield client, sampling
     finally:
         client.close()
         if deployment is not None:
             deployment.close()
 
 
+def _generate(args: argparse.Namespace) -> None:
+    with _connect(args) as (client, sampling):
+        prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+        for delta in client.generate(prompt, **sampling):
+            print(delta.text, end="", flush=True)
+            if delta.error:
+                print(f"\nsplitfuse: error: {delta.error}", file=sys.stderr)
+        print()
+
+
 def _chat(args: argparse.Namespace) -> None:
-    sampling = _options(args, SamplingParams)
-    SamplingParams.from_kwargs(**sampling)
-    client, deployment = _connect(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
-    try:
+    with _connect(args) as (client, sampling):
         while True:
             try:
                 line = input("you> ").strip()
@@ -219,10 +221,6 @@ def _chat(args: argparse.Namespace) -> None:
                 print(" [stopped]", end="")
             print()
             history.append({"role": "assistant", "content": answer})
-    finally:
-        client.close()
-        if deployment is not None:
-            deployment.close()
 
 
 def _demo(args: argparse.Namespace) -> None:

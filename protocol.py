@@ -1,8 +1,9 @@
 """Wire messages of both links: client <-> frontend and frontend <-> worker (docs/protocol.md).
 
 Every message is one ZeroMQ frame holding a msgpack map with a "type", the protocol version "v"
-and the fields of that type. Token ids travel as packed little-endian int32 bytes. No pickle: a
-peer that is not ours can speak this, and a malformed message is an error reply, never code.
+and the fields of that type. Token ids travel as packed little-endian int32 bytes. msgpack only,
+never a Python object serializer: a peer that is not ours can speak this, and a malformed message
+is an error reply, never code.
 Imported by the frontend and the worker alike, so it imports neither torch nor zmq."""
 import struct
 import types

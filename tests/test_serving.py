@@ -85,9 +85,7 @@ def test_frontend_modules_do_not_import_torch():
 
 
 def test_the_running_frontend_process_never_loaded_torch(deployment):
-    maps = Path(f"/proc/{deployment.process.pid}/maps")
-    if not maps.exists():
-        pytest.skip("needs /proc")
+    maps = Path(f"/proc/{deployment.process.pid}/maps")  # Linux, like every machine this runs on
     assert "libtorch" not in maps.read_text()
 
 
