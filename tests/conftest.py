@@ -1,7 +1,16 @@
 """Shared fixtures: tiny random-weight checkpoints of each supported family, built with transformers."""
+import os
+
 import pytest
 import torch
 import transformers
+
+# Triton chooses interpreter or compiler from TRITON_INTERPRET as it decorates kernels, its own tl.*
+# helpers included when triton is first imported, so the choice holds for the whole process. Without
+# a GPU the kernels can only run interpreted; with one nothing is (kernel tests run on the GPU, and
+# CUDA graphs capture compiled kernels).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
 FAMILIES = {
