@@ -34,7 +34,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return dtype
     if dtype in (None, "auto"):
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Native only: GPUs before Ampere emulate bf16, which the Triton kernel's tl.dot cannot use.
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'")
@@ -52,12 +53,21 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.
     config = load_config(model_dir)
     with torch.device("meta"):
         model = MODEL_CLASSES[config.model_type](config)
+    # Parameters the model ties to an earlier one, by name (lm_head.weight -> its embed_tokens.weight).
+    tied: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
+    aliases = {alias: names[0] for names in tied.values() for alias in names[1:]}
     state = {name: t.to(dtype) for name, t in _read_safetensors(model_dir).items()
              if not name.endswith("rotary_emb.inv_freq")}
-    if getattr(config, "tie_word_embeddings", False):
-        embed = next(name for name in state if name.endswith("embed_tokens.weight"))
-        state["lm_head.weight"] = state[embed]
+    for alias, name in aliases.items():
+        state.setdefault(alias, state[name])  # checkpoints of tied models usually store only the first
     model.load_state_dict(state, strict=True, assign=True)
+    # assign=True makes a Parameter per name: tied ones would become two, and .to(device) would copy
+    # each. Make every alias the same Parameter again.
+    for alias, name in aliases.items():
+        module, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(module), attr, model.get_parameter(name))
     # Only non-persistent buffers (rotary tables) are still fp32 here; they stay fp32.
     return model.to(device).eval().requires_grad_(False)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from splitfuse.compiled.batch import Batch
-from splitfuse.compiled.loader import load_model, resolve_model_dir
+from splitfuse.compiled.loader import load_model, resolve_dtype, resolve_model_dir
 from splitfuse.compiled.runner import ModelRunner, SequenceChunk
 
 BLOCK = 16
@@ -100,3 +100,23 @@ def test_missing_path_and_unknown_architecture(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(ValueError, match="supported"):
         load_model(tmp_path, torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen2"])
+def test_tied_embeddings_are_one_parameter(make_checkpoint, family):
+    """A tied lm_head is the embedding's Parameter itself, so moving the model copies it once."""
+    model = load_model(make_checkpoint(family), torch.float32, torch.device("cpu"))
+    embed = (model.model.decoder if family == "opt" else model.model).embed_tokens
+    tied = family != "qwen2"  # the tiny Qwen2 keeps the transformers default: untied
+    assert (model.lm_head.weight is embed.weight) == tied
+    model.to(torch.float64)  # a move that copies
+    assert (model.lm_head.weight is embed.weight) == tied
+    assert model.lm_head.weight.dtype == torch.float64
+
+
+def test_auto_dtype_on_cuda_wants_native_bf16(monkeypatch):
+    # V100 and T4 emulate bf16, which the Triton kernel's tl.dot cannot use: fp16 there.
+    for native, expected in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, native=native: native or including_emulation)
+        assert resolve_dtype("auto", torch.device("cuda")) == expected
