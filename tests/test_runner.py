@@ -71,7 +71,8 @@ def workload(engine: Engine, vocab: int) -> dict[str, list[int]]:
 
 def test_compiled_equals_eager_and_compiles_once_per_bucket(make_checkpoint):
     path = str(make_checkpoint("llama"))
-    options = dict(model=path, dtype="float32", token_budget=64, max_num_seqs=16, num_blocks=128, buckets=[16, 64])
+    options = dict(model=path, device="cpu", dtype="float32", token_budget=64, max_num_seqs=16, num_blocks=128,
+                   buckets=[16, 64])
     eager = workload(Engine(EngineConfig(**options, eager=True)), 128)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
