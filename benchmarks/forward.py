@@ -21,13 +21,20 @@ BLOCK = 16
 CONTEXT = 256  # cached tokens behind each decode token
 
 
+def clock() -> float:
+    """Seconds, read once the GPU has finished the work queued so far (CUDA launches are asynchronous)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
-    start = time.perf_counter()
+    start = clock()
     for _ in range(reps):
         a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+    return 2 * n ** 3 * reps / (clock() - start)
 
 
 def mixes(tokens: int, max_seqs: int) -> dict[str, list[SequenceChunk]]:
@@ -56,10 +63,10 @@ def model_flops(model, chunks: list[SequenceChunk]) -> float:
 
 def time_step(runner: ModelRunner, chunks: list[SequenceChunk], reps: int) -> float:
     runner.execute(chunks)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(reps):
         runner.execute(chunks)
-    return (time.perf_counter() - start) / reps
+    return (clock() - start) / reps
 
 
 def step_overhead(dtype: str, eager: bool) -> dict:
@@ -71,9 +78,9 @@ def step_overhead(dtype: str, eager: bool) -> dict:
         inner = getattr(obj, attr)
 
         def timed(*args, _inner=inner, _name=name):
-            start = time.perf_counter()
+            start = clock()
             result = _inner(*args)
-            spent[_name] += time.perf_counter() - start
+            spent[_name] += clock() - start
             return result
         setattr(obj, attr, timed)
     for i in range(32):
@@ -81,10 +88,10 @@ def step_overhead(dtype: str, eager: bool) -> dict:
     while engine.scheduler.waiting or any(r.num_new_tokens > 1 for r in engine.scheduler.running):
         engine.step()  # prompts in
     spent.update(model=0.0, sampler=0.0)
-    steps, start = 30, time.perf_counter()
+    steps, start = 30, clock()
     for _ in range(steps):
         engine.step()
-    total = time.perf_counter() - start
+    total = clock() - start
     prep = total - spent["model"] - spent["sampler"]
     return {"step_ms": 1000 * total / steps, "model_ms": 1000 * spent["model"] / steps,
             "sampler_ms": 1000 * spent["sampler"] / steps, "prep_ms": 1000 * prep / steps,
