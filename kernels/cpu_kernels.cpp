@@ -1,0 +1,223 @@
+// CPU kernels of the blocked KV cache: the store, and a ragged attention that reads the blocks in
+// place (no per-layer copy of anyone's context). A plain C ABI called through ctypes (kernels/cpu.py),
+// built with -fopenmp so that it shares the OpenMP runtime torch has already loaded.
+// Shapes and the batch contract are those of kernels/reference.py.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+// bf16 is the top half of an fp32: widening is a shift, narrowing rounds to nearest even.
+struct bf16 { uint16_t bits; };
+
+inline float widen(float x) { return x; }
+inline float widen(bf16 x) {
+    uint32_t u = uint32_t(x.bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline void narrow(float x, float* out) { *out = x; }
+inline void narrow(float x, bf16* out) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { out->bits = uint16_t((u >> 16) | 0x40u); return; }  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    out->bits = uint16_t(u >> 16);
+}
+
+// Query rows (new tokens x the query heads of one KV head) that one work item carries.
+constexpr int MAX_ROWS = 32;
+
+struct Item {
+    int seq, kv_head;
+    int row;    // flat row of the item's first token
+    int pos;    // its position in the sequence
+    int count;  // consecutive new tokens
+};
+
+struct Shape {
+    int hq, hkv, dim, block_size, max_blocks;
+    float scale;
+    int window;
+};
+
+template <typename T>
+void store_kv(const T* key, const T* value, T* k_cache, T* v_cache, const int64_t* slots, int64_t num_tokens,
+              int64_t row) {
+#pragma omp parallel for if (num_tokens * row > (1 << 16))
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        if (slots[t] < 0) continue;
+        std::memcpy(k_cache + slots[t] * row, key + t * row, row * sizeof(T));
+        std::memcpy(v_cache + slots[t] * row, value + t * row, row * sizeof(T));
+    }
+}
+
+// exp for the softmax, in plain arithmetic so that `omp simd` loops vectorise it (libm's is scalar).
+// Range reduction to 2^n * e^r, |r| <= ln2/2, and a degree-6 polynomial: within 2 ulp of expf.
+inline float fast_exp(float x) {
+    x = std::min(std::max(x, -87.f), 88.f);
+    const float n = std::nearbyint(x * 1.44269504f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.f / 720;
+    p = p * r + 1.f / 120;
+    p = p * r + 1.f / 24;
+    p = p * r + 1.f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    int32_t bits;
+    std::memcpy(&bits, &p, 4);
+    bits += int32_t(n) << 23;
+    std::memcpy(&p, &bits, 4);
+    return p;
+}
+
+constexpr float MASKED = -1e30f;  // finite, so masked scores never make inf - inf
+
+// Rows are processed four at a time, so each key and value loaded is used four times from registers.
+constexpr int ROWS = 4;
+
+// One item, flash style: keys are visited a cache block at a time with an online softmax. Each block
+// is widened once into fp32 scratch shared by all the item's rows, K transposed so that scores are
+// vector loops over the block's keys. The block size is a template argument: fixed-length loops that
+// the compiler keeps in registers.
+template <typename T, int bs>
+void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const T* v_cache,
+            const int32_t* block_tables, T* out, std::vector<float>& scratch) {
+    const int group = sh.hq / sh.hkv, dim = sh.dim;
+    const int rows = it.count * group, padded = (rows + ROWS - 1) / ROWS * ROWS;
+    scratch.assign(size_t(padded) * (2 * dim + 2) + size_t(bs) * 2 * dim, 0.f);
+    float* qf = scratch.data();        // [padded][dim], padding rows stay 0
+    float* acc = qf + padded * dim;    // [padded][dim]
+    float* m = acc + padded * dim;     // running max per row
+    float* l = m + padded;             // running sum per row
+    float* kt = l + padded;            // [dim][bs]
+    float* vf = kt + bs * dim;         // [bs][dim]
+    for (int r = 0; r < rows; ++r) {
+        const T* src = q + (int64_t(it.row + r / group) * sh.hq + it.kv_head * group + r % group) * dim;
+        for (int d = 0; d < dim; ++d) qf[r * dim + d] = widen(src[d]) * sh.scale;
+    }
+    std::fill(m, m + padded, MASKED);
+    const int last = it.pos + it.count - 1;
+    const int lo = sh.window > 0 ? std::max(0, it.pos - sh.window + 1) : 0;
+    const int32_t* table = block_tables + int64_t(it.seq) * sh.max_blocks;
+    for (int blk = lo / bs; blk <= last / bs; ++blk) {
+        const int j0 = blk * bs, n = std::min(last + 1 - j0, bs);  // keys j0 .. j0 + n - 1
+        const int64_t base = int64_t(table[blk]) * bs * sh.hkv;
+        for (int j = 0; j < n; ++j) {
+            const T* ks = k_cache + (base + int64_t(j) * sh.hkv + it.kv_head) * dim;
+            const T* vs = v_cache + (base + int64_t(j) * sh.hkv + it.kv_head) * dim;
+            for (int d = 0; d < dim; ++d) {
+                kt[d * bs + j] = widen(ks[d]);
+                vf[j * dim + d] = widen(vs[d]);
+            }
+        }
+        std::fill(vf + n * dim, vf + bs * dim, 0.f);  // past the context: weight 0 must meet a finite value
+        for (int r0 = 0; r0 < padded; r0 += ROWS) {
+            float w[ROWS][bs] = {};
+            for (int d = 0; d < dim; ++d)
+                for (int i = 0; i < ROWS; ++i) {
+                    const float qd = qf[(r0 + i) * dim + d];
+#pragma omp simd
+                    for (int j = 0; j < bs; ++j) w[i][j] += qd * kt[d * bs + j];
+                }
+            float rescale[ROWS];
+            for (int i = 0; i < ROWS; ++i) {
+                const int r = std::min(r0 + i, rows - 1);
+                const int p = it.pos + r / group;  // this row's position: it sees keys in (p - window, p]
+                const int from = sh.window > 0 ? p - sh.window + 1 - j0 : 0, to = std::min(n, p + 1 - j0);
+                float best = m[r0 + i];
+                for (int j = 0; j < bs; ++j) {
+                    w[i][j] = (j >= from && j < to) ? w[i][j] : MASKED;
+                    best = std::max(best, w[i][j]);
+                }
+                float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+                for (int j = 0; j < bs; ++j) {
+                    w[i][j] = w[i][j] == MASKED ? 0.f : fast_exp(w[i][j] - best);
+                    sum += w[i][j];
+                }
+                rescale[i] = fast_exp(m[r0 + i] - best);
+                m[r0 + i] = best;
+                l[r0 + i] = l[r0 + i] * rescale[i] + sum;
+            }
+            for (int d0 = 0; d0 < dim; d0 += 8) {  // dim is a multiple of 8 (cpu.py checks)
+                float a[ROWS][8];
+                for (int i = 0; i < ROWS; ++i)
+                    for (int e = 0; e < 8; ++e) a[i][e] = acc[(r0 + i) * dim + d0 + e] * rescale[i];
+                for (int j = 0; j < bs; ++j)
+                    for (int i = 0; i < ROWS; ++i)
+#pragma omp simd
+                        for (int e = 0; e < 8; ++e) a[i][e] += w[i][j] * vf[j * dim + d0 + e];
+                for (int i = 0; i < ROWS; ++i)
+                    for (int e = 0; e < 8; ++e) acc[(r0 + i) * dim + d0 + e] = a[i][e];
+            }
+        }
+    }
+    for (int r = 0; r < rows; ++r) {
+        T* dst = out + (int64_t(it.row + r / group) * sh.hq + it.kv_head * group + r % group) * dim;
+        const float inv = 1.f / l[r];
+        for (int d = 0; d < dim; ++d) narrow(acc[r * dim + d] * inv, dst + d);
+    }
+}
+
+template <typename T>
+void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
+                     const int32_t* seq_lens, const int32_t* query_start_loc, int num_seqs, int num_rows,
+                     const Shape& sh, T* out) {
+    const int group = sh.hq / sh.hkv;
+    const int tile = std::max(1, MAX_ROWS / group);  // tokens per item
+    std::vector<Item> items;
+    for (int seq = 0; seq < num_seqs; ++seq) {
+        const int start = query_start_loc[seq], n = query_start_loc[seq + 1] - start;
+        for (int t = 0; t < n; t += tile)
+            for (int h = 0; h < sh.hkv; ++h)
+                items.push_back({seq, h, start + t, seq_lens[seq] - n + t, std::min(tile, n - t)});
+    }
+    const int used = query_start_loc[num_seqs];
+    std::memset(static_cast<void*>(out + int64_t(used) * sh.hq * sh.dim), 0,
+                size_t(num_rows - used) * sh.hq * sh.dim * sizeof(T));  // padding rows
+    auto run = [&](auto block_size) {
+#pragma omp parallel
+        {
+            std::vector<float> scratch;
+#pragma omp for schedule(dynamic)
+            for (size_t i = 0; i < items.size(); ++i)
+                attend<T, decltype(block_size)::value>(items[i], sh, q, k_cache, v_cache, block_tables, out, scratch);
+        }
+    };
+    switch (sh.block_size) {  // the block sizes EngineConfig allows
+        case 16: run(std::integral_constant<int, 16>()); break;
+        case 32: run(std::integral_constant<int, 32>()); break;
+        case 64: run(std::integral_constant<int, 64>()); break;
+        default: run(std::integral_constant<int, 128>()); break;
+    }
+}
+
+}  // namespace
+
+#define SPLITFUSE_EXPORT(NAME, T)                                                                          \
+    extern "C" void splitfuse_store_kv_##NAME(const void* key, const void* value, void* k_cache,           \
+                                              void* v_cache, const int64_t* slots, int64_t num_tokens,     \
+                                              int64_t row) {                                               \
+        store_kv(static_cast<const T*>(key), static_cast<const T*>(value), static_cast<T*>(k_cache),      \
+                 static_cast<T*>(v_cache), slots, num_tokens, row);                                        \
+    }                                                                                                      \
+    extern "C" void splitfuse_attention_##NAME(const void* q, const void* k_cache, const void* v_cache,   \
+                                               const int32_t* block_tables, const int32_t* seq_lens,       \
+                                               const int32_t* query_start_loc, int num_seqs, int num_rows, \
+                                               int hq, int hkv, int dim, int block_size, int max_blocks,   \
+                                               float scale, int window, void* out) {                       \
+        paged_attention(static_cast<const T*>(q), static_cast<const T*>(k_cache),                         \
+                        static_cast<const T*>(v_cache), block_tables, seq_lens, query_start_loc, num_seqs, \
+                        num_rows, Shape{hq, hkv, dim, block_size, max_blocks, scale, window},             \
+                        static_cast<T*>(out));                                                             \
+    }
+
+SPLITFUSE_EXPORT(f32, float)
+SPLITFUSE_EXPORT(bf16, bf16)

@@ -1,0 +1,57 @@
+"""The C++ CPU kernels against the torch reference (kernels/reference.py), on seeded ragged batches."""
+import random
+
+import pytest
+import torch
+
+from splitfuse.kernels import cpu, reference
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def ragged_batch(seed: int, *, hq: int, hkv: int, dim: int, block_size: int, dtype: torch.dtype):
+    """Decodes and prompt chunks of random lengths over a shuffled block pool, plus padding: a padded
+    sequence (query length 0) and padded rows past the last sequence."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    q_lens = [rng.choice([1, 1, 1, rng.randint(2, 70)]) for _ in range(rng.randint(1, 7))] + [0]
+    ctx_lens = [q + rng.choice([0, rng.randint(1, 150)]) for q in q_lens]
+    max_blocks = max(1, max(-(-c // block_size) for c in ctx_lens))
+    num_blocks = len(q_lens) * max_blocks + 2
+    k_cache = torch.randn(num_blocks, block_size, hkv, dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, hkv, dim, generator=g).to(dtype)
+    tables = torch.randperm(num_blocks, generator=g)[:len(q_lens) * max_blocks].view(len(q_lens), max_blocks).int()
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(starts[-1]) + 3, hq, dim, generator=g).to(dtype)
+    return q, k_cache, v_cache, tables, torch.tensor(ctx_lens, dtype=torch.int32), starts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("window", [0, 1, 9, 64])
+def test_attention_matches_reference(seed, window, dtype):
+    shapes = [dict(hq=9, hkv=3, dim=64, block_size=16), dict(hq=4, hkv=4, dim=80, block_size=32),
+              dict(hq=8, hkv=1, dim=16, block_size=128)][seed % 3]
+    batch = ragged_batch(seed, dtype=dtype, **shapes)
+    assert cpu.supports(*batch[:3])
+    expected = reference.paged_attention(*batch, 0.3, window)
+    got = cpu.paged_attention(*batch, 0.3, window)
+    torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_matches_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    key, value = (torch.randn(40, 3, 64, generator=g).to(dtype) for _ in range(2))
+    slots = torch.randperm(8 * 16, generator=g)[:40]
+    slots[[3, 17, 39]] = -1  # padded tokens
+    caches = [torch.zeros(8, 16, 3, 64, dtype=dtype) for _ in range(4)]
+    reference.store_kv(key, value, caches[0], caches[1], slots)
+    cpu.store_kv(key, value, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+def test_unsupported_shapes_go_to_the_reference():
+    assert not cpu.supports(torch.zeros(2, 4, 12))             # head size not a multiple of 8
+    assert not cpu.supports(torch.zeros(2, 4, 16, dtype=torch.float16))
+    assert not cpu.supports(torch.zeros(2, 4, 16), torch.zeros(2, 4, 16, dtype=torch.bfloat16))
