@@ -22,7 +22,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: list[Request],
                  generators: list[torch.Generator | None]) -> SampleResult:
-        """logits: fp32 [len(requests), vocab]; generators[i] is None for a greedy request."""
+        """logits: fp32 [len(requests), vocab]; generators[i] is None for a greedy request, else on
+        logits.device. Everything built here lives on logits.device too."""
         logits = logits.clone()
         self._apply_penalties(logits, requests)
         self._block_early_stop(logits, requests)
@@ -40,12 +41,12 @@ class Sampler:
         for i in rows:  # only requests that ask pay for this
             p, r = requests[i].params, requests[i]
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(r.token_ids)), dtype=torch.long)
+                seen = torch.tensor(sorted(set(r.token_ids)), dtype=torch.long, device=logits.device)
                 vals = logits[i, seen]
                 logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
             if p.presence_penalty or p.frequency_penalty:
-                generated = torch.tensor(r.token_ids[r.prompt_len:], dtype=torch.long)
-                counts = torch.bincount(generated, minlength=logits.shape[1]).float()
+                generated = torch.tensor(r.token_ids[r.prompt_len:], dtype=torch.long, device=logits.device)
+                counts = torch.zeros_like(logits[i]).index_add_(0, generated, torch.ones_like(generated, dtype=logits.dtype))
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
 
     def _block_early_stop(self, logits: torch.Tensor, requests: list[Request]) -> None:
@@ -56,21 +57,28 @@ class Sampler:
                 logits[i, stops] = float("-inf")
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], generators: list[torch.Generator]) -> torch.Tensor:
-        temps = torch.tensor([r.params.temperature for r in requests]).unsqueeze(1)
+        temps = _column([r.params.temperature for r in requests], logits)
         probs = torch.softmax(logits / temps, dim=-1)
-        probs = _filter(probs, requests)
+        if any(r.params.top_k or r.params.top_p < 1 or r.params.min_p for r in requests):
+            probs = _filter(probs, requests)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; E comes from each request's generator.
-        noise = torch.stack([torch.empty(probs.shape[1]).exponential_(generator=g) for g in generators])
+        noise = torch.stack([torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g)
+                             for g in generators])
         return (probs / noise).argmax(dim=-1)
+
+
+def _column(values: list, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
 
 
 def _filter(probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     """top-k, top-p and min-p, each a no-op for requests that leave it off."""
-    top_k = torch.tensor([r.params.top_k or probs.shape[1] for r in requests]).unsqueeze(1)
-    top_p = torch.tensor([r.params.top_p for r in requests]).unsqueeze(1)
-    min_p = torch.tensor([r.params.min_p for r in requests]).unsqueeze(1)
+    vocab = probs.shape[1]
+    top_k = _column([min(r.params.top_k or vocab, vocab) for r in requests], probs)
+    top_p = _column([r.params.top_p for r in requests], probs)
+    min_p = _column([r.params.min_p for r in requests], probs)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(probs.shape[1]).unsqueeze(0)
+    rank = torch.arange(vocab, device=probs.device).unsqueeze(0)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     keep = (rank < top_k) & (mass_before < top_p) & (sorted_probs >= min_p * sorted_probs[:, :1])
     keep[:, 0] = True  # the most likely token always survives
