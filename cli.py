@@ -31,6 +31,8 @@ HELP = {
     "max_model_len": "longest prompt plus generation (default: the model's maximum)",
     "scheduler": "splitfuse or prefill-first",
     "eager": "skip torch.compile and CUDA graphs: starts much faster, runs slower",
+    "background_compile": "serve eagerly from the start while compiling in the background, then switch to the "
+                          "compiled forward; --no-background-compile compiles every shape before serving",
     "buckets": "token-count shapes that are compiled (default: powers of two up to the budget)",
     "cache_dir": "where the bundled model is converted to (default: ~/.cache/splitfuse)",
     "max_new_tokens": "tokens to generate at most",

@@ -71,7 +71,8 @@ def time_step(runner: ModelRunner, chunks: list[SequenceChunk], reps: int) -> fl
 
 def step_overhead(dtype: str, eager: bool) -> dict:
     """Share of a decode-heavy engine step spent outside the model forward and the sampler."""
-    engine = Engine(EngineConfig(dtype=dtype, eager=eager, token_budget=64, max_num_seqs=32, num_blocks=1024,
+    engine = Engine(EngineConfig(dtype=dtype, eager=eager, background_compile=False, token_budget=64, max_num_seqs=32,
+                                 num_blocks=1024,
                                  buckets=[64]), progress=False)
     spent = {"model": 0.0, "sampler": 0.0}
     for name, obj, attr in (("model", engine.runner, "_run"), ("sampler", engine, "sampler")):
@@ -114,6 +115,8 @@ def main() -> None:
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     runners = {mode: ModelRunner(model, num_blocks=4096, block_size=BLOCK, max_num_seqs=64, max_model_len=2048,
                                  buckets=sorted(args.tokens), compile=mode == "compiled") for mode in modes}
+    for runner in runners.values():
+        runner.compile(background=False)
     rows = []
     print(f"{'tokens':>6} {'mix':>12} " + " ".join(f"{m + ' ms':>12} {m + ' tok/s':>13} {m + ' MFU':>12}" for m in modes)
           + ("  compiled/eager" if len(modes) == 2 else ""))

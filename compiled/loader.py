@@ -69,7 +69,9 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.
         module, _, attr = alias.rpartition(".")
         setattr(model.get_submodule(module), attr, model.get_parameter(name))
     # Only non-persistent buffers (rotary tables) are still fp32 here; they stay fp32.
-    return model.to(device).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
+    model.lm_head.keep_fp32_copy()
+    return model
 
 
 def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:

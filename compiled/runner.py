@@ -4,8 +4,13 @@ Every step is padded to one of a few token-count buckets (SplitFuse keeps steps 
 budget, so a handful covers all traffic). Inputs are written in place into static buffers; each
 bucket's forward is compiled once with static shapes and, on CUDA, captured as a CUDA graph that is
 replayed. Padded tokens have slot -1 and padded sequences query length 0, so they cost nothing
-but their share of the matmuls."""
+but their share of the matmuls.
+
+Compiling takes tens of seconds per bucket, so it can run in a background thread while steps run
+eagerly; the runner switches to the compiled forward once every bucket is compiled (never to a
+half-compiled set, so the serving thread never enters torch.compile while it is compiling)."""
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -59,10 +64,14 @@ class ModelRunner:
                                 for name, arr in self._host.arrays().items()})
         self._views = {t: self._bucket_view(t) for t in self.buckets}
         self._forward = model.forward
+        self._compiled = None
+        self.compiled = threading.Event()  # set once every bucket is compiled (or when not compiling)
         if compile:
             # One compiled graph per bucket; lift dynamo's per-function cache limit to cover them.
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(buckets))
-            self._forward = torch.compile(model.forward, dynamic=False)
+            self._compiled = torch.compile(model.forward, dynamic=False)
+        else:
+            self.compiled.set()
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = None
@@ -77,10 +86,7 @@ class ModelRunner:
         raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.buckets[-1]}")
 
     def _bucket_view(self, tokens: int) -> Batch:
-        s, st = self.seqs_in_bucket(tokens), self._static
-        return Batch(input_ids=st.input_ids[:tokens], positions=st.positions[:tokens],
-                     slot_mapping=st.slot_mapping[:tokens], query_start_loc=st.query_start_loc[:s + 1],
-                     seq_lens=st.seq_lens[:s], block_tables=st.block_tables[:s], logits_indices=st.logits_indices[:s])
+        return _bucket_slice(self._static, tokens, self.seqs_in_bucket(tokens))
 
     @torch.inference_mode()
     def execute(self, chunks: list[SequenceChunk]) -> torch.Tensor:
@@ -110,7 +116,7 @@ class ModelRunner:
             dst.copy_(torch.from_numpy(arr[tuple(slice(0, n) for n in dst.shape)]), non_blocking=True)
 
     def _run(self, bucket: int) -> torch.Tensor:
-        if not self.use_graphs:
+        if not self.use_graphs or self._forward is self.model.forward:
             return self._forward(self._views[bucket], self.kv_caches)
         if bucket not in self._graphs:
             self._capture(bucket)
@@ -133,17 +139,38 @@ class ModelRunner:
             out = self._forward(view, self.kv_caches)
         self._graphs[bucket] = (graph, out)
 
-    @torch.inference_mode()
-    def warm_up(self, progress: bool = True) -> None:
-        """Compile (and on CUDA capture) every bucket now, largest first, on an all-padding batch."""
+    def compile(self, background: bool, progress: bool = True) -> None:
+        """Compile every bucket, largest first, on all-padding batches of its own (they write no KV),
+        then serve compiled. In the background, steps run eagerly meanwhile; `compiled` tells when."""
+        if self._compiled is None:
+            return
+        if background:
+            threading.Thread(target=self._compile_all, args=(progress,), name="compile", daemon=True).start()
+        else:
+            self._compile_all(progress)
+
+    def _compile_all(self, progress: bool) -> None:
+        host = _HostBuffers(self.buckets[-1], self.max_num_seqs, self.max_blocks_per_seq)
         for i, bucket in enumerate(reversed(self.buckets)):
             start = time.perf_counter()
-            self._host.fill([], bucket, self.seqs_in_bucket(bucket), self.block_size)
-            self._copy_inputs(bucket)
-            self._run(bucket)
+            host.fill([], bucket, self.seqs_in_bucket(bucket), self.block_size)
+            # Made outside inference mode like the static buffers: dynamo's guards tell the two kinds apart.
+            batch = Batch(**{name: torch.from_numpy(arr).to(self.device) for name, arr in host.arrays().items()})
+            with torch.inference_mode():
+                self._compiled(_bucket_slice(batch, bucket, self.seqs_in_bucket(bucket)), self.kv_caches)
             if progress:
-                print(f"warm-up {i + 1}/{len(self.buckets)}: bucket {bucket} tokens "
+                print(f"compiled {i + 1}/{len(self.buckets)}: bucket {bucket} tokens "
                       f"in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+        self._forward = self._compiled
+        self.compiled.set()
+
+
+def _bucket_slice(batch: Batch, tokens: int, seqs: int) -> Batch:
+    """The leading `tokens` rows and `seqs` sequences of a batch laid out for a larger bucket."""
+    return Batch(input_ids=batch.input_ids[:tokens], positions=batch.positions[:tokens],
+                 slot_mapping=batch.slot_mapping[:tokens], query_start_loc=batch.query_start_loc[:seqs + 1],
+                 seq_lens=batch.seq_lens[:seqs], block_tables=batch.block_tables[:seqs],
+                 logits_indices=batch.logits_indices[:seqs])
 
 
 _TORCH_TYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}

@@ -259,6 +259,7 @@ def run_steps(path, device, steps, compile=False, cuda_graphs=True) -> torch.Ten
     model = load_model(path, torch.float32, torch.device(device))
     runner = ModelRunner(model, num_blocks=8, block_size=16, max_num_seqs=4, max_model_len=64, buckets=[8, 64],
                          compile=compile, cuda_graphs=cuda_graphs)
+    runner.compile(background=False, progress=False)
     return torch.cat([runner.execute(chunks).cpu() for chunks in steps])
 
 

@@ -76,7 +76,24 @@ def test_compiled_equals_eager_and_compiles_once_per_bucket(make_checkpoint):
     eager = workload(Engine(EngineConfig(**options, eager=True)), 128)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled_engine = Engine(EngineConfig(**options), progress=False)
+    compiled_engine = Engine(EngineConfig(**options, background_compile=False), progress=False)
     compiled = workload(compiled_engine, 128)
     assert compiled == eager and len(compiled) == 18
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one per bucket, none while serving
+
+
+def test_serves_while_compiling_in_the_background(make_checkpoint):
+    """Steps run eagerly while the buckets compile in another thread, then compiled; the same tokens
+    either way, and still one graph per bucket."""
+    path = str(make_checkpoint("llama"))
+    options = dict(model=path, device="cpu", dtype="float32", token_budget=64, max_num_seqs=16, num_blocks=128,
+                   buckets=[16, 64])
+    eager = workload(Engine(EngineConfig(**options, eager=True)), 128)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    engine = Engine(EngineConfig(**options), progress=False)
+    assert workload(engine, 128) == eager
+    assert engine.runner.compiled.wait(timeout=600)
+    assert engine.runner._forward is engine.runner._compiled
+    assert workload(engine, 128) == eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2

@@ -145,3 +145,16 @@ def test_logprobs_of_the_chosen_token_and_the_top_n():
 def test_no_logprobs_when_nobody_asks():
     result = Sampler([])(torch.randn(2, 10), [req(), req()], [None, None])
     assert result.logprobs is None and result.top_logprobs is None
+
+
+def test_every_tensor_follows_the_logits_device():
+    """On the meta device any tensor built on the CPU meets the logits in an op and raises, which is
+    what CUDA logits would do: penalties, early-stop blocking, filters and noise all stay on device."""
+    requests = [req(do_sample=True, top_k=3, top_p=0.9, min_p=0.05, repetition_penalty=1.2, presence_penalty=0.5,
+                    frequency_penalty=0.5, min_new_tokens=2, stop_token_ids=[1], generated=[0, 2]),
+                req(do_sample=True, temperature=0.7, top_k=2 ** 31 - 1)]
+    logits = torch.zeros(2, 5, device="meta")
+    sampler = Sampler([4])
+    sampler._apply_penalties(logits, requests)
+    sampler._block_early_stop(logits, requests)
+    assert sampler._sample(logits, requests, [None, None]).device.type == "meta"

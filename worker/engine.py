@@ -32,8 +32,7 @@ class Engine:
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
                                   buckets=config.buckets or default_buckets(config.token_budget),
                                   compile=not config.eager, cuda_graphs=not config.eager)
-        if not config.eager:
-            self.runner.warm_up(progress)
+        self.runner.compile(background=config.background_compile, progress=progress)
         self.sampler = Sampler(self.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._generators: dict[str, torch.Generator] = {}
@@ -48,7 +47,7 @@ class Engine:
         self._requests[request_id] = request
         if not params.greedy:
             seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
-            self._generators[request_id] = torch.Generator().manual_seed(seed)
+            self._generators[request_id] = torch.Generator(self.runner.device).manual_seed(seed)
         self.scheduler.add(request)
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:

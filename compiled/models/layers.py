@@ -3,6 +3,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from splitfuse.compiled.batch import Batch
 from splitfuse.kernels import ops
@@ -19,6 +20,27 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+
+class LMHead(nn.Linear):
+    """The projection to the vocabulary, accumulated and returned in fp32 whatever the model dtype:
+    bf16-rounded logits (spacing 0.125 near 25) flip greedy near-ties. CPU matmuls cannot return fp32
+    from bf16 inputs, so there `keep_fp32_copy` makes an fp32 copy of the weight once, after loading."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+        self.fp32_weight: torch.Tensor | None = None
+
+    def keep_fp32_copy(self) -> None:
+        if self.weight.dtype != torch.float32 and not self.weight.is_cuda:
+            self.fp32_weight = self.weight.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.float32:
+            return F.linear(x, self.weight)
+        if self.fp32_weight is not None:
+            return F.linear(x.float(), self.fp32_weight)
+        return torch.mm(x, self.weight.t(), out_dtype=torch.float32)
 
 
 def rope_parameters(config) -> dict:

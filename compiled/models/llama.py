@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from splitfuse.compiled.batch import Batch
-from splitfuse.compiled.models.layers import RMSNorm, Rotary, blocked_attention
+from splitfuse.compiled.models.layers import LMHead, RMSNorm, Rotary, blocked_attention
 
 
 def _sliding_window(config) -> int:
@@ -87,7 +87,7 @@ class LlamaForCausalLM(nn.Module):
         self.sliding_window = _sliding_window(config)
         self.model = LlamaModel(config, self.head_dim)
         self.rotary = Rotary(config, self.head_dim, self.max_model_len)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -96,4 +96,4 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x = layer(x, batch, self.rotary, kv_cache)
         x = self.model.norm(x[batch.logits_indices])
-        return self.lm_head(x).float()
+        return self.lm_head(x)

@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from splitfuse.compiled.batch import Batch
-from splitfuse.compiled.models.layers import blocked_attention
+from splitfuse.compiled.models.layers import LMHead, blocked_attention
 
 _POSITION_OFFSET = 2  # OPT's position table reserves its first two rows
 
@@ -87,7 +87,7 @@ class OPTForCausalLM(nn.Module):
         self.max_model_len = config.max_position_embeddings
         self.sliding_window = 0
         self.model = OPTModel(config)
-        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.word_embed_proj_dim, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
 
@@ -104,4 +104,4 @@ class OPTForCausalLM(nn.Module):
             x = d.final_layer_norm(x)
         if d.project_out is not None:
             x = d.project_out(x)
-        return self.lm_head(x).float()
+        return self.lm_head(x)
