@@ -1,4 +1,5 @@
 """Fixed-shape execution: bucket bookkeeping on CPU, compiled == eager, one compile per bucket."""
+import pytest
 import torch
 import torch._dynamo.utils
 
@@ -69,28 +70,28 @@ def workload(engine: Engine, vocab: int) -> dict[str, list[int]]:
     return out
 
 
-def test_compiled_equals_eager_and_compiles_once_per_bucket(make_checkpoint):
-    path = str(make_checkpoint("llama"))
-    options = dict(model=path, device="cpu", dtype="float32", token_budget=64, max_num_seqs=16, num_blocks=128,
-                   buckets=[16, 64])
+@pytest.fixture
+def fresh_compile(make_checkpoint):
+    """Engine options for a tiny Llama, its eager tokens on `workload`, and dynamo's counters reset."""
+    options = dict(model=str(make_checkpoint("llama")), device="cpu", dtype="float32", token_budget=64,
+                   max_num_seqs=16, num_blocks=128, buckets=[16, 64])
     eager = workload(Engine(EngineConfig(**options, eager=True)), 128)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled_engine = Engine(EngineConfig(**options, background_compile=False), progress=False)
-    compiled = workload(compiled_engine, 128)
+    return options, eager
+
+
+def test_compiled_equals_eager_and_compiles_once_per_bucket(fresh_compile):
+    options, eager = fresh_compile
+    compiled = workload(Engine(EngineConfig(**options, background_compile=False), progress=False), 128)
     assert compiled == eager and len(compiled) == 18
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one per bucket, none while serving
 
 
-def test_serves_while_compiling_in_the_background(make_checkpoint):
+def test_serves_while_compiling_in_the_background(fresh_compile):
     """Steps run eagerly while the buckets compile in another thread, then compiled; the same tokens
     either way, and still one graph per bucket."""
-    path = str(make_checkpoint("llama"))
-    options = dict(model=path, device="cpu", dtype="float32", token_budget=64, max_num_seqs=16, num_blocks=128,
-                   buckets=[16, 64])
-    eager = workload(Engine(EngineConfig(**options, eager=True)), 128)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    options, eager = fresh_compile
     engine = Engine(EngineConfig(**options), progress=False)
     assert workload(engine, 128) == eager
     assert engine.runner.compiled.wait(timeout=600)
