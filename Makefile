@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # A CPU step's throughput flattens past 128 tokens (README, forward pass table): the benchmark budget.
 BENCH_ARGS ?= --token-budget 128
 
-.PHONY: setup model demo test bench clean
+.PHONY: setup model demo test bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,6 +31,10 @@ test: model
 
 bench: model
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# vLLM, OpenVINO GenAI and llama.cpp beside splitfuse; each peer installs into its own .venv-* on first use.
+bench-peers: model
+	$(PY) -m benchmarks.peers.run
 
 clean:
 	rm -rf $(VENV)
