@@ -46,15 +46,16 @@ def systems(hf_batch: int) -> list[System]:
     all_cpus = f"{cpus[0]}-{cpus[-1]}" if cpus == list(range(cpus[0], cpus[-1] + 1)) else ",".join(map(str, cpus))
     # Without a KV cache size vLLM asks for 0.9 x RAM; "auto" binding reserves a core for the frontend.
     vllm = {"VLLM_CPU_KVCACHE_SPACE": "4"}
+    # In run order: vLLM, the slowest to start, last.
     return [
         System("splitfuse", "splitfuse `pipeline()` (defaults)", "splitfuse_runner"),
+        System("openvino", "OpenVINO GenAI ContinuousBatchingPipeline", "openvino_runner", "openvino"),
+        System("llamacpp", "llama.cpp (`llama-cpp-python`, batched)", "llamacpp_runner", "llamacpp"),
+        System("transformers", f"transformers static batch ({hf_batch})", "transformers_runner"),
         System("vllm", "vLLM CPU (`vllm-cpu`, threads bound `auto`)", "vllm_runner", "vllm",
                {**vllm, "VLLM_CPU_OMP_THREADS_BIND": "auto"}),
         System("vllm", f"vLLM CPU (`vllm-cpu`, threads bound `{all_cpus}`, no reserved CPU)", "vllm_runner", "vllm",
                {**vllm, "VLLM_CPU_OMP_THREADS_BIND": all_cpus, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}),
-        System("openvino", "OpenVINO GenAI ContinuousBatchingPipeline", "openvino_runner", "openvino"),
-        System("llamacpp", "llama.cpp (`llama-cpp-python`, batched)", "llamacpp_runner", "llamacpp"),
-        System("transformers", f"transformers static batch ({hf_batch})", "transformers_runner"),
     ]
 
 
@@ -80,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.only = [k.strip() for k in args.only.split(",") if k.strip()]
     unknown = set(args.only) - set(keys)
-    if unknown:
+    if unknown or not args.only:
         parser.error(f"unknown systems {sorted(unknown)}; choose among {keys}")
     return args
 
@@ -192,6 +193,12 @@ def main(argv: list[str] | None = None) -> None:
     work["settings"] = {"model_dir": str(model_dir), "dtype": dtype, "threads": len(os.sched_getaffinity(0)),
                         "max_batch": max(len(work["offline"]), len(work["warmup"])),
                         "max_seq_len": workload.max_sequence_length(), "hf_batch": args.hf_batch, **extra}
+    info = {"machine": machine(), "one_off": one_off,
+            "settings": {"dtype": dtype, "auto_dtype": auto, "threads": work["settings"]["threads"],
+                         "seed": args.seed, "quick": args.quick, "hf_batch": args.hf_batch,
+                         "workload": describe(work)},
+            "command": " ".join(["python -m benchmarks.peers.run"] + (argv if argv is not None else sys.argv[1:])),
+            "commit": git_commit()}
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as scratch:
         workload_file = Path(scratch) / "workload.json"
@@ -202,26 +209,26 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(summarize(system, result, work))
             if system.key == "openvino" and "ready_s" in rows[-1]:
                 rows[-1]["one_off"] = {"what": "export", "seconds": extra["openvino_export_s"]}
-    reference = next((r for r in rows if r["key"] == "transformers" and "ids" in r),
-                     next((r for r in rows if "ids" in r), None))
-    for row in rows:
-        if reference is not None and row is not reference and "ids" in row:
-            row["agreement"] = report.agreement(row["ids"], reference["ids"])
-    for row in rows:
-        row.pop("ids", None)
-    info = {"machine": machine(), "reference": reference["label"] if reference else None, "one_off": one_off,
-            "settings": {"dtype": dtype, "auto_dtype": auto, "threads": work["settings"]["threads"],
-                         "seed": args.seed, "quick": args.quick, "hf_batch": args.hf_batch,
-                         "workload": describe(work)},
-            "command": " ".join(["python -m benchmarks.peers.run"] + (argv if argv is not None else sys.argv[1:])),
-            "commit": git_commit(), "wall_seconds": round(time.time() - started),
-            "load_average": [load_at_start, os.getloadavg()[0]]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "peers.json").write_text(json.dumps({"rows": rows, "info": info}, indent=1) + "\n")
-    text = report.markdown(rows, info)
-    (args.out / "peers.md").write_text(text + "\n")
+            info.update(wall_seconds=round(time.time() - started), load_average=[load_at_start, os.getloadavg()[0]])
+            text = write(rows, info, args.out, done=i + 1 == len(selected))
     print("\n" + text + "\n")
     progress(f"wrote {args.out / 'peers.json'}, {args.out / 'peers.md'} ({info['wall_seconds']} s)")
+
+
+def write(rows: list[dict], info: dict, out: Path, done: bool) -> str:
+    """peers.json and peers.md (after every system, so a long run leaves its rows so far); the markdown."""
+    reference = next((r for r in rows if r["key"] == "transformers" and "ids" in r),
+                     next((r for r in rows if "ids" in r), None))
+    info["reference"] = reference["label"] if reference else None
+    saved = [{k: v for k, v in row.items() if k != "ids"} for row in rows]
+    for row, original in zip(saved, rows):
+        if reference is not None and original is not reference and "ids" in original:
+            row["agreement"] = report.agreement(original["ids"], reference["ids"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "peers.json").write_text(json.dumps({"rows": saved, "info": info, "complete": done}, indent=1) + "\n")
+    text = report.markdown(saved, info) + ("" if done else "\n\n(run in progress: more systems to come)")
+    (out / "peers.md").write_text(text + "\n")
+    return text
 
 
 def describe(work: dict) -> str:
