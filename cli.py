@@ -23,8 +23,8 @@ from splitfuse.frontend.serve import serve
 HELP = {
     "dtype": "weights and KV cache dtype: auto, bf16, fp16 or fp32",
     "device": "auto, cpu, cuda or cuda:N (with several replicas on GPU, auto/cuda gives each its own device)",
-    "token_budget": "tokens per forward pass, the SplitFuse target",
-    "max_num_seqs": "sequences per forward pass",
+    "token_budget": "tokens per forward pass, the SplitFuse target (default: 256 on CPU, 2048 on GPU)",
+    "max_num_seqs": "sequences per forward pass (default: the token budget, at most 256)",
     "block_size": "tokens per KV cache block",
     "num_blocks": "KV cache blocks per replica (default: from --kv-memory-fraction)",
     "kv_memory_fraction": "share of free GPU memory (CPU: of RAM) for the KV cache",

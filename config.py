@@ -1,10 +1,13 @@
 """Engine and sampling configuration: plain dataclasses, validated once at construction.
 Imported by both the frontend and the worker, so it must not import torch."""
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 SCHEDULERS = ("splitfuse", "prefill-first")
+CPU_TOKEN_BUDGET = 256
+GPU_TOKEN_BUDGET = 2048
+MAX_NUM_SEQS = 256
 CACHE_ENV = "SPLITFUSE_CACHE"
 
 
@@ -76,8 +79,8 @@ class EngineConfig:
     model: str | None = None
     dtype: str = "auto"               # auto: bf16 where the hardware has it natively
     device: str = "auto"              # auto: cuda if available, else cpu
-    token_budget: int = 256           # tokens per forward pass (the SplitFuse target)
-    max_num_seqs: int = 64            # sequences per forward pass
+    token_budget: int | None = None   # tokens per forward pass (the SplitFuse target); None: per device
+    max_num_seqs: int | None = None   # sequences per forward pass; None: min(token_budget, 256)
     block_size: int = 16
     num_blocks: int | None = None     # KV cache size; None: from kv_memory_fraction
     kv_memory_fraction: float = 0.1   # of free device memory (CPU: of total RAM) for the KV cache
@@ -90,11 +93,11 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check(self.scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
-        _check(isinstance(self.token_budget, int) and self.token_budget >= 8,
+        _check(self.token_budget is None or (isinstance(self.token_budget, int) and self.token_budget >= 8),
                f"token_budget must be an integer >= 8, got {self.token_budget!r}")
-        _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,
+        _check(self.max_num_seqs is None or (isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1),
                f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
-        _check(self.max_num_seqs <= self.token_budget,
+        _check(None in (self.max_num_seqs, self.token_budget) or self.max_num_seqs <= self.token_budget,
                f"max_num_seqs ({self.max_num_seqs}) must not exceed token_budget ({self.token_budget}): "
                f"every running sequence needs a token in each step")
         _check(self.block_size in (16, 32, 64, 128), f"block_size must be 16, 32, 64 or 128, got {self.block_size!r}")
@@ -102,8 +105,16 @@ class EngineConfig:
                f"num_blocks must be a positive integer, got {self.num_blocks!r}")
         _check(0 < self.kv_memory_fraction < 1, f"kv_memory_fraction must be in (0, 1), got {self.kv_memory_fraction!r}")
         _check(self.buckets is None or (all(isinstance(b, int) and b > 0 for b in self.buckets)
-                                        and max(self.buckets) >= self.token_budget),
+                                        and max(self.buckets) >= (self.token_budget or 0)),
                "buckets must be positive integers, the largest at least token_budget")
+
+    def for_device(self, gpu: bool) -> "EngineConfig":
+        """The options a device leaves open filled in: the token budget (the benchmark's best on CPU,
+        README; a GPU's matmuls want thousands of rows) and sequences per step following it."""
+        budget = self.token_budget or (GPU_TOKEN_BUDGET if gpu else CPU_TOKEN_BUDGET)
+        if self.token_budget is None and self.buckets:
+            budget = min(budget, max(self.buckets))
+        return replace(self, token_budget=budget, max_num_seqs=self.max_num_seqs or min(budget, MAX_NUM_SEQS))
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch._inductor.config
 from torch import nn
 
 from splitfuse.compiled.batch import Batch
@@ -156,7 +157,9 @@ class ModelRunner:
             host.fill([], bucket, self.seqs_in_bucket(bucket), self.block_size)
             # Made outside inference mode like the static buffers: dynamo's guards tell the two kinds apart.
             batch = Batch(**{name: torch.from_numpy(arr).to(self.device) for name, arr in host.arrays().items()})
-            with torch.inference_mode():
+            # Freezing makes the weights constants of the graph, which on CPU lets Inductor prepack them
+            # for the GEMM library (read where torch.compile's `options` do not reach, hence the patch).
+            with torch.inference_mode(), torch._inductor.config.patch(freezing=self.device.type == "cpu"):
                 self._compiled(_bucket_slice(batch, bucket, self.seqs_in_bucket(bucket)), self.kv_caches)
             if progress:
                 print(f"compiled {i + 1}/{len(self.buckets)}: bucket {bucket} tokens "

@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from splitfuse.config import EngineConfig, SamplingParams
+from splitfuse.config import CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET, MAX_NUM_SEQS, EngineConfig, SamplingParams
 from splitfuse.worker.engine import Engine
 from splitfuse.worker.request import RequestOutput
 
@@ -146,3 +146,14 @@ def test_stop_token_max_new_tokens_and_the_models_maximum_length(llama):
     assert got["length"] == (reference, "length")
     assert got["max-len"] == (hf_greedy(hf, long_prompt, 6), "length")
     assert engine.stats()["blocks_in_use"] == 0
+
+
+def test_defaults_follow_the_device_and_the_budget(llama):
+    """max_num_seqs follows token_budget unless given, so a small budget alone is a valid setting."""
+    assert EngineConfig().for_device(gpu=False).token_budget == CPU_TOKEN_BUDGET
+    assert EngineConfig().for_device(gpu=True).token_budget == GPU_TOKEN_BUDGET
+    assert EngineConfig(token_budget=32).for_device(gpu=False).max_num_seqs == 32
+    assert EngineConfig(token_budget=4096).for_device(gpu=True).max_num_seqs == MAX_NUM_SEQS
+    assert EngineConfig(max_num_seqs=8).for_device(gpu=False).max_num_seqs == 8
+    engine = make_engine(llama[0], token_budget=32, max_num_seqs=None)
+    assert (engine.config.token_budget, engine.config.max_num_seqs) == (32, 32)

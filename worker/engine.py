@@ -16,9 +16,9 @@ from splitfuse.worker.scheduler import Scheduler
 
 class Engine:
     def __init__(self, config: EngineConfig, progress: bool = True):
-        self.config = config
         device = torch.device(config.device if config.device != "auto"
                               else "cuda" if torch.cuda.is_available() else "cpu")
+        self.config = config = config.for_device(device.type == "cuda")
         dtype = resolve_dtype(config.dtype, device)
         self.model_dir = resolve_model_dir(config.model, config.cache_dir)
         hf_config = load_config(self.model_dir)
