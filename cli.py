@@ -26,8 +26,10 @@ HELP = {
     "token_budget": "tokens per forward pass, the SplitFuse target (default: 256 on CPU, 2048 on GPU)",
     "max_num_seqs": "sequences per forward pass (default: the token budget, at most 256)",
     "block_size": "tokens per KV cache block",
-    "num_blocks": "KV cache blocks per replica (default: from --kv-memory-fraction)",
-    "kv_memory_fraction": "share of free GPU memory (CPU: of RAM) for the KV cache",
+    "num_blocks": "KV cache blocks per replica (default: from --gpu-memory-utilization, on CPU --kv-memory-fraction)",
+    "kv_memory_fraction": "CPU: share of RAM for the KV cache",
+    "gpu_memory_utilization": "GPU: share of each GPU's total memory its replicas use in all (weights, activations, "
+                              "KV cache, which gets the rest); replicas sharing a GPU split it",
     "max_model_len": "longest prompt plus generation (default: the model's maximum)",
     "scheduler": "splitfuse or prefill-first",
     "eager": "skip torch.compile and CUDA graphs: starts much faster, runs slower",

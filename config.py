@@ -82,8 +82,9 @@ class EngineConfig:
     token_budget: int | None = None   # tokens per forward pass (the SplitFuse target); None: per device
     max_num_seqs: int | None = None   # sequences per forward pass; None: min(token_budget, 256)
     block_size: int = 16
-    num_blocks: int | None = None     # KV cache size; None: from kv_memory_fraction
-    kv_memory_fraction: float = 0.1   # of free device memory (CPU: of total RAM) for the KV cache
+    num_blocks: int | None = None     # KV cache size; None: from gpu_memory_utilization (CPU: kv_memory_fraction)
+    kv_memory_fraction: float = 0.1   # CPU: of total RAM for the KV cache
+    gpu_memory_utilization: float = 0.9  # GPU: of total device memory for the replicas on it (weights, steps, KV)
     max_model_len: int | None = None  # None: the model's maximum
     scheduler: str = "splitfuse"
     eager: bool = False               # True: no torch.compile, no CUDA graphs
@@ -104,6 +105,8 @@ class EngineConfig:
         _check(self.num_blocks is None or (isinstance(self.num_blocks, int) and self.num_blocks >= 1),
                f"num_blocks must be a positive integer, got {self.num_blocks!r}")
         _check(0 < self.kv_memory_fraction < 1, f"kv_memory_fraction must be in (0, 1), got {self.kv_memory_fraction!r}")
+        _check(0 < self.gpu_memory_utilization <= 1,
+               f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         _check(self.buckets is None or (all(isinstance(b, int) and b > 0 for b in self.buckets)
                                         and max(self.buckets) >= (self.token_budget or 0)),
                "buckets must be positive integers, the largest at least token_budget")

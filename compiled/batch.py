@@ -6,10 +6,11 @@ import torch
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor        # [T] int64, new tokens of all sequences back to back
-    positions: torch.Tensor        # [T] int64
-    slot_mapping: torch.Tensor     # [T] int64, flat KV slot of each token; -1 for padding
-    query_start_loc: torch.Tensor  # [S+1] int32
-    seq_lens: torch.Tensor         # [S] int32, context length including the new tokens; 0 for padding
-    block_tables: torch.Tensor     # [S, max_blocks] int32
-    logits_indices: torch.Tensor   # [N] int64, rows of the tokens whose next-token logits are wanted
+    # Integers are int32 or int64: the runner passes int32 (one flat buffer, one copy per step).
+    input_ids: torch.Tensor        # [T], new tokens of all sequences back to back
+    positions: torch.Tensor        # [T]
+    slot_mapping: torch.Tensor     # [T], flat KV slot of each token; -1 for padding
+    query_start_loc: torch.Tensor  # [S+1]
+    seq_lens: torch.Tensor         # [S], context length including the new tokens; 0 for padding
+    block_tables: torch.Tensor     # [S, max_blocks]
+    logits_indices: torch.Tensor   # [N], rows of the tokens whose next-token logits are wanted

@@ -3,15 +3,19 @@
 Every step is padded to one of a few token-count buckets (SplitFuse keeps steps near the token
 budget, so a handful covers all traffic). Inputs are written in place into static buffers; each
 bucket's forward is compiled once with static shapes and, on CUDA, captured as a CUDA graph that is
-replayed. Padded tokens have slot -1 and padded sequences query length 0, so they cost nothing
+replayed. A step's inputs are int32 in one flat buffer: on CUDA one pinned host array and one copy
+into its device twin (of which the static batches are views); on CPU the static batches are the host
+array itself, so nothing is copied. Padded tokens have slot -1 and padded sequences query length 0, so they cost nothing
 but their share of the matmuls.
 
 Compiling takes tens of seconds per bucket, so it can run in a background thread while steps run
 eagerly; the runner switches to the compiled forward once every bucket is compiled (never to a
 half-compiled set, so the serving thread never enters torch.compile while it is compiling)."""
+import math
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,9 +64,8 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(model.num_layers)]
-        self._host = _HostBuffers(self.buckets[-1], max_num_seqs, self.max_blocks_per_seq)
-        self._static = Batch(**{name: torch.zeros(arr.shape, dtype=_TORCH_TYPES[arr.dtype], device=self.device)
-                                for name, arr in self._host.arrays().items()})
+        self._buffers = _StepBuffers(self.buckets[-1], max_num_seqs, self.max_blocks_per_seq, self.device)
+        self._static = self._buffers.batch
         self._views = {t: self._bucket_view(t) for t in self.buckets}
         self._forward = model.forward
         self._compiled = None
@@ -98,23 +101,26 @@ class ModelRunner:
         bucket = self.bucket_for(num_tokens)
         if len(chunks) > self.seqs_in_bucket(bucket):
             raise ValueError(f"{len(chunks)} sequences exceed the {self.seqs_in_bucket(bucket)} slots of bucket {bucket}")
-        num_logits = self._host.fill(chunks, bucket, self.seqs_in_bucket(bucket), self.block_size)
-        self._copy_inputs(bucket)
+        num_logits = self._buffers.fill(chunks, bucket, self.seqs_in_bucket(bucket), self.block_size)
+        self._buffers.copy(len(chunks))
         return self._run(bucket)[:num_logits]
 
     def _execute_oversized(self, chunks: list[SequenceChunk], num_tokens: int) -> torch.Tensor:
         """Only the prefill-first baseline exceeds the budget (a whole long prompt in one step):
         such steps run eagerly at their exact size rather than adding shapes to compile."""
-        host = _HostBuffers(num_tokens, len(chunks), self.max_blocks_per_seq)
-        num_logits = host.fill(chunks, num_tokens, len(chunks), self.block_size)
-        batch = Batch(**{name: torch.from_numpy(arr).to(self.device) for name, arr in host.arrays().items()})
-        return self.model(batch, self.kv_caches)[:num_logits]
+        buffers = _StepBuffers(num_tokens, len(chunks), self.max_blocks_per_seq, self.device)
+        num_logits = buffers.fill(chunks, num_tokens, len(chunks), self.block_size)
+        buffers.copy(len(chunks))
+        return self.model(buffers.batch, self.kv_caches)[:num_logits]
 
-    def _copy_inputs(self, bucket: int) -> None:
-        view = self._views[bucket]
-        for name, arr in self._host.arrays().items():
-            dst = getattr(view, name)
-            dst.copy_(torch.from_numpy(arr[tuple(slice(0, n) for n in dst.shape)]), non_blocking=True)
+    @torch.inference_mode()
+    def profile(self) -> None:
+        """One eager all-padding forward at the largest bucket (it writes no KV): its peak holds the
+        activations and logits of the largest step, which the KV cache must leave room for."""
+        bucket = self.buckets[-1]
+        self._buffers.fill([], bucket, self.seqs_in_bucket(bucket), self.block_size)
+        self._buffers.copy(0)
+        self.model(self._views[bucket], self.kv_caches)
 
     def _run(self, bucket: int) -> torch.Tensor:
         if not self.use_graphs or self._forward is self.model.forward:
@@ -127,7 +133,7 @@ class ModelRunner:
 
     def _capture(self, bucket: int) -> None:
         view = self._views[bucket]
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up runs off the capture, as CUDA graphs require
             for _ in range(2):
@@ -151,16 +157,19 @@ class ModelRunner:
             self._compile_all(progress)
 
     def _compile_all(self, progress: bool) -> None:
-        host = _HostBuffers(self.buckets[-1], self.max_num_seqs, self.max_blocks_per_seq)
+        # Laid out as the static buffers (each field a view of one flat buffer), and made outside inference
+        # mode like them: dynamo's guards tell the two kinds apart.
+        buffers = _StepBuffers(self.buckets[-1], self.max_num_seqs, self.max_blocks_per_seq, self.device)
         for i, bucket in enumerate(reversed(self.buckets)):
             start = time.perf_counter()
-            host.fill([], bucket, self.seqs_in_bucket(bucket), self.block_size)
-            # Made outside inference mode like the static buffers: dynamo's guards tell the two kinds apart.
-            batch = Batch(**{name: torch.from_numpy(arr).to(self.device) for name, arr in host.arrays().items()})
+            buffers.fill([], bucket, self.seqs_in_bucket(bucket), self.block_size)
+            buffers.copy(0)
             # Freezing makes the weights constants of the graph, which on CPU lets Inductor prepack them
             # for the GEMM library (read where torch.compile's `options` do not reach, hence the patch).
-            with torch.inference_mode(), torch._inductor.config.patch(freezing=self.device.type == "cpu"):
-                self._compiled(_bucket_slice(batch, bucket, self.seqs_in_bucket(bucket)), self.kv_caches)
+            # This thread's current CUDA device is not the serving thread's: Triton launches on the current one.
+            with torch.inference_mode(), torch._inductor.config.patch(freezing=self.device.type == "cpu"), \
+                    (torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()):
+                self._compiled(_bucket_slice(buffers.batch, bucket, self.seqs_in_bucket(bucket)), self.kv_caches)
             if progress:
                 print(f"compiled {i + 1}/{len(self.buckets)}: bucket {bucket} tokens "
                       f"in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
@@ -176,43 +185,57 @@ def _bucket_slice(batch: Batch, tokens: int, seqs: int) -> Batch:
                  logits_indices=batch.logits_indices[:seqs])
 
 
-_TORCH_TYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
+class _StepBuffers:
+    """One step's inputs, sized for the largest bucket, as int32 in one flat host buffer that `fill`
+    writes through numpy views. On CUDA the host buffer is pinned and `copy` moves it in one
+    asynchronous copy into a device twin; on CPU the device side is the host buffer itself. `batch`
+    views the device side (`on_device`). Block tables come last, so a step copies only the rows of its sequences:
+    the kernels never read a table past a sequence's context, so stale rows and columns are harmless."""
 
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
+        shapes = {"input_ids": (max_tokens,), "positions": (max_tokens,), "slot_mapping": (max_tokens,),
+                  "query_start_loc": (max_seqs + 1,), "seq_lens": (max_seqs,), "logits_indices": (max_seqs,),
+                  "block_tables": (max_seqs, max_blocks)}
+        size = sum(math.prod(shape) for shape in shapes.values())
+        cuda = device.type == "cuda"
+        self.host = torch.zeros(size, dtype=torch.int32, pin_memory=cuda)
+        self.on_device = torch.zeros(size, dtype=torch.int32, device=device) if cuda else self.host
+        self._table_start, self._max_blocks = size - max_seqs * max_blocks, max_blocks
+        host = _split(self.host.numpy(), shapes)
+        self.input_ids, self.positions, self.slot_mapping = host["input_ids"], host["positions"], host["slot_mapping"]
+        self.query_start_loc, self.seq_lens = host["query_start_loc"], host["seq_lens"]
+        self.logits_indices, self.block_tables = host["logits_indices"], host["block_tables"]
+        self.batch = Batch(**_split(self.on_device, shapes))
+        # The host buffer must not be rewritten while the previous copy may still read it (a step that
+        # samples nothing never waits for the device).
+        self._copied = torch.cuda.Event() if cuda else None
 
-class _HostBuffers:
-    """Numpy staging arrays for one step's inputs, sized for the largest bucket."""
-
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int):
-        self.input_ids = np.zeros(max_tokens, np.int64)
-        self.positions = np.zeros(max_tokens, np.int64)
-        self.slot_mapping = np.full(max_tokens, -1, np.int64)
-        self.query_start_loc = np.zeros(max_seqs + 1, np.int32)
-        self.seq_lens = np.zeros(max_seqs, np.int32)
-        self.block_tables = np.zeros((max_seqs, max_blocks), np.int32)
-        self.logits_indices = np.zeros(max_seqs, np.int64)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"input_ids": self.input_ids, "positions": self.positions, "slot_mapping": self.slot_mapping,
-                "query_start_loc": self.query_start_loc, "seq_lens": self.seq_lens,
-                "block_tables": self.block_tables, "logits_indices": self.logits_indices}
+    def copy(self, num_seqs: int) -> None:
+        """Move the filled inputs to the device: everything before the block tables and `num_seqs` rows of them."""
+        if self._copied is not None:
+            end = self._table_start + num_seqs * self._max_blocks
+            self.on_device[:end].copy_(self.host[:end], non_blocking=True)
+            self._copied.record()
 
     def fill(self, chunks: list[SequenceChunk], tokens: int, seqs: int, block_size: int) -> int:
         """Lay the chunks out flat and pad to `tokens`/`seqs`; returns the number of logits rows."""
+        if self._copied is not None:
+            self._copied.synchronize()
         self.input_ids[:tokens] = 0
         self.positions[:tokens] = 0
         self.slot_mapping[:tokens] = -1
         self.seq_lens[:seqs] = 0
-        self.block_tables[:seqs] = 0
         self.logits_indices[:seqs] = 0
         offset = num_logits = 0
         for i, chunk in enumerate(chunks):
             n = len(chunk.token_ids)
-            pos = np.arange(chunk.start, chunk.start + n)
-            table = np.asarray(chunk.block_table, dtype=np.int64)
+            pos = np.arange(chunk.start, chunk.start + n, dtype=np.int32)
+            first = chunk.start // block_size  # only the blocks this chunk writes become an array
+            blocks = np.asarray(chunk.block_table[first:(chunk.start + n - 1) // block_size + 1], np.int32)
             self.input_ids[offset:offset + n] = chunk.token_ids
             self.positions[offset:offset + n] = pos
-            self.slot_mapping[offset:offset + n] = table[pos // block_size] * block_size + pos % block_size
-            self.block_tables[i, :len(table)] = table
+            self.slot_mapping[offset:offset + n] = blocks[pos // block_size - first] * block_size + pos % block_size
+            self.block_tables[i, :len(chunk.block_table)] = chunk.block_table
             self.query_start_loc[i] = offset
             self.seq_lens[i] = chunk.start + n
             offset += n
@@ -221,3 +244,13 @@ class _HostBuffers:
                 num_logits += 1
         self.query_start_loc[len(chunks):seqs + 1] = offset  # padded sequences: query length 0
         return num_logits
+
+
+def _split(flat, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Consecutive views of a flat numpy array or tensor, one per named shape."""
+    views, offset = {}, 0
+    for name, shape in shapes.items():
+        size = math.prod(shape)
+        views[name] = flat[offset:offset + size].reshape(shape)
+        offset += size
+    return views

@@ -1,7 +1,9 @@
 """The step loop of one worker: add and abort requests, schedule, run the model, sample, update."""
+import functools
 import itertools
 import os
 import random
+from collections.abc import Callable
 
 import torch
 
@@ -14,10 +16,21 @@ from splitfuse.worker.sampler import Sampler
 from splitfuse.worker.scheduler import Scheduler
 
 
+# Device memory torch's allocator does not see: the CUDA context, cuBLAS workspaces, Triton and Inductor
+# modules, and the sampler's copies of the logits.
+CUDA_OVERHEAD_BYTES = 1 << 30
+
+
 class Engine:
-    def __init__(self, config: EngineConfig, progress: bool = True):
+    def __init__(self, config: EngineConfig, progress: bool = True, replicas_on_device: int = 1):
+        """`replicas_on_device`: replicas sharing this one's GPU, which split its gpu_memory_utilization."""
         device = torch.device(config.device if config.device != "auto"
                               else "cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            # Triton launches, streams and CUDA graphs go to the current device, not the tensors' one:
+            # make this replica's current before anything touches CUDA.
+            device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+            torch.cuda.set_device(device)
         self.config = config = config.for_device(device.type == "cuda")
         dtype = resolve_dtype(config.dtype, device)
         self.model_dir = resolve_model_dir(config.model, config.cache_dir)
@@ -25,13 +38,16 @@ class Engine:
         model = load_model(self.model_dir, dtype, device)
         self.max_model_len = min(config.max_model_len or model.max_model_len, model.max_model_len)
         self.eos_token_ids = _eos_token_ids(hf_config)
-        num_blocks = config.num_blocks or _blocks_for_memory(model, config, dtype, device)
+        runner = functools.partial(ModelRunner, model, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+                                   max_model_len=self.max_model_len,
+                                   buckets=config.buckets or default_buckets(config.token_budget))
+
+        def profile() -> None:  # on a one-block cache: an all-padding step reads and writes no KV
+            runner(num_blocks=1, compile=False, cuda_graphs=False).profile()
+        num_blocks = config.num_blocks or _blocks_for_memory(model, config, dtype, device, profile, replicas_on_device)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config.scheduler, config.token_budget, config.max_num_seqs, self.blocks)
-        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=config.block_size,
-                                  max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-                                  buckets=config.buckets or default_buckets(config.token_budget),
-                                  compile=not config.eager, cuda_graphs=not config.eager)
+        self.runner = runner(num_blocks=num_blocks, compile=not config.eager, cuda_graphs=not config.eager)
         self.runner.compile(background=config.background_compile, progress=progress)
         self.sampler = Sampler(self.eos_token_ids)
         self._requests: dict[str, Request] = {}
@@ -128,10 +144,30 @@ def _eos_token_ids(hf_config) -> list[int]:
     return sorted(set(eos)) if isinstance(eos, list) else [] if eos is None else [eos]
 
 
-def _blocks_for_memory(model, config: EngineConfig, dtype: torch.dtype, device: torch.device) -> int:
-    """KV blocks that fit in kv_memory_fraction of free GPU memory, or of total RAM on CPU."""
-    if device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[0]
-    else:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return max(int(available * config.kv_memory_fraction) // kv_cache_bytes_per_block(model, config.block_size, dtype), 1)
+def _blocks_for_memory(model, config: EngineConfig, dtype: torch.dtype, device: torch.device,
+                       profile: Callable[[], None], replicas_on_device: int = 1) -> int:
+    """KV blocks for this replica. On CPU: kv_memory_fraction of total RAM. On GPU, as vLLM's
+    gpu_memory_utilization: the replicas on a device use that share of its *total* memory in all (split
+    evenly, so two never both count the same free memory); this replica's KV cache gets its part less
+    the weights, the peak of a forward at the largest bucket, the same again for the CUDA graphs' pool
+    (which keeps the largest bucket's activations) and CUDA_OVERHEAD_BYTES; and never more than is free."""
+    per_block = kv_cache_bytes_per_block(model, config.block_size, dtype)
+    if device.type != "cuda":
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return max(int(ram * config.kv_memory_fraction) // per_block, 1)
+    weights = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    profile()
+    peak = torch.cuda.max_memory_allocated(device)  # weights + the forward's activations and logits
+    graphs = 0 if config.eager else peak - weights
+    share = torch.cuda.get_device_properties(device).total_memory * config.gpu_memory_utilization / replicas_on_device
+    free = torch.cuda.mem_get_info(device)[0]
+    kv_bytes = min(share - peak, free) - graphs - CUDA_OVERHEAD_BYTES
+    if kv_bytes < per_block:
+        gib, step = 1 << 30, max(config.buckets or [config.token_budget])
+        raise ValueError(f"no GPU memory left for the KV cache: this replica's share is {share / gib:.1f} GiB "
+                         f"(gpu_memory_utilization {config.gpu_memory_utilization} of {device}, "
+                         f"{replicas_on_device} replica(s) on it), the weights take {weights / gib:.1f} GiB, a "
+                         f"{step}-token step {(peak - weights) / gib:.1f} GiB, and {free / gib:.1f} GiB are free; "
+                         f"raise gpu_memory_utilization, lower token_budget, or set num_blocks")
+    return int(kv_bytes) // per_block
