@@ -1,6 +1,7 @@
 """Engine and sampling configuration: plain dataclasses, validated once at construction.
 Imported by both the frontend and the worker, so it must not import torch."""
 import os
+import reprlib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -16,6 +17,19 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "splitfuse"))
+
+
+# Limits of SamplingParams: every value that reaches a worker is bounded, so none can overflow a tensor.
+MAX_INT32 = 2**31 - 1           # token counts, ids and top_k travel as int32
+MAX_SEED = 2**63 - 1            # fits torch.Generator.manual_seed and every client language's int64
+MIN_TEMPERATURE = 0.01          # smaller ones overflow logits / temperature (vLLM raises them to this)
+MAX_TEMPERATURE = 100.0
+REPETITION_PENALTY = (0.01, 100.0)
+MAX_PENALTY = 2.0               # presence and frequency penalty, as OpenAI's API
+MAX_STOP_STRINGS = 16           # each is searched for in every text delta
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGPROBS = 20
 
 
 @dataclass(slots=True)
@@ -41,25 +55,38 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0,
-               f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        _check(isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens <= self.max_new_tokens,
-               f"min_new_tokens must be between 0 and max_new_tokens, got {self.min_new_tokens!r}")
-        _check(_is_number(self.temperature) and self.temperature >= 0,
-               f"temperature must be >= 0, got {self.temperature!r}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}")
-        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check(_is_number(self.min_p) and 0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p!r}")
-        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0,
-               f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        _check(_is_number(self.presence_penalty) and _is_number(self.frequency_penalty),
-               "presence_penalty and frequency_penalty must be numbers")
-        _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop must be a non-empty string or a list of them")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               "stop_token_ids must be a list of token ids")
-        _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-               f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}")
+        _check(_is_int(self.max_new_tokens, 1, MAX_INT32),
+               f"max_new_tokens must be an integer in [1, {MAX_INT32}], got {_show(self.max_new_tokens)}")
+        _check(_is_int(self.min_new_tokens, 0, self.max_new_tokens),
+               f"min_new_tokens must be an integer between 0 and max_new_tokens, got {_show(self.min_new_tokens)}")
+        for name in ("do_sample", "ignore_eos", "return_full_text"):
+            _check(isinstance(getattr(self, name), bool), f"{name} must be true or false, got "
+                                                          f"{_show(getattr(self, name))}")
+        # Below MIN_TEMPERATURE, logits / temperature overflows: ask for greedy (0) instead.
+        _check(self.temperature == 0 or _is_real(self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE),
+               f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+               f"got {_show(self.temperature)}")
+        _check(_is_int(self.top_k, 0, MAX_INT32),
+               f"top_k must be an integer in [0, {MAX_INT32}] (0: off), got {_show(self.top_k)}")
+        _check(_is_real(self.top_p, 0, 1) and self.top_p > 0, f"top_p must be in (0, 1], got {_show(self.top_p)}")
+        _check(_is_real(self.min_p, 0, 1) and self.min_p < 1, f"min_p must be in [0, 1), got {_show(self.min_p)}")
+        _check(_is_real(self.repetition_penalty, *REPETITION_PENALTY),
+               f"repetition_penalty must be in {list(REPETITION_PENALTY)} (1: off), "
+               f"got {_show(self.repetition_penalty)}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check(_is_real(getattr(self, name), -MAX_PENALTY, MAX_PENALTY),
+                   f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}] (0: off), got {_show(getattr(self, name))}")
+        _check(self.seed is None or _is_int(self.seed, 0, MAX_SEED),
+               f"seed must be an integer in [0, 2**63), got {_show(self.seed)}")
+        _check(isinstance(self.stop, list) and len(self.stop) <= MAX_STOP_STRINGS
+               and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+               f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings, each of 1 to "
+               f"{MAX_STOP_CHARS} characters")
+        _check(isinstance(self.stop_token_ids, list) and len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS
+               and all(_is_int(t, 0, MAX_INT32) for t in self.stop_token_ids),
+               f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} non-negative token ids")
+        _check(self.logprobs is None or _is_int(self.logprobs, 0, MAX_LOGPROBS),
+               f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {_show(self.logprobs)}")
 
     @property
     def greedy(self) -> bool:
@@ -139,5 +166,14 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def _is_int(x, low: int, high: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
+
+
+def _is_real(x, low: float, high: float) -> bool:
+    """A number in [low, high]; NaN fails every comparison, so it is refused too."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and low <= x <= high
+
+
+def _show(x) -> str:
+    return reprlib.repr(x)  # a huge value is quoted in a short error message, not echoed whole

@@ -5,6 +5,7 @@ and the fields of that type. Token ids travel as packed little-endian int32 byte
 never a Python object serializer: a peer that is not ours can speak this, and a malformed message
 is an error reply, never code.
 Imported by the frontend and the worker alike, so it imports neither torch nor zmq."""
+import reprlib
 import struct
 import types
 import typing
@@ -15,6 +16,7 @@ import msgpack
 
 VERSION = 1
 MAX_MESSAGE_BYTES = 16 << 20   # larger frames are refused before they are unpacked
+MAX_TIMEOUT = 86400.0          # seconds: a request's timeout is at most a day
 ID_FIELDS = ("prompt_ids", "token_ids")  # list[int] in Python, packed int32 bytes on the wire
 
 
@@ -27,7 +29,10 @@ class ProtocolError(ValueError):
 
 
 def pack_ids(ids: list[int]) -> bytes:
-    return struct.pack(f"<{len(ids)}i", *ids)
+    try:
+        return struct.pack(f"<{len(ids)}i", *ids)
+    except struct.error:
+        raise ValueError("token ids must be 32-bit integers") from None
 
 
 def unpack_ids(data: bytes) -> list[int]:
@@ -56,8 +61,12 @@ class Generate:
             raise ValueError("id must be a non-empty string")
         if sum(x is not None for x in (self.prompt, self.messages, self.prompt_ids)) != 1:
             raise ValueError("give exactly one of prompt, messages or prompt_ids")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        if not all(isinstance(k, str) for k in self.params):
+            raise ValueError("params must map sampling parameter names (strings) to values")
+        # `not 0 < t <= MAX` also refuses NaN, which compares false with everything.
+        if self.timeout is not None and not 0 < self.timeout <= MAX_TIMEOUT:
+            raise ValueError(f"timeout must be a positive number of seconds, at most {MAX_TIMEOUT:.0f}, "
+                             f"got {reprlib.repr(self.timeout)}")
 
 
 @dataclass(slots=True)
@@ -145,7 +154,10 @@ def encode(message: Message) -> bytes:
     for f in fields(message):
         value = getattr(message, f.name)
         body[f.name] = pack_ids(value) if f.name in ID_FIELDS and value is not None else value
-    return msgpack.packb(body, use_bin_type=True)
+    try:
+        return msgpack.packb(body, use_bin_type=True)
+    except (TypeError, OverflowError) as e:  # e.g. an integer over 64 bits, or an object msgpack has no type for
+        raise ValueError(f"{message.TYPE} message cannot be sent: {e}") from None
 
 
 def decode(frame: bytes, accepted: tuple[type, ...]) -> Message:
@@ -159,14 +171,14 @@ def decode(frame: bytes, accepted: tuple[type, ...]) -> Message:
     if not isinstance(body, dict):
         raise ProtocolError(f"a message must be a msgpack map, got {type(body).__name__}")
     request_id = body.get("id") if isinstance(body.get("id"), str) else None
-    if body.get("v") != VERSION:
-        raise ProtocolError(f"protocol version {body.get('v')!r} is not supported; this peer speaks v{VERSION}",
-                            request_id)
+    if type(body.get("v")) is not int or body["v"] != VERSION:  # by type too: true == 1 in Python
+        raise ProtocolError(f"protocol version {reprlib.repr(body.get('v'))} is not supported; "
+                            f"this peer speaks v{VERSION}", request_id)
     classes = {cls.TYPE: cls for cls in accepted}
-    cls = classes.get(body.get("type"))
+    cls = classes.get(body.get("type")) if isinstance(body.get("type"), str) else None
     if cls is None:
-        raise ProtocolError(f"unknown message type {body.get('type')!r}; expected one of {sorted(classes)}",
-                            request_id)
+        raise ProtocolError(f"unknown message type {reprlib.repr(body.get('type'))}; "
+                            f"expected one of {sorted(classes)}", request_id)
     try:
         return cls(**_fields_of(cls, body))
     except ValueError as e:

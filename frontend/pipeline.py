@@ -26,24 +26,24 @@ class Pipeline:
         except BaseException:
             self._router.close()
             raise
-        self.tokenizer = Tokenizer(self._router.info.model_dir)
+        self.tokenizer = Tokenizer(self._router.info.model_dir, self._router.info.max_model_len)
         self.max_model_len = self._router.info.max_model_len
         self._ids = itertools.count()
 
     def __call__(self, prompts: Prompt | list[Prompt], **sampling) -> list[Response]:
-        return self._run([self._encode(p) for p in _as_list(prompts)], SamplingParams.from_kwargs(**sampling))
+        params = SamplingParams.from_kwargs(**sampling)
+        return self._run([self._encode(p, params) for p in _as_list(prompts)], params)
 
     def chat(self, messages: list[dict] | list[list[dict]], **sampling) -> list[Response]:
         """One conversation (a list of {'role', 'content'}) or a list of them."""
+        params = SamplingParams.from_kwargs(**sampling)
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        encoded = [(self.tokenizer.render_chat(c), self.tokenizer.apply_chat_template(c)) for c in conversations]
-        return self._run(encoded, SamplingParams.from_kwargs(**sampling))
+        return self._run([self.tokenizer.encode_prompt(params, messages=c) for c in conversations], params)
 
     def stream(self, prompt: Prompt, **sampling) -> Iterator[Delta]:
         """Deltas of one prompt as they are generated."""
         params = SamplingParams.from_kwargs(**sampling)
-        text, ids = self._encode(prompt)
-        builders = self._submit([(text, ids)], params)
+        builders = self._submit([self._encode(prompt, params)], params)
         (rid, builder), = builders.items()
         while builder.finish_reason is None:
             delta = self._step(builders).get(rid)
@@ -65,11 +65,11 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _encode(self, prompt: Prompt) -> tuple[str, list[int]]:
+    def _encode(self, prompt: Prompt, params: SamplingParams) -> tuple[str, list[int]]:
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return self.tokenizer.decode(prompt), prompt
+            return self.tokenizer.encode_prompt(params, prompt=prompt)
+        if isinstance(prompt, list):
+            return self.tokenizer.encode_prompt(params, prompt_ids=prompt)
         raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def _run(self, encoded: list[tuple[str, list[int]]], params: SamplingParams) -> list[Response]:

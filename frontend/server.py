@@ -1,17 +1,21 @@
 """The frontend server: clients' ROUTER socket, text <-> token ids, streaming, routing to workers.
 
-One thread, one loop: poll the client socket and the router's worker socket, handle what came,
-and every 100 ms look for dead workers and expired requests. Clients send one-frame msgpack
-messages (protocol.py, docs/protocol.md). A client that cannot be sent to any more (disconnected,
-or not reading) has its requests aborted. Never imports torch."""
+One loop: poll the client socket and the router's worker socket, handle what came, and every
+100 ms look for dead workers and expired requests. Prompts are tokenized by a small thread pool
+(the tokenizers library releases the GIL), so one client's long prompt never pauses the loop and
+the others' streams; a finished tokenization wakes the loop through a pipe. Clients send one-frame
+msgpack messages (protocol.py, docs/protocol.md). A client that cannot be sent to any more
+(disconnected, or not reading) has its requests aborted. Never imports torch."""
 import argparse
 import itertools
 import json
 import os
+import queue
 import signal
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import zmq
@@ -25,6 +29,7 @@ from splitfuse.frontend.tokenizer import Tokenizer
 TICK = 0.1               # seconds between checks for dead workers and expired requests
 MAX_BATCH = 1000         # client messages handled per loop turn, so worker outputs keep flowing
 CLIENT_SNDHWM = 100_000  # messages queued for one client before it counts as not reading
+TOKENIZER_THREADS = 2    # a long prompt being tokenized leaves a thread for the short ones
 
 
 @dataclass(slots=True)
@@ -32,7 +37,7 @@ class ClientRequest:
     client: bytes            # the client's socket identity
     id: str                  # the client's request id, unique per client while in flight
     key: str                 # the id on the worker link, unique across clients
-    builder: ResponseBuilder
+    builder: ResponseBuilder | None  # None while its prompt is being tokenized
     stream: bool
     deadline: float
     prefix: str = ""         # return_full_text: the prompt, sent ahead of the first streamed text
@@ -50,11 +55,15 @@ class Server:
         self.socket: zmq.Socket | None = None
         self.address: str | None = None
         self._keys = itertools.count()
+        self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
+        self._encoded: queue.SimpleQueue[tuple[str, SamplingParams, Future]] = queue.SimpleQueue()
+        self._wake_read, self._wake_write = os.pipe()  # written by a pool thread when a prompt is tokenized
+        os.set_blocking(self._wake_write, False)
 
     def start(self) -> str:
         """Start the replicas, wait until they are ready, then bind the client socket; returns its address."""
         self.router.start()
-        self.tokenizer = Tokenizer(self.router.info.model_dir)
+        self.tokenizer = Tokenizer(self.router.info.model_dir, self.router.info.max_model_len)
         self.socket = self.router.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone client raises: abort its requests
         self.socket.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
@@ -69,11 +78,14 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         poller.register(self.router.socket, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
         next_tick = 0.0
         while True:
             ready = dict(poller.poll(TICK * 1000))
             if self.router.socket in ready:
                 self._on_worker_messages(self.router.receive())
+            if self._wake_read in ready:
+                self._on_encoded()
             if self.socket in ready:
                 self._receive_clients()
             now = time.monotonic()
@@ -85,11 +97,14 @@ class Server:
                     return
 
     def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)  # waits for a tokenization under way: it writes to the pipe
         for req in list(self.requests.values()):
             self._finish(req, "error", "the server is shutting down")
         self.router.close()
         if self.socket is not None:
             self.socket.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
 
     # --- from clients ---------------------------------------------------------------------
 
@@ -129,24 +144,41 @@ class Server:
             return self._send(client, protocol.Error(msg.id, f"request id {msg.id!r} is already in flight"))
         try:
             params = SamplingParams.from_kwargs(**msg.params)
-            prompt_text, prompt_ids = self._encode(msg, params)
-        except Exception as e:  # whatever a client's input breaks ends that request only, never the server
-            return self._send(client, protocol.Error(msg.id, str(e) or type(e).__name__))
+        except ValueError as e:
+            return self._send(client, protocol.Error(msg.id, str(e)))
         key = str(next(self._keys))
-        req = ClientRequest(client, msg.id, key, ResponseBuilder(self.tokenizer, prompt_ids, params, prompt_text),
-                            msg.stream, time.monotonic() + (msg.timeout or self.request_timeout),
-                            prompt_text if params.return_full_text else "")
-        self.requests[key] = req
+        self.requests[key] = ClientRequest(client, msg.id, key, None, msg.stream,
+                                           time.monotonic() + (msg.timeout or self.request_timeout))
         self.keys[(client, msg.id)] = key
-        self.router.submit(key, prompt_ids, params)
+        future = self._pool.submit(self.tokenizer.encode_prompt, params, prompt=msg.prompt, messages=msg.messages,
+                                   prompt_ids=msg.prompt_ids)
+        future.add_done_callback(lambda f: self._wake(key, params, f))
 
-    def _encode(self, msg: protocol.Generate, params: SamplingParams) -> tuple[str, list[int]]:
-        """(prompt text, prompt token ids); the text is only needed for return_full_text."""
-        if msg.prompt is not None:
-            return msg.prompt, self.tokenizer.encode(msg.prompt)
-        if msg.messages is not None:
-            return self.tokenizer.render_chat(msg.messages), self.tokenizer.apply_chat_template(msg.messages)
-        return self.tokenizer.decode(msg.prompt_ids) if params.return_full_text else "", msg.prompt_ids
+    def _wake(self, key: str, params: SamplingParams, future: Future) -> None:
+        """In a pool thread: hand the result to the loop, and wake it unless a wake-up is already pending."""
+        self._encoded.put((key, params, future))
+        try:
+            os.write(self._wake_write, b"\0")
+        except BlockingIOError:
+            pass
+
+    def _on_encoded(self) -> None:
+        """Tokenized prompts go to a worker, refused ones get an error reply."""
+        os.read(self._wake_read, 1 << 16)
+        while not self._encoded.empty():
+            key, params, future = self._encoded.get()
+            req = self.requests.get(key)
+            if req is None or future.cancelled():  # ended while it was tokenized (abort, timeout, client gone)
+                continue
+            try:
+                prompt_text, prompt_ids = future.result()
+            except Exception as e:  # whatever a client's input breaks ends that request only, never the server
+                self._forget(req)
+                self._send(req.client, protocol.Error(req.id, str(e) or type(e).__name__))
+                continue
+            req.builder = ResponseBuilder(self.tokenizer, prompt_ids, params, prompt_text)
+            req.prefix = prompt_text if params.return_full_text else ""
+            self.router.submit(key, prompt_ids, params)
 
     # --- from workers -----------------------------------------------------------------------
 
@@ -183,6 +215,9 @@ class Server:
 
     def _finish(self, req: ClientRequest, finish_reason: str, error: str | None = None) -> None:
         """End a request from this side (abort, timeout, shutdown); the router has already let it go."""
+        if req.builder is None:  # still being tokenized: nothing was generated
+            self._forget(req)
+            return self._send(req.client, protocol.Delta(req.id, finish_reason=finish_reason, error=error))
         self._deliver(req, [], finish_reason, error)
 
     def _expire(self, now: float) -> None:

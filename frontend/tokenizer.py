@@ -9,9 +9,14 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Tokenizer
 
+from splitfuse.config import SamplingParams
+
 
 class Tokenizer:
-    def __init__(self, model_dir: str | Path):
+    """With `max_model_len`, prompts the model cannot take are refused here, before a worker sees them,
+    and a text too long to fit is refused before it is tokenized."""
+
+    def __init__(self, model_dir: str | Path, max_model_len: int | None = None):
         model_dir = Path(model_dir)
         if not (model_dir / "tokenizer.json").is_file():
             raise ValueError(f"{model_dir} has no tokenizer.json (a fast tokenizer is required)")
@@ -22,25 +27,67 @@ class Tokenizer:
         template_file = model_dir / "chat_template.jinja"
         self.chat_template: str | None = (template_file.read_text() if template_file.is_file()
                                           else config.get("chat_template"))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.max_model_len = max_model_len
+        # A token decodes to at most as many characters as its vocabulary entry has (one per byte or piece),
+        # so a text longer than this cannot fit in max_model_len tokens.
+        longest = max(map(len, self._tok.get_vocab(with_added_tokens=True)))
+        self.max_chars = max_model_len * longest if max_model_len else None
 
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str) or not text:
             raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
-        return self._tok.encode(text, add_special_tokens=True).ids
+        return self._encode(text, add_special_tokens=True)
+
+    def encode_prompt(self, params: SamplingParams, *, prompt: str | None = None, messages: list | None = None,
+                      prompt_ids: list[int] | None = None) -> tuple[str, list[int]]:
+        """(prompt text, prompt token ids) of a prompt given as text, chat messages or token ids. Refuses ids
+        outside the vocabulary (stop_token_ids too) and prompts longer than the model takes. The text of
+        prompt_ids is decoded only when return_full_text needs it."""
+        if prompt_ids is None:
+            text = prompt if messages is None else self.render_chat(messages)
+            # A chat template writes the special tokens itself, as transformers does.
+            ids = self.encode(text) if messages is None else self._encode(text, add_special_tokens=False)
+        else:
+            text, ids = None, prompt_ids
+        self._check_length(ids)
+        self._check_ids(ids, "prompt token ids")
+        self._check_ids(params.stop_token_ids, "stop_token_ids")
+        if text is None:
+            text = self.decode(ids) if params.return_full_text else ""
+        return text, ids
 
     def render_chat(self, messages: list[dict]) -> str:
         if self.chat_template is None:
             raise ValueError("this model has no chat template; send a plain prompt instead")
         _check_messages(messages)
+        self._check_chars(sum(len(m["content"]) for m in messages))  # before rendering, which copies them all
         return _compile(self.chat_template).render(messages=messages, add_generation_prompt=True,
                                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        # The template writes the special tokens itself, as transformers does.
-        return self._tok.encode(self.render_chat(messages), add_special_tokens=False).ids
+        return self._encode(self.render_chat(messages), add_special_tokens=False)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        self._check_chars(len(text))
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def _check_chars(self, n: int) -> None:
+        if self.max_chars is not None and n > self.max_chars:
+            raise ValueError(f"prompt has {n} characters; the model's maximum length is {self.max_model_len} "
+                             f"tokens, which no text over {self.max_chars} characters fits: shorten it")
+
+    def _check_length(self, ids: list[int]) -> None:
+        if self.max_model_len is not None and len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's maximum length is {self.max_model_len}, "
+                             f"so prompts can have at most {self.max_model_len - 1}")
+
+    def _check_ids(self, ids: list[int], what: str) -> None:
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
+            raise ValueError(f"{what} must be integers in [0, {self.vocab_size}), this model's vocabulary")
 
 
 def _check_messages(messages) -> None:

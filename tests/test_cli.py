@@ -18,4 +18,4 @@ def test_cli_options_come_from_the_config_dataclasses():
 def test_cli_reports_bad_options_without_a_traceback():
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["generate", "hi", "--temperature", "-1"])
-    assert "temperature must be >= 0" in str(exit_info.value)
+    assert "temperature must be 0 (greedy) or in [0.01, 100.0]" in str(exit_info.value)

@@ -1,6 +1,8 @@
 """Wire messages: packing of token ids, round trips, and the refusal of malformed messages."""
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from splitfuse import protocol
 from splitfuse.protocol import ProtocolError
@@ -55,6 +57,9 @@ def _refusal(body, accepted=protocol.CLIENT_REQUESTS) -> ProtocolError:
     ([1, 2], None, "must be a msgpack map"),
     ({"type": "generate", "id": "a", "prompt": "x"}, "a", "version None"),
     ({"type": "generate", "v": 2, "id": "a", "prompt": "x"}, "a", "version 2"),
+    ({"type": "generate", "v": True, "id": "a", "prompt": "x"}, "a", "version True"),  # True == 1, but not an int
+    ({"type": "generate", "v": 1.0, "id": "a", "prompt": "x"}, "a", "version 1.0"),
+    ({"type": ["generate"], "v": 1, "id": "a"}, "a", "unknown message type ['generate']"),
     ({"type": "frobnicate", "v": 1, "id": "a"}, "a", "unknown message type 'frobnicate'"),
     ({"type": "delta", "v": 1, "id": "a"}, "a", "unknown message type 'delta'"),  # a reply is no request
     ({"type": "generate", "v": 1, "prompt": "x"}, None, "missing field(s) ['id']"),
@@ -65,6 +70,9 @@ def _refusal(body, accepted=protocol.CLIENT_REQUESTS) -> ProtocolError:
     ({"type": "generate", "v": 1, "id": "a", "prompt_ids": b"\x01"}, "a", "multiple of 4"),
     ({"type": "generate", "v": 1, "id": "a", "prompt": "x", "stream": 1}, "a", "'stream' has the wrong type"),
     ({"type": "generate", "v": 1, "id": "a", "prompt": "x", "timeout": -1}, "a", "timeout must be a positive number"),
+    ({"type": "generate", "v": 1, "id": "a", "prompt": "x", "timeout": float("nan")}, "a", "timeout must be a positive"),
+    ({"type": "generate", "v": 1, "id": "a", "prompt": "x", "timeout": float("inf")}, "a", "timeout must be a positive"),
+    ({"type": "generate", "v": 1, "id": "a", "prompt": "x", "params": {1: 2}}, "a", "params must map"),
     ({"type": "generate", "v": 1, "id": "a", "prompt": "x", "max_tokens": 3}, "a", "unknown field(s) ['max_tokens']"),
     ({"type": "abort", "v": 1, "id": 7}, None, "'id' has the wrong type int"),
 ])
@@ -76,3 +84,37 @@ def test_malformed_messages_are_refused_with_a_reason(body, request_id, words):
 
 def test_oversized_frames_are_refused_before_unpacking():
     assert "exceeds the limit" in str(_refusal(b"\x00" * (protocol.MAX_MESSAGE_BYTES + 1)))
+
+
+def test_values_msgpack_cannot_carry_are_a_value_error_before_sending():
+    with pytest.raises(ValueError, match="cannot be sent"):
+        protocol.encode(protocol.Generate("a", prompt="x", params={"seed": 2**70}))
+    with pytest.raises(ValueError, match="32-bit"):
+        protocol.encode(protocol.Generate("a", prompt_ids=[2**40]))
+
+
+packable = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(), st.text(max_size=8),
+              st.binary(max_size=12)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+    max_leaves=12)
+bodies = st.fixed_dictionaries(
+    {}, optional={"type": st.one_of(st.sampled_from(["generate", "abort", "health", "stats", "delta", "ready"]),
+                                    packable),
+                  "v": st.one_of(st.just(1), packable), "id": st.one_of(st.text(max_size=4), packable),
+                  "prompt": packable, "prompt_ids": packable, "messages": packable, "params": packable,
+                  "stream": packable, "timeout": packable, "token_ids": packable, "secret": packable})
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(frame=st.one_of(st.binary(max_size=64), packable.map(msgpack.packb), bodies.map(msgpack.packb)))
+def test_any_frame_decodes_to_a_message_or_a_protocol_error(frame):
+    for accepted in (protocol.CLIENT_REQUESTS, protocol.WORKER_REQUESTS, protocol.WORKER_REPLIES):
+        try:
+            message = protocol.decode(frame, accepted)
+        except ProtocolError as e:
+            assert str(e)
+        else:
+            assert isinstance(message, accepted)
+            frame = protocol.encode(message)  # compared as bytes: a NaN inside is not equal to itself
+            assert protocol.encode(protocol.decode(frame, accepted)) == frame

@@ -72,6 +72,8 @@ class Engine:
         vocab = self.runner.model.lm_head.weight.shape[0]
         if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if not all(0 <= t < vocab for t in params.stop_token_ids):  # the sampler indexes logits with them
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}), this model's vocabulary")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's maximum length is {self.max_model_len}, "
                              f"so prompts can have at most {self.max_model_len - 1}")
