@@ -124,13 +124,15 @@ class Error:
 
 @dataclass(slots=True)
 class Ready:
-    """The worker loaded its model and takes requests."""
+    """The worker loaded its model and takes requests. `secret` proves it was started by this frontend
+    (given on its standard input): the frontend ignores a ready message without it."""
     TYPE: ClassVar[str] = "ready"
     replica: int
     pid: int
     model_dir: str
     max_model_len: int
     eos_token_ids: list
+    secret: str
 
 
 @dataclass(slots=True)

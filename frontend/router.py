@@ -4,11 +4,19 @@ The router owns one ROUTER socket that every worker's DEALER connects to, starts
 processes, sends each request to the ready replica with the least outstanding work (prompt
 tokens not yet computed plus tokens still to generate, as tracked here), and notices a worker
 that exits or stops sending heartbeats: its in-flight requests end with an error and it is
-started again. Workers run `python -m splitfuse.worker.main`, so this module never imports torch."""
+started again. Workers run `python -m splitfuse.worker.main`, so this module never imports torch.
+
+Nobody else can take a worker's place: the socket is an `ipc://` file in a directory only this
+user can enter (removed on close), and a worker's `ready` must carry the secret the router gave
+it on its standard input, which a worker on another host (to come) would be given too."""
+import hmac
 import json
 import os
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -85,8 +93,10 @@ class Router:
         self.socket.setsockopt(zmq.SNDHWM, 0)            # an internal link: never drop a request or output
         self.socket.setsockopt(zmq.RCVHWM, 0)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind("tcp://127.0.0.1:*")
-        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._dir = tempfile.mkdtemp(prefix="splitfuse-")  # mode 0700: other users cannot connect
+        self.address = f"ipc://{self._dir}/workers"
+        self.socket.bind(self.address)
+        self._secret = secrets.token_hex(32)
         self.replicas = [Replica(i) for i in range(replicas)]
         self.jobs: dict[str, Job] = {}
         self.waiting: deque[Job] = deque()     # submitted while no replica was ready
@@ -200,16 +210,25 @@ class Router:
                 r.process.kill()
                 r.process.wait()
         self.socket.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def _spawn(self, replica: Replica) -> None:
         cmd = [sys.executable, "-m", "splitfuse.worker.main", "--address", self.address,
                "--replica", str(replica.index), "--threads", str(self._threads),
                "--config", json.dumps(self.config.to_dict())]
         # Its own session: a terminal's Ctrl-C reaches only the frontend, which then stops the workers.
-        replica.process = subprocess.Popen(cmd, start_new_session=True)
+        replica.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, start_new_session=True)
         replica.started = time.monotonic()
+        try:  # on a pipe, not the command line, which every local user can read
+            replica.process.stdin.write(self._secret.encode() + b"\n")
+            replica.process.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once: check() notices
 
     def _on_ready(self, identity: bytes, msg: protocol.Ready) -> None:
+        if not hmac.compare_digest(msg.secret.encode(), self._secret.encode()):
+            print("router: ignored a ready message without this frontend's secret", file=sys.stderr, flush=True)
+            return
         replica = self.replicas[msg.replica] if 0 <= msg.replica < len(self.replicas) else None
         if replica is None or replica.process is None or replica.process.pid != msg.pid:
             return  # a stale instance

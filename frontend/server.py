@@ -132,7 +132,7 @@ class Server:
                 self.router.abort(req.key)
                 self._finish(req, "abort")
         elif isinstance(msg, protocol.Health):
-            replicas = [{k: s[k] for k in ("replica", "ready", "pid", "restarts")} for s in self.router.stats()]
+            replicas = [{k: s[k] for k in ("replica", "ready", "restarts")} for s in self.router.stats()]
             self._send(client, protocol.Health(msg.id, ok=any(s["ready"] for s in replicas), replicas=replicas))
         else:
             stats = {"in_flight": len(self.requests), "waiting": len(self.router.waiting),

@@ -27,7 +27,7 @@ def test_ids_are_packed_little_endian_int32():
     (protocol.Delta("a", [7, 8], "xy", "length", logprobs=[-0.5, -1.0], top_logprobs=[{7: -0.5}, {8: -1.0}],
                     prompt_length=3), protocol.SERVER_REPLIES),
     (protocol.Error(None, "no"), protocol.SERVER_REPLIES),
-    (protocol.Ready(1, 123, "/m", 512, [2]), protocol.WORKER_REPLIES),
+    (protocol.Ready(1, 123, "/m", 512, [2], "s3cret"), protocol.WORKER_REPLIES),
     (protocol.Heartbeat({"blocks_in_use": 0}), protocol.WORKER_REPLIES),
 ])
 def test_round_trip(message, accepted):

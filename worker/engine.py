@@ -90,6 +90,17 @@ class Engine:
         self._generators.pop(request_id, None)
         self._pending.append(RequestOutput(request_id, [], "abort"))
 
+    def fail_running(self, error: str) -> list[RequestOutput]:
+        """After a step raised: end every request holding KV blocks (those of the failed step among them,
+        which it may have left half-updated) with finish_reason "error" and free their blocks. Waiting
+        requests go on, and so does the engine."""
+        failed = list(self.scheduler.running)
+        for request in failed:
+            self.scheduler.remove(request)
+            del self._requests[request.request_id]
+            self._generators.pop(request.request_id, None)
+        return [RequestOutput(r.request_id, [], "error", error=error) for r in failed]
+
     def has_unfinished(self) -> bool:
         return bool(self._requests or self._pending)
 

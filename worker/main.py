@@ -1,10 +1,13 @@
 """The worker process: one Engine behind a DEALER socket. Token ids in, token ids out.
 
 Started by the frontend's router as `python -m splitfuse.worker.main --address A --replica I
---config JSON`. It connects to the frontend, loads the model, says `ready`, then loops: take
-whatever requests arrived (a zero-timeout poll while requests run, so socket I/O never delays a
-step; a blocking poll only when idle), run one step, push its outputs. It exits cleanly (sockets
-closed) on SIGTERM/SIGINT, and by itself when its parent, the frontend, is gone."""
+--config JSON`, with the router's secret as the first line of its standard input. It connects to
+the frontend, loads the model, says `ready` (with the secret), then loops: take whatever requests
+arrived (a zero-timeout poll while requests run, so socket I/O never delays a step; a blocking
+poll only when idle), run one step, push its outputs. A step that raises ends the requests it
+held with an error and the worker goes on; only several failures in a row (a broken device) end
+the process, which the router then restarts. It exits cleanly (sockets closed) on SIGTERM/SIGINT,
+and by itself when its parent, the frontend, is gone."""
 import argparse
 import dataclasses
 import json
@@ -12,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 
 import torch
 import zmq
@@ -19,32 +23,49 @@ import zmq
 from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.worker.engine import Engine
+from splitfuse.worker.request import RequestOutput
 
 HEARTBEAT_INTERVAL = 1.0  # seconds; the frontend's heartbeat timeout is many of these
+MAX_FAILED_STEPS = 3      # failed steps in a row after which the worker exits to be restarted
 
 
 class Worker:
-    def __init__(self, engine: Engine, socket: zmq.Socket, replica: int):
+    def __init__(self, engine: Engine, socket: zmq.Socket, replica: int, secret: str):
         self.engine = engine
         self.socket = socket
         self.replica = replica
+        self.secret = secret
         self.parent = os.getppid()
         self.running = True
         self._last_heartbeat = 0.0
+        self._failed_steps = 0
 
     def run(self) -> None:
         self._send(protocol.Ready(self.replica, os.getpid(), str(self.engine.model_dir),
-                                  self.engine.max_model_len, list(self.engine.eos_token_ids)))
+                                  self.engine.max_model_len, list(self.engine.eos_token_ids), self.secret))
         while self.running:
             busy = self.engine.has_unfinished()
             self._receive(timeout_ms=0 if busy else int(HEARTBEAT_INTERVAL * 1000))
             if self.engine.has_unfinished():
-                for out in self.engine.step():
+                for out in self._step():
                     self._send(protocol.Delta(out.request_id, out.new_token_ids, finish_reason=out.finish_reason,
                                               error=out.error, logprobs=out.logprobs, top_logprobs=out.top_logprobs))
             drained = busy and not self.engine.has_unfinished()
             if drained or time.monotonic() - self._last_heartbeat >= HEARTBEAT_INTERVAL:
                 self._heartbeat()
+
+    def _step(self) -> list[RequestOutput]:
+        """One engine step; if it raises, its requests end with the error instead of the whole replica."""
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            self._failed_steps += 1
+            if self._failed_steps >= MAX_FAILED_STEPS:
+                raise
+            traceback.print_exc()
+            return self.engine.fail_running(f"the step running this request failed: {type(e).__name__}: {e}")
+        self._failed_steps = 0
+        return outputs
 
     def _receive(self, timeout_ms: int) -> None:
         if not self.socket.poll(timeout_ms):
@@ -65,8 +86,8 @@ class Worker:
         if isinstance(msg, protocol.Generate):
             try:
                 self.engine.add_request(msg.id, msg.prompt_ids, SamplingParams.from_kwargs(**msg.params))
-            except (ValueError, TypeError) as e:  # this request only; the worker keeps serving
-                self._send(protocol.Error(msg.id, str(e)))
+            except Exception as e:  # this request only; the worker keeps serving
+                self._send(protocol.Error(msg.id, str(e) or type(e).__name__))
         else:
             self.engine.abort(msg.id)
 
@@ -98,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="EngineConfig fields as JSON")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0: torch's default")
     args = parser.parse_args(argv)
+    secret = sys.stdin.readline().strip()
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, _exit_on_signal)
 
@@ -118,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
               f"(device {config.device}, pid {os.getpid()})...", file=sys.stderr, flush=True)
         engine = Engine(config)
         print(f"replica {args.replica}: ready in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
-        Worker(engine, socket, args.replica).run()
+        Worker(engine, socket, args.replica, secret).run()
     finally:
         socket.close()
         context.term()
