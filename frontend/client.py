@@ -2,12 +2,15 @@
 
 One DEALER connection carries any number of concurrent requests; a reader task hands each
 incoming message to the queue of its request. Leaving a request early (a cancelled task, a
-`break` out of `generate`) sends an abort, so the server frees its KV blocks."""
+`break` out of `generate`) sends an abort, so the server frees its KV blocks. While requests are
+in flight and the server is silent, a watchdog task sends it `health` probes; when nothing at all
+has come back for `connection_timeout` seconds, every request in flight raises ConnectionError."""
 import asyncio
 import itertools
+import math
 import threading
 from collections.abc import AsyncIterator, Iterator
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 
 import zmq
 import zmq.asyncio
@@ -23,15 +26,22 @@ class AsyncClient:
     """`async with AsyncClient(address) as client:` then `generate`, `complete`, `chat`, `health`, `stats`.
 
     A request the server refuses (bad parameters, a prompt too long, ...) raises ValueError. One that
-    fails after it started (its worker died, it timed out) ends with finish_reason "error" and `error` set."""
+    fails after it started (its worker died, it timed out) ends with finish_reason "error" and `error` set.
+    A server that is down or unreachable for `connection_timeout` seconds fails the requests in flight with
+    ConnectionError."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, *, connection_timeout: float = 30.0):
+        if not 0 < connection_timeout < math.inf:
+            raise ValueError(f"connection_timeout must be a positive number of seconds, got {connection_timeout!r}")
         self.address = address
+        self.connection_timeout = connection_timeout
         self._context: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
         self._queues: dict[str, asyncio.Queue] = {}
         self._ids = itertools.count()
+        self._heard = 0.0  # loop time of the server's last message, or of the start of a wait for one
 
     async def __aenter__(self) -> "AsyncClient":
         self._connect()
@@ -65,23 +75,26 @@ class AsyncClient:
         return (await self._ask(protocol.Stats)).stats
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        tasks = [t for t in (self._reader, self._watchdog) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._socket is not None:
             self._socket.close(linger=0)
             self._context.term()
-        self._reader = self._socket = self._context = None
+        self._reader = self._watchdog = self._socket = self._context = None
 
     async def _request(self, prompt: Prompt, sampling: dict, stream: bool,
                        timeout: float | None) -> AsyncIterator[protocol.Delta]:
-        params = SamplingParams.from_kwargs(**sampling).to_dict()  # bad parameters fail here, before sending
-        fields = _prompt_fields(prompt)
-        rid, queue = self._open()
+        rid = str(next(self._ids))
+        params = SamplingParams.from_kwargs(**sampling).to_dict()
+        # Bad values fail here, as ValueError, before anything is sent.
+        frame = protocol.encode(protocol.Generate(rid, params=params, stream=stream, timeout=timeout,
+                                                  **_prompt_fields(prompt)))
+        queue = self._open(rid)
         finished = False
         try:
-            await self._socket.send(protocol.encode(protocol.Generate(rid, params=params, stream=stream,
-                                                                      timeout=timeout, **fields)))
+            await self._socket.send(frame)
             while not finished:
                 msg = await queue.get()
                 if isinstance(msg, BaseException):
@@ -97,7 +110,8 @@ class AsyncClient:
                 self._socket.send(protocol.encode(protocol.Abort(rid)))  # not awaited: may run while cancelled
 
     async def _ask(self, kind: type) -> protocol.Health | protocol.Stats:
-        rid, queue = self._open()
+        rid = str(next(self._ids))
+        queue = self._open(rid)
         try:
             await self._socket.send(protocol.encode(kind(rid)))
             msg = await queue.get()
@@ -109,13 +123,14 @@ class AsyncClient:
             raise ValueError(msg.error)
         return msg
 
-    def _open(self) -> tuple[str, asyncio.Queue]:
+    def _open(self, rid: str) -> asyncio.Queue:
         self._connect()
         if self._reader.done():
             raise ConnectionError(f"the connection to {self.address} failed earlier; make a new client")
-        rid = str(next(self._ids))
+        if not self._queues:  # the server's silence counts from now
+            self._heard = asyncio.get_running_loop().time()
         self._queues[rid] = queue = asyncio.Queue()
-        return rid, queue
+        return queue
 
     def _connect(self) -> None:
         if self._socket is not None:
@@ -124,21 +139,46 @@ class AsyncClient:
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(self.address)
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read())
+        self._watchdog = loop.create_task(self._watch())
 
     async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 msg = protocol.decode(await self._socket.recv(), protocol.SERVER_REPLIES)
+                self._heard = loop.time()
                 queue = self._queues.get(msg.id)
-                if queue is not None:  # else a request we already left
+                if queue is not None:  # else a request we already left, or a probe
                     queue.put_nowait(msg)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the connection is unusable: fail every waiting request with the reason
-            for queue in self._queues.values():
-                queue.put_nowait(ConnectionError(f"connection to {self.address} failed: {e}"))
+            self._fail_all(ConnectionError(f"connection to {self.address} failed: {e}"))
             raise
+
+    async def _watch(self) -> None:
+        """While requests wait, probe a silent server with `health` (its reply, id nil, only counts as
+        heard) and fail them all once it has said nothing for connection_timeout seconds."""
+        loop = asyncio.get_running_loop()
+        interval = self.connection_timeout / 4
+        while True:
+            await asyncio.sleep(interval)
+            silent = loop.time() - self._heard
+            if not self._queues or silent < interval:
+                continue
+            if silent < self.connection_timeout:
+                with suppress(zmq.Again):  # a probe that cannot be queued now is as good as unanswered
+                    await self._socket.send(protocol.encode(protocol.Health()), zmq.NOBLOCK)
+            else:
+                self._fail_all(ConnectionError(f"no reply from the server at {self.address} for "
+                                               f"{silent:.0f}s: it is down or unreachable"))
+                self._heard = loop.time()
+
+    def _fail_all(self, error: ConnectionError) -> None:
+        for queue in self._queues.values():
+            queue.put_nowait(error)
 
 
 def _prompt_fields(prompt: Prompt) -> dict:
@@ -155,11 +195,11 @@ def _prompt_fields(prompt: Prompt) -> dict:
 class Client:
     """Blocking wrapper of AsyncClient: its event loop runs in a background thread."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, *, connection_timeout: float = 30.0):
+        self._client = AsyncClient(address, connection_timeout=connection_timeout)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="splitfuse-client", daemon=True)
         self._thread.start()
-        self._client = AsyncClient(address)
 
     def generate(self, prompt: Prompt, *, timeout: float | None = None, **sampling) -> Iterator[Delta]:
         stream = self._client.generate(prompt, timeout=timeout, **sampling)

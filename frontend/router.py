@@ -35,15 +35,16 @@ class Job:
     key: str
     prompt_ids: list[int]
     params: SamplingParams
+    max_model_len: int
     replica: "Replica | None" = None
     generated: int = 0
 
     @property
     def work(self) -> int:
-        """Tokens this request still costs: its prompt until the first token comes back, then the rest
-        of its max_new_tokens (an upper bound: it may stop sooner)."""
+        """Tokens this request still costs: its prompt until the first token comes back, then the rest of
+        what it can generate: max_new_tokens, capped by the model's length (an upper bound: it may stop sooner)."""
         prompt = len(self.prompt_ids) if self.generated == 0 else 0
-        return prompt + self.params.max_new_tokens - self.generated
+        return prompt + min(self.params.max_new_tokens, self.max_model_len - len(self.prompt_ids)) - self.generated
 
 
 @dataclass(slots=True)
@@ -121,7 +122,7 @@ class Router:
                 self.receive()
 
     def submit(self, key: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        job = Job(key, prompt_ids, params)
+        job = Job(key, prompt_ids, params, self.info.max_model_len)
         self.jobs[key] = job
         replica = least_loaded(self.replicas)
         if replica is None:

@@ -10,15 +10,26 @@ def _replica(index: int, *jobs: Job, ready: bool = True) -> Replica:
 
 
 def test_job_work_is_its_prompt_until_the_first_token_then_what_is_left_to_generate():
-    job = Job("a", [1] * 100, SamplingParams(max_new_tokens=10))
+    job = Job("a", [1] * 100, SamplingParams(max_new_tokens=10), max_model_len=512)
     assert job.work == 110
     job.generated = 4
     assert job.work == 6
 
 
+def test_job_work_counts_only_what_the_model_can_generate():
+    # max_new_tokens 10**9 is no more work than filling the model's length: its replica still gets requests.
+    job = Job("a", [1] * 100, SamplingParams(max_new_tokens=10**9), max_model_len=512)
+    assert job.work == 512
+    job.generated = 12
+    assert job.work == 400
+    short = [Job(str(i), [1] * 10, SamplingParams(max_new_tokens=8), max_model_len=512) for i in range(50)]
+    assert least_loaded([_replica(0, job), _replica(1, *short[:5])]).index == 1   # 400 against 90
+    assert least_loaded([_replica(0, job), _replica(1, *short)]).index == 0       # 400 against 900
+
+
 def test_routing_picks_the_ready_replica_with_the_least_outstanding_work():
-    long_prompt = Job("a", [1] * 1000, SamplingParams(max_new_tokens=8))
-    many_short = [Job(str(i), [1] * 10, SamplingParams(max_new_tokens=8)) for i in range(5)]
+    long_prompt = Job("a", [1] * 1000, SamplingParams(max_new_tokens=8), max_model_len=2048)
+    many_short = [Job(str(i), [1] * 10, SamplingParams(max_new_tokens=8), max_model_len=2048) for i in range(5)]
     # Five requests on replica 1 are still less work than one long prompt on replica 0: not round-robin.
     replicas = [_replica(0, long_prompt), _replica(1, *many_short), _replica(2, ready=False)]
     assert least_loaded(replicas).index == 1
