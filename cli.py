@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--replicas", type=int, default=1, help="worker processes, each with a copy of the model")
     p.add_argument("--port", type=int, help="TCP port on --host (default: a free one, printed)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 for all")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 for all (clients are not "
+                                                        "authenticated: only on a network you trust)")
     p.add_argument("--address", help="a full ZeroMQ address instead of --host/--port, e.g. ipc:///tmp/sf.sock")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is ended")
     p.set_defaults(run=_serve)
