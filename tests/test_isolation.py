@@ -18,7 +18,7 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
 
 from splitfuse import protocol
@@ -412,11 +412,12 @@ wild = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.fl
                  st.lists(st.one_of(st.integers(-5, 60000), st.text(max_size=3)), max_size=3))
 PARAMS = {"min_new_tokens": st.integers(0, 1), "do_sample": st.booleans(),
           "temperature": st.one_of(st.just(0), st.floats(0.01, 2)),
-          "top_k": st.one_of(st.integers(0, 100_000), st.integers(0, 2**64 - 1)),
+          "top_k": st.one_of(st.integers(0, 100_000), st.integers(2**62, 2**64 - 1)),
           "top_p": st.floats(0.01, 1), "min_p": st.floats(0, 0.99), "repetition_penalty": st.floats(0.5, 2),
           "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
           "seed": st.integers(0, 2**64 - 1), "stop": st.lists(st.text(min_size=1, max_size=3), max_size=3),
-          "stop_token_ids": st.lists(st.integers(0, VOCAB + 5), max_size=3), "ignore_eos": st.booleans(),
+          "stop_token_ids": st.lists(st.one_of(st.integers(0, VOCAB - 1), st.integers(VOCAB, 2**31 - 1)), max_size=3),
+          "ignore_eos": st.booleans(),
           "logprobs": st.one_of(st.none(), st.integers(0, 20)), "return_full_text": st.booleans()}
 # Plausible values, edges included (the vocabulary's end, int64); an accepted request generates at most 2 tokens.
 plausible_params = st.fixed_dictionaries({"max_new_tokens": st.integers(1, 2)}, optional=PARAMS)
@@ -449,6 +450,10 @@ fuzz = settings(deadline=None, database=None, phases=[Phase.explicit, Phase.gene
 
 @settings(fuzz, max_examples=50)
 @given(message=generates)
+@example(message={"type": "generate", "v": 1, "id": "fuzz", "prompt": "Hi",  # the two poison requests
+                  "params": {"max_new_tokens": 2, "stop_token_ids": [1000000], "min_new_tokens": 1}})
+@example(message={"type": "generate", "v": 1, "id": "fuzz", "prompt": "Hi",
+                  "params": {"max_new_tokens": 2, "do_sample": True, "top_k": 2**63}})
 def test_fuzzed_sampling_parameters_get_a_valid_or_an_error_reply(sock, message):
     exchange(sock, message)
 
