@@ -6,8 +6,8 @@ the top-level module `harness` there), so it uses the standard library only.
 
 Sequence: open the engine, answer the probe (a short prompt, one token: the engine is "ready"
 when that answer is back), warm up, let the engine settle (one that compiles in the background
-finishes), time the single-stream prompts one at a time, then the offline batch (all prompts in
-one call). Every generation is greedy with EOS ignored."""
+finishes), warm up again, time the single-stream prompts one at a time, then the offline batch
+(all prompts in one call). Every generation is greedy with EOS ignored."""
 import json
 import statistics
 import sys
@@ -41,10 +41,15 @@ def measure(engine: Engine, workload: dict[str, Any]) -> dict[str, Any]:
     generate([workload["probe"]], 1)
     result: dict[str, Any] = {"ready_at": time.time()}
     progress("ready; warming up")
-    generate(workload["warmup"], workload["warmup_new_tokens"])
+
+    def warm_up() -> None:
+        generate(workload["warmup"], workload["warmup_new_tokens"])
+        generate([workload["probe"]], workload["warmup_new_tokens"])  # a lone sequence, as single stream
+    warm_up()
     start = time.perf_counter()
     engine.settle()
     result["settle_seconds"] = time.perf_counter() - start
+    warm_up()  # again: what an engine switched to once settled (compiled code) warms up too
     single_seconds, single_ids = [], []
     for prompt in workload["single"]:
         start = time.perf_counter()

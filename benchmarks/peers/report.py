@@ -8,7 +8,8 @@ DEFINITIONS = (
     "all at once. Single stream tok/s: new tokens / wall time from submitting one request alone to its last "
     "token (prefill included), median over its prompts. Ready after (cold): wall time from starting the "
     "process (before its imports) until the answer to a first one-token request; one-off steps (export) "
-    "are not in it and are named beside it. Warm-up runs after that and is not timed.")
+    "are not in it and are named beside it. Warm-up runs after that and is not timed; an engine that "
+    "compiles in the background is timed once it reports being done, after a second warm-up.")
 
 
 def table_row(row: dict) -> str:
