@@ -35,9 +35,10 @@ class SequenceChunk:
     sample: bool  # whether this step wants the next-token logits of this sequence
 
 
-def default_buckets(token_budget: int, smallest: int = 16, step: int = 4) -> list[int]:
+def default_buckets(token_budget: int, smallest: int = 4, step: int = 4) -> list[int]:
     """The budget and shapes `step` times smaller down to `smallest`: few shapes to compile, at most
-    `step`x padding for steps under the budget (light load, where padding costs little)."""
+    `step`x padding for steps under the budget. The smallest stays a few tokens: a lone decode is
+    bound by reading the weights, and padding it to 16 rows would cost more than the read."""
     buckets, b = [token_budget], token_budget // step
     while b >= smallest:
         buckets.insert(0, b)

@@ -10,8 +10,8 @@ from splitfuse.worker.engine import Engine
 
 
 def test_default_buckets():
-    assert default_buckets(256) == [16, 64, 256]
-    assert default_buckets(1000) == [62, 250, 1000]
+    assert default_buckets(256) == [4, 16, 64, 256]
+    assert default_buckets(1000) == [15, 62, 250, 1000]
     assert default_buckets(8) == [8]
 
 
