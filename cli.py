@@ -35,7 +35,7 @@ HELP = {
     "eager": "skip torch.compile and CUDA graphs: starts much faster, runs slower",
     "background_compile": "serve eagerly from the start while compiling in the background, then switch to the "
                           "compiled forward; --no-background-compile compiles every shape before serving",
-    "buckets": "token-count shapes that are compiled (default: the budget and quarters of it down to 4)",
+    "buckets": "token-count shapes that are compiled (default: 1, and the budget and quarters of it down to 16)",
     "cache_dir": "where the bundled model is converted to (default: ~/.cache/splitfuse)",
     "max_new_tokens": "tokens to generate at most",
     "min_new_tokens": "tokens to generate before EOS or a stop token may end the answer",

@@ -116,7 +116,7 @@ class EngineConfig:
     scheduler: str = "splitfuse"
     eager: bool = False               # True: no torch.compile, no CUDA graphs
     background_compile: bool = True   # serve eagerly at once and switch to compiled when it is ready
-    buckets: list[int] | None = None  # token-count shapes; None: token_budget and quarters of it down to 4
+    buckets: list[int] | None = None  # token-count shapes; None: 1, and token_budget and quarters of it down to 16
     cache_dir: str | None = None      # where the bundled model is converted to
 
     def __post_init__(self) -> None:

@@ -35,15 +35,16 @@ class SequenceChunk:
     sample: bool  # whether this step wants the next-token logits of this sequence
 
 
-def default_buckets(token_budget: int, smallest: int = 4, step: int = 4) -> list[int]:
-    """The budget and shapes `step` times smaller down to `smallest`: few shapes to compile, at most
-    `step`x padding for steps under the budget. The smallest stays a few tokens: a lone decode is
-    bound by reading the weights, and padding it to 16 rows would cost more than the read."""
+def default_buckets(token_budget: int, smallest: int = 16, step: int = 4) -> list[int]:
+    """One token, then the budget and shapes `step` times smaller down to `smallest`: few shapes to
+    compile, at most `step`x padding for steps under the budget. A lone decode gets a shape of its
+    own: it is bound by reading the weights, which a matrix-vector product does at full speed, while
+    padded to a few rows it becomes a small GEMM that (MKL on AMD, measured) reads them much slower."""
     buckets, b = [token_budget], token_budget // step
     while b >= smallest:
         buckets.insert(0, b)
         b //= step
-    return buckets
+    return [1, *buckets] if buckets[0] > 1 else buckets
 
 
 def kv_cache_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:

@@ -10,9 +10,9 @@ from splitfuse.worker.engine import Engine
 
 
 def test_default_buckets():
-    assert default_buckets(256) == [4, 16, 64, 256]
-    assert default_buckets(1000) == [15, 62, 250, 1000]
-    assert default_buckets(8) == [8]
+    assert default_buckets(256) == [1, 16, 64, 256]
+    assert default_buckets(1000) == [1, 62, 250, 1000]
+    assert default_buckets(8) == [1, 8]
 
 
 def make_runner(path, **kw) -> ModelRunner:
