@@ -12,6 +12,7 @@ Compiling takes tens of seconds per bucket, so it can run in a background thread
 eagerly; the runner switches to the compiled forward once every bucket is compiled (never to a
 half-compiled set, so the serving thread never enters torch.compile while it is compiling)."""
 import math
+import functools
 import sys
 import threading
 import time
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch._inductor.config
+import torch.fx._symbolic_trace
 from torch import nn
 
 from splitfuse.compiled.batch import Batch
@@ -154,6 +156,7 @@ class ModelRunner:
         if self._compiled is None:
             return
         if background:
+            _confine_fx_patches_to_their_thread()
             threading.Thread(target=self._compile_all, args=(progress,), name="compile", daemon=True).start()
         else:
             self._compile_all(progress)
@@ -177,6 +180,27 @@ class ModelRunner:
                       f"in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
         self._forward = self._compiled
         self.compiled.set()
+
+
+def _confine_fx_patches_to_their_thread() -> None:
+    """While it compiles, Inductor FX-traces small functions, and FX tracing swaps nn.Module.__call__
+    (and __getattr__) process-wide for the moment; an eager step in the serving thread would then be
+    traced into and fail. Make each swapped-in method act only in the thread that swapped it in."""
+    patcher = torch.fx._symbolic_trace._Patcher
+    if getattr(patcher.patch_method, "_thread_confined", False):
+        return
+    original = patcher.patch_method
+
+    def patch_method(self, cls, name, new_fn, deduplicate=True):
+        owner, old_fn = threading.get_ident(), getattr(cls, name)
+
+        @functools.wraps(new_fn)
+        def confined(*args, **kwargs):
+            return (new_fn if threading.get_ident() == owner else old_fn)(*args, **kwargs)
+        original(self, cls, name, confined, deduplicate)
+
+    patch_method._thread_confined = True
+    patcher.patch_method = patch_method
 
 
 def _bucket_slice(batch: Batch, tokens: int, seqs: int) -> Batch:

@@ -172,3 +172,15 @@ def test_on_a_gpu_the_host_buffer_is_pinned_and_a_step_is_one_copy(make_checkpoi
     runner.execute([SequenceChunk([5, 6, 7], 0, [3], True)])
     assert len(copies) == 1
     assert runner._views[8].slot_mapping.tolist() == [48, 49, 50] + [-1] * 5
+
+
+def test_replicas_sharing_a_device_are_counted(monkeypatch):
+    """The worker tells its engine how many replicas share its GPU: round-robin over the visible
+    GPUs for auto/cuda, all of them for one named device, one each on the CPU."""
+    from splitfuse.worker.main import replicas_sharing
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [replicas_sharing("auto", r, 3) for r in range(3)] == [2, 1, 2]
+    assert replicas_sharing("cuda:1", 0, 3) == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert replicas_sharing("auto", 0, 3) == 3  # on the CPU; the engine ignores it there

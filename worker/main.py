@@ -108,6 +108,12 @@ def replica_device(device: str, replica: int) -> str:
     return device
 
 
+def replicas_sharing(device: str, replica: int, replicas: int) -> int:
+    """How many of the deployment's replicas run on this replica's device (they split its memory)."""
+    mine = replica_device(device, replica)
+    return sum(replica_device(device, r) == mine for r in range(replicas))
+
+
 def _exit_on_signal(signum, frame) -> None:
     raise SystemExit(0)  # unwinds through the finally blocks: sockets closed, nothing half-sent
 
@@ -116,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="splitfuse worker process (started by the frontend)")
     parser.add_argument("--address", required=True, help="the frontend's worker socket, e.g. tcp://127.0.0.1:5600")
     parser.add_argument("--replica", type=int, default=0)
+    parser.add_argument("--replicas", type=int, default=1, help="replicas in the deployment")
     parser.add_argument("--config", required=True, help="EngineConfig fields as JSON")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0: torch's default")
     args = parser.parse_args(argv)
@@ -132,13 +139,14 @@ def main(argv: list[str] | None = None) -> None:
     socket.connect(args.address)
     try:
         config = EngineConfig.from_kwargs(**json.loads(args.config))
+        sharing = replicas_sharing(config.device, args.replica, args.replicas)
         config = dataclasses.replace(config, device=replica_device(config.device, args.replica))
         if args.threads and not config.device.startswith("cuda"):
             torch.set_num_threads(args.threads)  # replicas sharing the CPU split its cores
         start = time.perf_counter()
         print(f"replica {args.replica}: loading {config.model or 'the bundled model'} "
               f"(device {config.device}, pid {os.getpid()})...", file=sys.stderr, flush=True)
-        engine = Engine(config)
+        engine = Engine(config, replicas_on_device=sharing)
         print(f"replica {args.replica}: ready in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
         Worker(engine, socket, args.replica, secret).run()
     finally:
