@@ -184,3 +184,13 @@ def test_replicas_sharing_a_device_are_counted(monkeypatch):
     assert replicas_sharing("cuda:1", 0, 3) == 3
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert replicas_sharing("auto", 0, 3) == 3  # on the CPU; the engine ignores it there
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_replicas_serve_on_two_gpus(make_checkpoint):
+    """Each replica on its own GPU (auto device, round-robin) serves requests routed to it."""
+    import splitfuse
+    with splitfuse.serve(str(make_checkpoint("llama")), replicas=2, eager=True, dtype="float32",
+                         num_blocks=64) as deployment, splitfuse.Client(deployment.address) as client:
+        replies = [client.complete([1, 2, 3, 4 + i], max_new_tokens=4, ignore_eos=True) for i in range(8)]
+    assert all(r.finish_reason == "length" and len(r.token_ids) == 4 for r in replies)

@@ -157,3 +157,19 @@ def test_every_tensor_follows_the_logits_device():
     sampler._apply_penalties(logits, requests)
     sampler._block_early_stop(logits, requests)
     assert sampler._sample(logits, requests, [None, None]).device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sampling_with_filters_and_penalties_on_the_gpu():
+    """CUDA logits with every option that builds tensors: valid tokens, and a seed repeats its draw."""
+    logits = torch.randn(2, 50, device="cuda")
+    requests = [req(do_sample=True, top_k=5, top_p=0.9, min_p=0.01, presence_penalty=0.5, repetition_penalty=1.1,
+                    min_new_tokens=3, stop_token_ids=[7], generated=[1, 2]),
+                req(do_sample=True, temperature=0.7, frequency_penalty=0.3)]
+
+    def draw_seeded() -> list[int]:
+        gens = [torch.Generator("cuda").manual_seed(s) for s in (0, 1)]
+        return Sampler([0])(logits, requests, gens).token_ids
+
+    tokens = draw_seeded()
+    assert all(0 <= t < 50 for t in tokens) and tokens[0] not in (0, 7) and tokens == draw_seeded()
