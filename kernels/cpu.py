@@ -71,7 +71,7 @@ def supports(*tensors: torch.Tensor) -> bool:
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    slots = slot_mapping.to(torch.int64).contiguous()
+    slots = slot_mapping.to(torch.int32).contiguous()  # the runner's int32: no copy per layer
     fn = getattr(library(), f"splitfuse_store_kv_{_SUFFIX[key.dtype]}")
     fn(key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
        key.shape[0], key[0].numel())

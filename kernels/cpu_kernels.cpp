@@ -47,7 +47,7 @@ struct Shape {
 };
 
 template <typename T>
-void store_kv(const T* key, const T* value, T* k_cache, T* v_cache, const int64_t* slots, int64_t num_tokens,
+void store_kv(const T* key, const T* value, T* k_cache, T* v_cache, const int32_t* slots, int64_t num_tokens,
               int64_t row) {
 #pragma omp parallel for if (num_tokens * row > (1 << 16))
     for (int64_t t = 0; t < num_tokens; ++t) {
@@ -203,7 +203,7 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
 
 #define SPLITFUSE_EXPORT(NAME, T)                                                                          \
     extern "C" void splitfuse_store_kv_##NAME(const void* key, const void* value, void* k_cache,           \
-                                              void* v_cache, const int64_t* slots, int64_t num_tokens,     \
+                                              void* v_cache, const int32_t* slots, int64_t num_tokens,     \
                                               int64_t row) {                                               \
         store_kv(static_cast<const T*>(key), static_cast<const T*>(value), static_cast<T*>(k_cache),      \
                  static_cast<T*>(v_cache), slots, num_tokens, row);                                        \
