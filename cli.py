@@ -36,6 +36,10 @@ HELP = {
     "background_compile": "serve eagerly from the start while compiling in the background, then switch to the "
                           "compiled forward; --no-background-compile compiles every shape before serving",
     "buckets": "token-count shapes that are compiled (default: 1, and the budget and quarters of it down to 16)",
+    "enable_prefix_caching": "reuse the KV cache blocks of prompt prefixes seen before (--no-enable-prefix-caching: "
+                             "compute every prompt from its first token)",
+    "prefix_routing": "with several replicas, send a request to the replica likely to hold its prefix, balanced "
+                      "against outstanding work (--no-prefix-routing: least outstanding work only)",
     "cache_dir": "where the bundled model is converted to (default: ~/.cache/splitfuse)",
     "max_new_tokens": "tokens to generate at most",
     "min_new_tokens": "tokens to generate before EOS or a stop token may end the answer",

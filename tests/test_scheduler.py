@@ -61,13 +61,13 @@ def check_step(sched: Scheduler, step: Step, wanted: dict[int, int], had_work: b
     assert len(chunks) <= sched.max_num_seqs
     assert len({id(r) for r, _ in chunks}) == len(chunks), "a request appears twice in one step"
     assert all(1 <= n <= wanted[id(r)] and r in sched.running for r, n in chunks)
-    # Exact block accounting: each running request holds just enough blocks, no block is shared.
+    # Exact block accounting: each running request holds just enough blocks; only cached prefixes are shared.
     scheduled = {id(r): n for r, n in chunks}
     for r in sched.running:
         assert len(r.block_table) == blocks.blocks_for(r.num_computed_tokens + scheduled.get(id(r), 0))
     assert all(not r.block_table and r.num_computed_tokens == 0 for r in sched.waiting)
     held = [b for r in sched.running for b in r.block_table]
-    assert len(set(held)) == len(held) == blocks.num_used
+    assert len(set(held)) == blocks.num_used
     assert all(0 <= b < blocks.num_blocks for b in held)
     # First come first served: nothing that arrived later runs while an earlier request waits.
     if sched.waiting:
@@ -77,7 +77,8 @@ def check_step(sched: Scheduler, step: Step, wanted: dict[int, int], had_work: b
         # Decodes first: every generating request gets exactly one token, ahead of any prompt chunk.
         assert chunks[:len(step.generating)] == [(r, 1) for r in step.generating]
     if sched.policy == "prefill-first":
-        whole_prompts = all(n == wanted[id(r)] and r.num_computed_tokens == 0 for r, n in chunks)
+        # Whole prompts: all that the prefix cache did not hold.
+        whole_prompts = all(n == r.num_new_tokens and r not in step.generating for r, n in chunks)
         decodes = all(r in step.generating and n == 1 for r, n in chunks)
         assert whole_prompts or decodes, "a prefill-first step mixes prompts and decodes"
 

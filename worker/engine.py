@@ -45,7 +45,7 @@ class Engine:
         def profile() -> None:  # on a one-block cache: an all-padding step reads and writes no KV
             runner(num_blocks=1, compile=False, cuda_graphs=False).profile()
         num_blocks = config.num_blocks or _blocks_for_memory(model, config, dtype, device, profile, replicas_on_device)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, config.token_budget, config.max_num_seqs, self.blocks)
         self.runner = runner(num_blocks=num_blocks, compile=not config.eager, cuda_graphs=not config.eager)
         self.runner.compile(background=config.background_compile, progress=progress)
@@ -107,7 +107,9 @@ class Engine:
     def stats(self) -> dict:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "blocks_in_use": self.blocks.num_used, "blocks_total": self.blocks.num_blocks,
-                "queued_tokens": self.scheduler.queued_tokens(), "preemptions": self.scheduler.num_preemptions}
+                "queued_tokens": self.scheduler.queued_tokens(), "preemptions": self.scheduler.num_preemptions,
+                "prefix_cache_queries": self.blocks.queries, "prefix_cache_hits": self.blocks.hits,
+                "blocks_cached": self.blocks.num_cached}
 
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []

@@ -13,6 +13,10 @@ class Request:
     arrival: int                            # admission order, for first-come-first-served
     num_computed_tokens: int = 0            # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0              # prompt tokens served from the prefix cache at its last admission
+                                            # before its first token (a preempted one keeps what it had)
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks of token_ids, memoised
+    num_registered_blocks: int = 0          # leading blocks of block_table known to the prefix cache
     finish_reason: str | None = None
 
     @property

@@ -4,7 +4,12 @@ Policy "splitfuse" (Dynamic SplitFuse): every generating request gets one token;
 the token budget is filled with prompt chunks, first come first served, a long prompt continuing
 over later steps and short ones fused. Policy "prefill-first" is the baseline FastGen compared
 against: whole prompts only, and a step is either all prompts (which go first) or all decodes.
-When KV blocks run out, the most recently admitted request is preempted by recompute."""
+When KV blocks run out, the most recently admitted request is preempted by recompute.
+
+With prefix caching, a request being admitted first takes the cached blocks of its prefix
+(BlockManager.take_cached_prefix) and only the uncached rest of its prompt is scheduled, in
+chunks or (prefill-first) whole; if not even a first chunk of that fits, it gives them back and
+waits. Blocks computed by the previous step are registered in the cache before each schedule."""
 from collections import deque
 from dataclasses import dataclass
 
@@ -46,6 +51,8 @@ class Scheduler:
         return sum(r.num_new_tokens for r in self.waiting) + sum(r.num_new_tokens for r in self.running)
 
     def schedule(self) -> list[ScheduledChunk]:
+        for request in self.running:
+            self.blocks.register_computed(request)
         if self.policy == "prefill-first":
             return self._schedule_prefill_first()
         preemptions = self.num_preemptions
@@ -57,11 +64,12 @@ class Scheduler:
         admit = self.num_preemptions == preemptions
         while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            self.blocks.take_cached_prefix(request)
             taken = self._add_prompt_chunk(request, budget, chunks)
             if taken == 0:
+                self._release(request)
                 break
-            self.waiting.popleft()
-            self.running.append(request)
+            self._admit()
             budget -= taken
         return chunks
 
@@ -96,21 +104,35 @@ class Scheduler:
         budget = self.token_budget
         while self.waiting and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            self.blocks.take_cached_prefix(request)
             n = request.num_new_tokens
             # A prompt longer than the budget runs alone, as in the baseline (its budget covered any prompt).
             fits_budget = n <= budget or not chunks
             if not fits_budget or self.blocks.blocks_needed(request, n) > self.blocks.num_free:
+                self._release(request)
                 break
             self.blocks.allocate(request, n)
             chunks.append(ScheduledChunk(request, n))
-            self.running.append(self.waiting.popleft())
+            self._admit()
             budget -= n
         return chunks or self._schedule_decodes()
 
-    def _preempt(self, request: Request) -> None:
-        """Recompute later: free the blocks, forget the cache, requeue first."""
-        self.running.remove(request)
+    def _admit(self) -> None:
+        """The first waiting request got its first chunk: it runs, and its cache hits count."""
+        request = self.waiting.popleft()
+        self.running.append(request)
+        self.blocks.count_admission(request)
+        if request.num_generated == 0:
+            request.num_cached_tokens = request.num_computed_tokens
+
+    def _release(self, request: Request) -> None:
+        """Give back every block (the computed ones stay cached) and start from nothing again."""
         self.blocks.free(request)
         request.num_computed_tokens = 0
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute later: release the blocks, requeue first (it finds its blocks again if they survive)."""
+        self.running.remove(request)
+        self._release(request)
         self.waiting.appendleft(request)
         self.num_preemptions += 1
