@@ -55,7 +55,7 @@ class Engine:
         self._pending: list[RequestOutput] = []  # aborts, reported by the next step
         self._arrivals = itertools.count()
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
         self._check_prompt(prompt_token_ids, params)
@@ -65,6 +65,7 @@ class Engine:
             seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
             self._generators[request_id] = torch.Generator(self.runner.device).manual_seed(seed)
         self.scheduler.add(request)
+        return request
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not isinstance(ids, list) or not ids:
