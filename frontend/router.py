@@ -4,7 +4,9 @@ The router owns one ROUTER socket that every worker's DEALER connects to, starts
 processes, sends each request to the ready replica with the least outstanding work (prompt
 tokens not yet computed plus tokens still to generate, as tracked here), and notices a worker
 that exits or stops sending heartbeats: its in-flight requests end with an error and it is
-started again. Workers run `python -m splitfuse.worker.main`, so this module never imports torch.
+started again. With prefix caching, the replica thought to hold a request's prompt prefix (from
+the prompt blocks recently sent to each) counts that prefix as work it need not do. Workers run
+`python -m splitfuse.worker.main`, so this module never imports torch.
 
 Nobody else can take a worker's place: the socket is an `ipc://` file in a directory only this
 user can enter (removed on close), and a worker's `ready` must carry the secret the router gave
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import zmq
@@ -27,6 +29,17 @@ from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams
 
 MAX_RESTART_DELAY = 30.0  # seconds between restarts of a worker that keeps dying while it loads
+PREFIX_MAP_BLOCKS = 1 << 16  # prompt blocks remembered per replica until its heartbeat tells its cache size
+
+
+def prompt_block_hashes(prompt_ids: list[int], block_size: int) -> list[int]:
+    """Chained hashes of the prompt's full blocks. Python's hash of an int tuple is fixed within this
+    process: enough for a routing hint (a collision costs one misrouted request, not a wrong answer)."""
+    hashes, h = [], 0
+    for start in range(0, len(prompt_ids) - block_size + 1, block_size):
+        h = hash((h, *prompt_ids[start:start + block_size]))
+        hashes.append(h)
+    return hashes
 
 
 @dataclass(slots=True)
@@ -38,12 +51,14 @@ class Job:
     max_model_len: int
     replica: "Replica | None" = None
     generated: int = 0
+    prefix: list[int] = field(default_factory=list)  # prompt_block_hashes, when routing by prefix
+    cached: int = 0                                  # prompt tokens its replica probably has cached
 
     @property
     def work(self) -> int:
         """Tokens this request still costs: its prompt until the first token comes back, then the rest of
         what it can generate: max_new_tokens, capped by the model's length (an upper bound: it may stop sooner)."""
-        prompt = len(self.prompt_ids) if self.generated == 0 else 0
+        prompt = len(self.prompt_ids) - self.cached if self.generated == 0 else 0
         return prompt + min(self.params.max_new_tokens, self.max_model_len - len(self.prompt_ids)) - self.generated
 
 
@@ -60,6 +75,7 @@ class Replica:
     served: int = 0
     engine_stats: dict = field(default_factory=dict)
     jobs: dict[str, Job] = field(default_factory=dict)
+    prefixes: OrderedDict[int, None] = field(default_factory=OrderedDict)  # prompt blocks sent here, LRU
 
     @property
     def ready(self) -> bool:
@@ -68,6 +84,18 @@ class Replica:
     @property
     def outstanding(self) -> int:
         return sum(job.work for job in self.jobs.values())
+
+    def cached_prefix_blocks(self, prefix: list[int]) -> int:
+        """How many leading blocks of a prompt this replica probably still has cached."""
+        return next((i for i, h in enumerate(prefix) if h not in self.prefixes), len(prefix))
+
+    def remember(self, prefix: list[int]) -> None:
+        """The replica will cache these blocks; forget the least recently sent beyond its cache's size."""
+        for h in prefix:
+            self.prefixes[h] = None
+            self.prefixes.move_to_end(h)
+        while len(self.prefixes) > self.engine_stats.get("blocks_total", PREFIX_MAP_BLOCKS):
+            self.prefixes.popitem(last=False)
 
     def summary(self) -> dict:
         return {"replica": self.index, "ready": self.ready, "pid": self.process.pid if self.process else None,
@@ -78,6 +106,15 @@ class Replica:
 def least_loaded(replicas: list[Replica]) -> Replica | None:
     """The ready replica with the least outstanding work; ties go to the lowest index."""
     return min((r for r in replicas if r.ready), key=lambda r: r.outstanding, default=None)
+
+
+def best_for_prefix(replicas: list[Replica], job: Job, block_size: int) -> Replica | None:
+    """The ready replica where the request adds the least to the work outstanding: its prompt less the
+    prefix the replica probably holds, on top of what it already has. A hot prefix's replica takes its
+    requests until its backlog exceeds another's by what the prefix saves, then the other computes the
+    prefix too; without a cached prefix anywhere this is least_loaded. Ties go to the lowest index."""
+    return min((r for r in replicas if r.ready), default=None,
+               key=lambda r: r.outstanding - block_size * r.cached_prefix_blocks(job.prefix))
 
 
 class Router:
@@ -123,8 +160,10 @@ class Router:
 
     def submit(self, key: str, prompt_ids: list[int], params: SamplingParams) -> None:
         job = Job(key, prompt_ids, params, self.info.max_model_len)
+        if self.config.enable_prefix_caching and self.config.prefix_routing:
+            job.prefix = prompt_block_hashes(prompt_ids, self.config.block_size)
         self.jobs[key] = job
-        replica = least_loaded(self.replicas)
+        replica = self._choose(job)
         if replica is None:
             self.waiting.append(job)
         else:
@@ -236,10 +275,16 @@ class Router:
         replica.identity, replica.last_seen, replica.failures = identity, time.monotonic(), 0
         self.info = self.info or msg
         while self.waiting:
-            self._dispatch(self.waiting.popleft(), least_loaded(self.replicas))
+            job = self.waiting.popleft()
+            self._dispatch(job, self._choose(job))
+
+    def _choose(self, job: Job) -> Replica | None:
+        return best_for_prefix(self.replicas, job, self.config.block_size) if job.prefix else least_loaded(self.replicas)
 
     def _dispatch(self, job: Job, replica: Replica) -> None:
         job.replica = replica
+        job.cached = self.config.block_size * replica.cached_prefix_blocks(job.prefix)
+        replica.remember(job.prefix)
         replica.jobs[job.key] = job
         replica.served += 1
         self._send(replica, protocol.Generate(job.key, prompt_ids=job.prompt_ids, params=job.params.to_dict()))

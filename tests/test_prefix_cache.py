@@ -6,7 +6,9 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams
+from splitfuse.frontend.router import Router
 from splitfuse.worker.block_manager import BlockManager, block_hash
 from splitfuse.worker.engine import Engine
 from splitfuse.worker.request import Request
@@ -248,3 +250,38 @@ def test_bundled_model_gives_the_same_greedy_tokens_with_and_without_the_cache()
     base, sfx = [g.randrange(3, 40000) for _ in range(80)], [g.randrange(3, 40000) for _ in range(9)]
     cached = compare_on_and_off(None, dict(num_blocks=64, token_budget=128, max_num_seqs=8), base, sfx)
     assert cached == EXPECTED_CACHED
+
+
+# Routing: a repeated prefix goes to the replica that holds it, until that replica is overloaded.
+
+def fake_router(prefix_routing: bool) -> Router:
+    """A router whose two replicas count as ready without processes (sends to them go nowhere)."""
+    router = Router(EngineConfig(prefix_routing=prefix_routing), replicas=2)
+    router.info = protocol.Ready(0, 0, "", 4096, [], "")
+    for r in router.replicas:
+        r.identity = b"w%d" % r.index
+    return router
+
+
+@pytest.mark.parametrize("prefix_routing", [True, False])
+def test_two_replicas_route_a_repeated_prefix_to_the_same_replica(prefix_routing):
+    router = fake_router(prefix_routing)
+    try:
+        system, params = list(range(1000, 1320)), SamplingParams(max_new_tokens=32)  # a 20-block system prompt
+        router.submit("other", list(range(200)), params)                              # replica 0 is busier
+        for i in range(6):
+            router.submit(f"chat{i}", system + [i] * 5, params)
+        chats = [router.jobs[f"chat{i}"].replica.index for i in range(6)]
+        if not prefix_routing:
+            assert chats == [1, 0, 1, 0, 1, 0]   # least outstanding work alone spreads the prefix
+            return
+        assert chats == [1] * 6                  # they only cost their questions there
+        assert [router.jobs[f"chat{i}"].cached for i in range(6)] == [0] + [320] * 5
+        for i in range(6, 40):                   # a hot prefix: the other replica takes its share too
+            router.submit(f"chat{i}", system + [i] * 5, params)
+        hot = [router.jobs[f"chat{i}"].replica.index for i in range(40)]
+        assert 0 < hot.count(0) < hot.count(1)
+        busy = sorted(r.outstanding for r in router.replicas)
+        assert busy[1] - busy[0] <= len(system) + 32 + 5
+    finally:
+        router.close()
