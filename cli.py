@@ -79,16 +79,35 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     p = commands.add_parser("serve", help="run a persistent server (frontend + worker replicas)",
-                            description="Serve a model until Ctrl-C. Clients connect with splitfuse.AsyncClient, "
-                                        "splitfuse.Client, `splitfuse generate --address`, or any ZeroMQ program "
-                                        "speaking docs/protocol.md.")
+                            description="Serve a model until SIGTERM or Ctrl-C (which drain: requests in flight "
+                                        "finish, up to --shutdown-timeout). Clients connect over ZeroMQ with "
+                                        "splitfuse.AsyncClient, splitfuse.Client, `splitfuse generate --address`, "
+                                        "or any program speaking docs/protocol.md; with --http-port, any OpenAI "
+                                        "client too.")
     _add_model_options(p)
     p.add_argument("--replicas", type=int, default=1, help="worker processes, each with a copy of the model")
-    p.add_argument("--port", type=int, help="TCP port on --host (default: a free one, printed)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 for all (clients are not "
-                                                        "authenticated: only on a network you trust)")
+    p.add_argument("--port", type=int, help="ZeroMQ TCP port on --host (default: a free one, printed)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 for all (only on a "
+                                                        "network you trust, or with --api-key / --curve-*)")
     p.add_argument("--address", help="a full ZeroMQ address instead of --host/--port, e.g. ipc:///tmp/sf.sock")
+    p.add_argument("--zmq", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve the ZeroMQ protocol (--no-zmq: HTTP only)")
+    p.add_argument("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API on this port of --host "
+                                                 "(0: a free one, printed)")
+    p.add_argument("--api-key", help="HTTP clients must send `Authorization: Bearer KEY` on /v1/*")
+    p.add_argument("--served-model-name", help="the model name HTTP clients give (default: the model directory's)")
+    p.add_argument("--curve-secret", metavar="FILE", help="encrypt the ZeroMQ socket with CURVE: this server's "
+                                                          "certificate with its secret key (made by "
+                                                          "zmq.auth.create_certificates)")
+    p.add_argument("--curve-clients", metavar="DIR", help="with --curve-secret: the public certificates of the "
+                                                          "clients that may connect")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is ended")
+    p.add_argument("--max-queued-requests", type=int, help="refuse new requests (HTTP 429, an error reply on "
+                                                           "ZeroMQ) while this many wait for their first token")
+    p.add_argument("--max-queued-tokens", type=int, help="refuse a new request while its prompt and those waiting "
+                                                         "for their first token have more tokens than this")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds requests in flight get to finish after SIGTERM before they end with an error")
     p.set_defaults(run=_serve)
 
     p = commands.add_parser("generate", help="stream one answer to stdout",
@@ -168,13 +187,22 @@ def _engine_options(args: argparse.Namespace) -> dict:
 # --- commands ---------------------------------------------------------------------------------
 
 def _serve(args: argparse.Namespace) -> None:
-    address = args.address or f"tcp://{args.host}:{args.port or '*'}"
+    address = (args.address or f"tcp://{args.host}:{args.port or '*'}") if args.zmq else None
+    http = None if args.http_port is None else server.HttpOptions(args.host, args.http_port, args.api_key,
+                                                                  args.served_model_name)
+    if (args.curve_secret is None) != (args.curve_clients is None):
+        raise ValueError("CURVE needs both --curve-secret and --curve-clients")
+    curve = server.CurveOptions(args.curve_secret, args.curve_clients) if args.curve_secret else None
     print(f"starting {args.replicas} replica(s) of {args.model or 'the bundled model'}...", file=sys.stderr)
     start = time.perf_counter()
-    server.run(EngineConfig.from_kwargs(**_engine_options(args)), args.replicas, address,
-               request_timeout=args.request_timeout,
-               announce=lambda a: print(f"serving on {a} (ready in {time.perf_counter() - start:.1f}s); "
-                                        f"Ctrl-C stops", file=sys.stderr, flush=True))
+
+    def announce(where: dict) -> None:
+        serving = " and ".join(filter(None, [where["address"], where["http_url"] and f"{where['http_url']}/v1"]))
+        print(f"serving on {serving} (ready in {time.perf_counter() - start:.1f}s); Ctrl-C stops",
+              file=sys.stderr, flush=True)
+    server.run(EngineConfig.from_kwargs(**_engine_options(args)), args.replicas, address, http=http, curve=curve,
+               request_timeout=args.request_timeout, max_queued_requests=args.max_queued_requests,
+               max_queued_tokens=args.max_queued_tokens, shutdown_timeout=args.shutdown_timeout, announce=announce)
 
 
 @contextmanager

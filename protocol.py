@@ -69,6 +69,18 @@ class Generate:
                              f"got {reprlib.repr(self.timeout)}")
 
 
+def prompt_fields(prompt: str | list[int] | list[dict]) -> dict:
+    """Generate's prompt field for a prompt given as text, token ids or chat messages."""
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return {"prompt_ids": prompt}
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        return {"messages": prompt}
+    raise ValueError("a prompt must be a string, a list of token ids, or a list of chat messages "
+                     "[{'role': ..., 'content': ...}]")
+
+
 @dataclass(slots=True)
 class Abort:
     """Cancel a request; the reply is its final delta with finish_reason "abort"."""
@@ -109,6 +121,7 @@ class Delta:
     logprobs: list | None = None        # of token_ids, when the request asked for logprobs
     top_logprobs: list | None = None    # per token: {token id: logprob}
     prompt_length: int | None = None
+    num_cached_tokens: int | None = None  # prompt tokens whose KV came from the prefix cache; on the last delta
 
 
 @dataclass(slots=True)
@@ -136,30 +149,60 @@ class Ready:
 
 
 @dataclass(slots=True)
+class Output:
+    """What one step produced for one request: an entry of Step.outputs, not a message of its own.
+    The last output of a request has a finish_reason (and `error` when that is "error") and its
+    `num_cached_tokens`."""
+    id: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    logprobs: list | None = None        # of token_ids, when the request asked for logprobs
+    top_logprobs: list | None = None    # per token: {token id: logprob}
+    num_cached_tokens: int | None = None
+
+
+@dataclass(slots=True)
+class Step:
+    """Everything one engine step produced: one message per step, whatever the number of requests."""
+    TYPE: ClassVar[str] = "step"
+    outputs: list[Output]
+
+
+@dataclass(slots=True)
 class Heartbeat:
     """Sent by an idle or busy worker every second, and when it drains; carries Engine.stats()."""
     TYPE: ClassVar[str] = "heartbeat"
     stats: dict
 
 
-Message = Generate | Abort | Health | Stats | Delta | Error | Ready | Heartbeat
+Message = Generate | Abort | Health | Stats | Delta | Error | Ready | Step | Heartbeat
 
 # What each receiver accepts.
 CLIENT_REQUESTS = (Generate, Abort, Health, Stats)   # frontend, from clients
 SERVER_REPLIES = (Delta, Error, Health, Stats)       # client, from the frontend
 WORKER_REQUESTS = (Generate, Abort)                  # worker, from the frontend
-WORKER_REPLIES = (Ready, Delta, Error, Heartbeat)    # frontend, from workers
+WORKER_REPLIES = (Ready, Step, Error, Heartbeat)     # frontend, from workers
+NESTED = {"outputs": Output}  # fields holding a list of maps of another class
 
 
 def encode(message: Message) -> bytes:
-    body = {"type": message.TYPE, "v": VERSION}
-    for f in fields(message):
-        value = getattr(message, f.name)
-        body[f.name] = pack_ids(value) if f.name in ID_FIELDS and value is not None else value
     try:
-        return msgpack.packb(body, use_bin_type=True)
+        return msgpack.packb({"type": message.TYPE, "v": VERSION, **_body(message)}, use_bin_type=True)
     except (TypeError, OverflowError) as e:  # e.g. an integer over 64 bits, or an object msgpack has no type for
         raise ValueError(f"{message.TYPE} message cannot be sent: {e}") from None
+
+
+def _body(message) -> dict[str, Any]:
+    body = {}
+    for f in fields(message):
+        value = getattr(message, f.name)
+        if f.name in ID_FIELDS and value is not None:
+            value = pack_ids(value)
+        elif f.name in NESTED:
+            value = [_body(item) for item in value]
+        body[f.name] = value
+    return body
 
 
 def decode(frame: bytes, accepted: tuple[type, ...]) -> Message:
@@ -203,6 +246,10 @@ def _fields_of(cls: type, body: dict) -> dict[str, Any]:
             if not isinstance(value, bytes):
                 raise ValueError(f"{name} must be packed little-endian int32 bytes")
             value = unpack_ids(value)
+        elif name in NESTED:
+            if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+                raise ValueError(f"{name} must be an array of maps")
+            value = [NESTED[name](**_fields_of(NESTED[name], item)) for item in value]
         elif not _matches(value, known[name].type):
             raise ValueError(f"field {name!r} has the wrong type {type(value).__name__}")
         values[name] = value

@@ -11,15 +11,34 @@ import math
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, suppress
+from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
+import zmq.auth
 
 from splitfuse import protocol
 from splitfuse.config import SamplingParams
 from splitfuse.frontend.response import Delta, Response
 
 Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages [{"role": ..., "content": ...}]
+
+
+@dataclass(frozen=True, slots=True)
+class CurveKeys:
+    """For a server started with CURVE (--curve-secret, --curve-clients): its public key and this
+    client's key pair, Z85-encoded, as zmq.auth.create_certificates writes them."""
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def from_certificates(cls, server_certificate: str, client_secret_certificate: str) -> "CurveKeys":
+        server_public, _ = zmq.auth.load_certificate(server_certificate)
+        public, secret = zmq.auth.load_certificate(client_secret_certificate)
+        if secret is None:
+            raise ValueError(f"{client_secret_certificate} holds no secret key: give the client's secret certificate")
+        return cls(server_public, public, secret)
 
 
 class AsyncClient:
@@ -30,11 +49,12 @@ class AsyncClient:
     A server that is down or unreachable for `connection_timeout` seconds fails the requests in flight with
     ConnectionError."""
 
-    def __init__(self, address: str, *, connection_timeout: float = 30.0):
+    def __init__(self, address: str, *, connection_timeout: float = 30.0, curve: CurveKeys | None = None):
         if not 0 < connection_timeout < math.inf:
             raise ValueError(f"connection_timeout must be a positive number of seconds, got {connection_timeout!r}")
         self.address = address
         self.connection_timeout = connection_timeout
+        self.curve = curve
         self._context: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task | None = None
@@ -54,14 +74,13 @@ class AsyncClient:
         """Stream the response to a prompt as Deltas; the last one has a finish_reason."""
         async with aclosing(self._request(prompt, sampling, stream=True, timeout=timeout)) as messages:
             async for msg in messages:
-                yield Delta(msg.text, msg.token_ids, msg.finish_reason, msg.error, msg.logprobs, msg.top_logprobs)
+                yield _delta(msg)
 
     async def complete(self, prompt: Prompt, *, timeout: float | None = None, **sampling) -> Response:
         """The whole response to a prompt at once."""
         async with aclosing(self._request(prompt, sampling, stream=False, timeout=timeout)) as messages:
             msg = await anext(messages)  # stream=False: a single delta holding everything
-        return Response(msg.text, msg.token_ids, msg.prompt_length, len(msg.token_ids), msg.finish_reason,
-                        msg.logprobs, msg.top_logprobs, msg.error)
+        return Response.of(_delta(msg))
 
     async def chat(self, messages: list[dict], *, timeout: float | None = None, **sampling) -> Response:
         """The assistant's reply to a conversation (the model's chat template is applied by the server)."""
@@ -90,7 +109,7 @@ class AsyncClient:
         params = SamplingParams.from_kwargs(**sampling).to_dict()
         # Bad values fail here, as ValueError, before anything is sent.
         frame = protocol.encode(protocol.Generate(rid, params=params, stream=stream, timeout=timeout,
-                                                  **_prompt_fields(prompt)))
+                                                  **protocol.prompt_fields(prompt)))
         queue = self._open(rid)
         finished = False
         try:
@@ -138,6 +157,10 @@ class AsyncClient:
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self._socket.curve_serverkey = self.curve.server_public
+            self._socket.curve_publickey = self.curve.public
+            self._socket.curve_secretkey = self.curve.secret
         self._socket.connect(self.address)
         loop = asyncio.get_running_loop()
         self._reader = loop.create_task(self._read())
@@ -181,22 +204,16 @@ class AsyncClient:
             queue.put_nowait(error)
 
 
-def _prompt_fields(prompt: Prompt) -> dict:
-    if isinstance(prompt, str):
-        return {"prompt": prompt}
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        return {"prompt_ids": prompt}
-    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        return {"messages": prompt}
-    raise ValueError("a prompt must be a string, a list of token ids, or a list of chat messages "
-                     "[{'role': ..., 'content': ...}]")
+def _delta(msg: protocol.Delta) -> Delta:
+    return Delta(msg.text, msg.token_ids, msg.finish_reason, msg.error, msg.logprobs, msg.top_logprobs,
+                 msg.prompt_length, msg.num_cached_tokens)
 
 
 class Client:
     """Blocking wrapper of AsyncClient: its event loop runs in a background thread."""
 
-    def __init__(self, address: str, *, connection_timeout: float = 30.0):
-        self._client = AsyncClient(address, connection_timeout=connection_timeout)
+    def __init__(self, address: str, *, connection_timeout: float = 30.0, curve: CurveKeys | None = None):
+        self._client = AsyncClient(address, connection_timeout=connection_timeout, curve=curve)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="splitfuse-client", daemon=True)
         self._thread.start()

@@ -1,17 +1,17 @@
 """`splitfuse.pipeline(...)`: non-persistent generation driven from the calling process.
 
-The model runs in one worker subprocess, started through the same router and worker code as
-`splitfuse serve`; this process only tokenizes, detokenizes and waits (it never imports torch)."""
-import itertools
+The model runs in one worker subprocess, started through the same frontend core and worker code
+as `splitfuse serve`; this process polls the core until its requests are done (it never imports
+torch)."""
 from collections.abc import Iterator
+from functools import partial
 
 from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams
-from splitfuse.frontend.response import Delta, Response, ResponseBuilder
-from splitfuse.frontend.router import Router
-from splitfuse.frontend.tokenizer import Tokenizer
+from splitfuse.frontend.core import Core
+from splitfuse.frontend.response import Delta, Response
 
-POLL_MS = 100  # wait for worker output at most this long before checking the worker is alive
+POLL = 0.1  # seconds; the core checks that the worker is alive between waits
 
 Prompt = str | list[int]
 
@@ -20,44 +20,52 @@ class Pipeline:
     """Holds one worker process; `pipe(prompts, **sampling)` returns responses in input order."""
 
     def __init__(self, model: str | None = None, **engine_options):
-        self._router: Router | None = Router(EngineConfig.from_kwargs(model=model, **engine_options))
+        self._core: Core | None = Core(EngineConfig.from_kwargs(model=model, **engine_options), request_timeout=None)
         try:
-            self._router.start()
+            self._core.start()
         except BaseException:
-            self._router.close()
+            self.close()
             raise
-        self.tokenizer = Tokenizer(self._router.info.model_dir, self._router.info.max_model_len)
-        self.max_model_len = self._router.info.max_model_len
-        self._ids = itertools.count()
+        self.tokenizer = self._core.tokenizer
+        self.max_model_len = self._core.max_model_len
 
     def __call__(self, prompts: Prompt | list[Prompt], **sampling) -> list[Response]:
         params = SamplingParams.from_kwargs(**sampling)
-        return self._run([self._encode(p, params) for p in _as_list(prompts)], params)
+        return self._run([protocol.prompt_fields(p) for p in _as_list(prompts)], params)
 
     def chat(self, messages: list[dict] | list[list[dict]], **sampling) -> list[Response]:
         """One conversation (a list of {'role', 'content'}) or a list of them."""
         params = SamplingParams.from_kwargs(**sampling)
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        return self._run([self.tokenizer.encode_prompt(params, messages=c) for c in conversations], params)
+        return self._run([{"messages": c} for c in conversations], params)
 
     def stream(self, prompt: Prompt, **sampling) -> Iterator[Delta]:
         """Deltas of one prompt as they are generated."""
         params = SamplingParams.from_kwargs(**sampling)
-        builders = self._submit([self._encode(prompt, params)], params)
-        (rid, builder), = builders.items()
-        while builder.finish_reason is None:
-            delta = self._step(builders).get(rid)
-            if delta is not None and (delta.text or delta.finish_reason):
-                yield delta
+        deltas: list[Delta | Exception] = []
+        key = self._core_or_closed().submit(deltas.append, params, **protocol.prompt_fields(prompt))
+        try:
+            while True:
+                while not deltas:
+                    self._core.poll(POLL)
+                delta = deltas.pop(0)
+                if isinstance(delta, Exception):
+                    raise delta
+                if delta.text or delta.finish_reason:
+                    yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            self._core.abort(key)  # leaving early frees its blocks; nothing once it has finished
 
     def stats(self) -> dict:
         """The worker engine's latest counters (running, waiting, blocks_in_use, ...)."""
-        return self._router.stats()[0]["engine"]
+        return self._core_or_closed().router.stats()[0]["engine"]
 
     def close(self) -> None:
-        if self._router is not None:
-            self._router.close()
-            self._router = None
+        if self._core is not None:
+            self._core.close()
+            self._core = None
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -65,54 +73,26 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _encode(self, prompt: Prompt, params: SamplingParams) -> tuple[str, list[int]]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode_prompt(params, prompt=prompt)
-        if isinstance(prompt, list):
-            return self.tokenizer.encode_prompt(params, prompt_ids=prompt)
-        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-
-    def _run(self, encoded: list[tuple[str, list[int]]], params: SamplingParams) -> list[Response]:
-        builders = self._submit(encoded, params)
-        while any(b.finish_reason is None for b in builders.values()):
-            self._step(builders)
-        return [b.response() for b in builders.values()]
-
-    def _submit(self, encoded: list[tuple[str, list[int]]], params: SamplingParams) -> dict[str, ResponseBuilder]:
-        if self._router is None:
+    def _core_or_closed(self) -> Core:
+        if self._core is None:
             raise ValueError("this pipeline is closed")
-        builders: dict[str, ResponseBuilder] = {}
-        for text, ids in encoded:
-            rid = f"pipe-{next(self._ids)}"
-            self._router.submit(rid, ids, params)
-            builders[rid] = ResponseBuilder(self.tokenizer, ids, params, text)
-        return builders
+        return self._core
 
-    def _step(self, builders: dict[str, ResponseBuilder]) -> dict[str, Delta]:
-        """Wait for the worker's next outputs and feed them to their requests."""
-        if self._router.socket.poll(POLL_MS):
-            events = self._router.receive()
-        else:
-            events = self._router.check()  # a dead worker's requests come back as errors
-        deltas = {}
-        for msg in events:
-            if isinstance(msg, protocol.Error):  # the worker refused a request: nothing of this call survives
-                self._abort_all(builders)
-                raise ValueError(msg.error)
-            builder = builders.get(msg.id)
-            if builder is None or builder.finish_reason is not None:
-                continue
-            deltas[msg.id] = delta = builder.add(msg.token_ids, msg.finish_reason, msg.logprobs,
-                                                 msg.top_logprobs, msg.error)
-            if delta.finish_reason is not None and msg.finish_reason is None:
-                self._router.abort(msg.id)  # a stop string ended it: free its blocks
-        return deltas
-
-    def _abort_all(self, builders: dict[str, ResponseBuilder]) -> None:
-        for rid, builder in builders.items():
-            if builder.finish_reason is None:
-                self._router.abort(rid)
-                builder.finish_reason = "abort"
+    def _run(self, prompts: list[dict], params: SamplingParams) -> list[Response]:
+        core = self._core_or_closed()
+        results: dict[int, Delta | Exception] = {}
+        keys = [core.submit(partial(results.__setitem__, i), params, stream=False, **fields)
+                for i, fields in enumerate(prompts)]
+        try:
+            while len(results) < len(keys) and not any(isinstance(r, Exception) for r in results.values()):
+                core.poll(POLL)
+        finally:
+            for key in keys:  # a refused prompt (or Ctrl-C) leaves nothing of this call running
+                core.abort(key)
+        for result in results.values():
+            if isinstance(result, Exception):
+                raise result
+        return [Response.of(results[i]) for i in range(len(keys))]
 
 
 def pipeline(model: str | None = None, **engine_options) -> Pipeline:

@@ -1,10 +1,26 @@
-"""What a finished request returns, and the per-request bookkeeping that builds it from
-streamed token ids (text deltas, stop strings, logprobs). Shared by the pipeline and the server."""
+"""What a request returns (streamed Deltas, a whole Response), and the per-request bookkeeping that
+builds them from the worker's outputs (text deltas, stop strings, logprobs). Used by the frontend core."""
 from dataclasses import dataclass, field
 
+from splitfuse import protocol
 from splitfuse.config import SamplingParams
 from splitfuse.frontend.detokenizer import IncrementalDetokenizer
 from splitfuse.frontend.tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class Delta:
+    """One streamed piece of a response. The last one has a finish_reason ("stop", "length", "abort" or
+    "error", the latter with `error` set), the prompt_length and num_cached_tokens; a request that is not
+    streamed gets only that one, holding the whole response."""
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    error: str | None = None
+    logprobs: list[float] | None = None     # of token_ids, when the request asked for logprobs
+    top_logprobs: list[dict[int, float]] | None = None
+    prompt_length: int | None = None
+    num_cached_tokens: int | None = None    # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass(slots=True)
@@ -17,22 +33,18 @@ class Response:
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     error: str | None = None
+    num_cached_tokens: int = 0
 
-
-@dataclass(slots=True)
-class Delta:
-    """One streamed piece of a response."""
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    error: str | None = None
-    logprobs: list[float] | None = None     # of token_ids, when the request asked for logprobs
-    top_logprobs: list[dict[int, float]] | None = None
+    @classmethod
+    def of(cls, whole: Delta) -> "Response":
+        """The Response of a request that was not streamed, from its one Delta."""
+        return cls(whole.text, whole.token_ids, whole.prompt_length or 0, len(whole.token_ids), whole.finish_reason,
+                   whole.logprobs, whole.top_logprobs, whole.error, whole.num_cached_tokens or 0)
 
 
 @dataclass(slots=True)
 class ResponseBuilder:
-    """Accumulates a request's streamed token ids into deltas and, at the end, a Response."""
+    """Accumulates a request's outputs into text deltas and, at the end, the whole response."""
     tokenizer: Tokenizer
     prompt_ids: list[int]
     params: SamplingParams
@@ -42,32 +54,39 @@ class ResponseBuilder:
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    num_cached_tokens: int = 0
     _detok: IncrementalDetokenizer | None = None
+    _prefix: str = ""   # return_full_text: the prompt, ahead of the first streamed text
 
     def __post_init__(self) -> None:
         self._detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids, self.params.stop)
+        self._prefix = self.prompt_text if self.params.return_full_text else ""
 
-    def add(self, new_token_ids: list[int], finish_reason: str | None = None, logprobs: list[float] | None = None,
-            top_logprobs: list[dict] | None = None, error: str | None = None) -> Delta:
+    def add(self, out: protocol.Output) -> Delta:
         """A stop string also finishes the request (reason "stop"); the caller then aborts it upstream."""
         if self.finish_reason is not None:
             return Delta("", [], self.finish_reason)
         if not self._detok.stopped:
-            self.token_ids.extend(new_token_ids)
-            self.logprobs.extend(logprobs or [])
-            self.top_logprobs.extend(top_logprobs or [])
-        text, stopped = self._detok.add(new_token_ids)
-        if stopped:
-            finish_reason = "stop"
-        if finish_reason is not None:
-            self.finish_reason, self.error = finish_reason, error
-            text += self._detok.flush()
-        return Delta(text, list(new_token_ids), self.finish_reason, error, logprobs, top_logprobs)
+            self.token_ids.extend(out.token_ids)
+            self.logprobs.extend(out.logprobs or [])
+            self.top_logprobs.extend(out.top_logprobs or [])
+        text, stopped = self._detok.add(out.token_ids)
+        finish_reason = "stop" if stopped else out.finish_reason
+        if finish_reason is None:
+            return Delta(self._prefixed(text), list(out.token_ids), None, None, out.logprobs, out.top_logprobs)
+        self.finish_reason, self.error = finish_reason, out.error
+        self.num_cached_tokens = out.num_cached_tokens or 0
+        text += self._detok.flush()
+        return Delta(self._prefixed(text), list(out.token_ids), finish_reason, out.error, out.logprobs,
+                     out.top_logprobs, len(self.prompt_ids), self.num_cached_tokens)
 
-    def response(self) -> Response:
-        text = self._detok.text
-        if self.params.return_full_text:
-            text = self.prompt_text + text
+    def whole(self) -> Delta:
+        """Once finished: the whole response as one Delta."""
         wants = self.params.logprobs is not None
-        return Response(text, self.token_ids, len(self.prompt_ids), len(self.token_ids), self.finish_reason,
-                        self.logprobs if wants else None, self.top_logprobs if wants else None, self.error)
+        text = (self.prompt_text if self.params.return_full_text else "") + self._detok.text
+        return Delta(text, self.token_ids, self.finish_reason, self.error, self.logprobs if wants else None,
+                     self.top_logprobs if wants else None, len(self.prompt_ids), self.num_cached_tokens)
+
+    def _prefixed(self, text: str) -> str:
+        text, self._prefix = self._prefix + text, ""
+        return text

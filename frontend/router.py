@@ -180,7 +180,7 @@ class Router:
             del job.replica.jobs[key]
             self._send(job.replica, protocol.Abort(key))
 
-    def receive(self) -> list[protocol.Delta | protocol.Error]:
+    def receive(self) -> list[protocol.Output | protocol.Error]:
         """Drain the worker socket. Returns the outputs of jobs still tracked; a final one (finish
         reason or error) also ends the job here. Ready and heartbeat messages are handled here."""
         events = []
@@ -204,17 +204,18 @@ class Router:
             if isinstance(msg, protocol.Heartbeat):
                 replica.engine_stats = msg.stats
                 continue
-            job = replica.jobs.get(msg.id)
-            if job is None:  # aborted meanwhile
-                continue
-            if isinstance(msg, protocol.Error) or msg.finish_reason is not None:
-                del self.jobs[msg.id], replica.jobs[msg.id]
-            else:
-                job.generated += len(msg.token_ids)
-            events.append(msg)
+            for out in msg.outputs if isinstance(msg, protocol.Step) else [msg]:
+                job = replica.jobs.get(out.id)
+                if job is None:  # aborted meanwhile
+                    continue
+                if isinstance(out, protocol.Error) or out.finish_reason is not None:
+                    del self.jobs[out.id], replica.jobs[out.id]
+                else:
+                    job.generated += len(out.token_ids)
+                events.append(out)
 
-    def check(self) -> list[protocol.Delta]:
-        """Find dead or hung workers and restart them; returns error deltas for the requests they held."""
+    def check(self) -> list[protocol.Output]:
+        """Find dead or hung workers and restart them; returns error outputs for the requests they held."""
         now, failed = time.monotonic(), []
         for r in self.replicas:
             if r.process is None:
@@ -295,14 +296,14 @@ class Router:
         except zmq.ZMQError:
             pass  # the worker just died: check() fails its jobs
 
-    def _kill(self, replica: Replica, reason: str) -> list[protocol.Delta]:
+    def _kill(self, replica: Replica, reason: str) -> list[protocol.Output]:
         replica.process.kill()
         replica.process.wait()
         return self._lost(replica, reason)
 
-    def _lost(self, replica: Replica, reason: str) -> list[protocol.Delta]:
+    def _lost(self, replica: Replica, reason: str) -> list[protocol.Output]:
         print(f"{reason}; restarting it", file=sys.stderr, flush=True)
-        failed = [protocol.Delta(key, finish_reason="error", error=f"{reason} while running this request")
+        failed = [protocol.Output(key, finish_reason="error", error=f"{reason} while running this request")
                   for key in replica.jobs]
         for key in replica.jobs:
             del self.jobs[key]

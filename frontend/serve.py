@@ -11,12 +11,15 @@ from splitfuse.config import EngineConfig
 
 @dataclass(slots=True)
 class Deployment:
-    """A running server; connect with AsyncClient(deployment.address) or Client(deployment.address)."""
-    address: str
+    """A running server. Connect with AsyncClient(deployment.address) or Client(deployment.address) over
+    ZeroMQ, or with any OpenAI client at `http_url + "/v1"` when it serves HTTP."""
+    address: str | None
     process: subprocess.Popen
+    http_url: str | None = None
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop the server and its workers (in-flight requests end with an error)."""
+        """Stop the server and its workers (SIGTERM: in-flight requests get up to its shutdown_timeout
+        to finish, then end with an error)."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -34,40 +37,60 @@ class Deployment:
 
 
 def serve(model: str | None = None, replicas: int = 1, port: int | str | None = None, *, host: str = "127.0.0.1",
-          request_timeout: float = 600.0, heartbeat_timeout: float = 30.0, ready_timeout: float = 900.0,
+          zmq: bool = True, http_port: int | None = None, api_key: str | None = None,
+          served_model_name: str | None = None, curve_secret: str | None = None, curve_clients: str | None = None,
+          request_timeout: float = 600.0,
+          max_queued_requests: int | None = None, max_queued_tokens: int | None = None,
+          shutdown_timeout: float = 30.0, heartbeat_timeout: float = 30.0, ready_timeout: float = 900.0,
           **engine_options) -> Deployment:
     """Start a frontend server and `replicas` worker processes, each with its own copy of `model`
     (on GPU each on its own device; on CPU they share the cores). Returns once every replica is ready.
 
     port: None picks a free TCP port on `host`; an int is a TCP port on `host`; a string is a full
-    ZeroMQ address such as "tcp://0.0.0.0:5555" or "ipc:///tmp/splitfuse.sock"."""
+    ZeroMQ address such as "tcp://0.0.0.0:5555" or "ipc:///tmp/splitfuse.sock". zmq=False: no ZeroMQ socket.
+    http_port: also serve the OpenAI-compatible HTTP API on `host` (0: a free port), requiring
+    `Authorization: Bearer <api_key>` when api_key is set; clients name the model `served_model_name`
+    (default: the model directory's name). curve_secret, curve_clients: encrypt the ZeroMQ socket with
+    this server's secret certificate and admit only the clients whose public certificates are in the
+    curve_clients directory (see CurveKeys in frontend/client.py). max_queued_requests /
+    max_queued_tokens: requests (prompt tokens) waiting for their first token beyond which new ones
+    are refused (HTTP 429)."""
     config = EngineConfig.from_kwargs(model=model, **engine_options)  # bad options fail here, not in a child
     if not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a positive integer, got {replicas!r}")
     address = port if isinstance(port, str) else f"tcp://{host}:{'*' if port is None else port}"
     options = {"request_timeout": request_timeout, "heartbeat_timeout": heartbeat_timeout,
-               "startup_timeout": ready_timeout}
-    cmd = [sys.executable, "-m", "splitfuse.frontend.server", "--address", address, "--replicas", str(replicas),
-           "--config", json.dumps(config.to_dict()), "--options", json.dumps(options), "--watch-parent"]
+               "startup_timeout": ready_timeout, "max_queued_requests": max_queued_requests,
+               "max_queued_tokens": max_queued_tokens, "shutdown_timeout": shutdown_timeout}
+    cmd = [sys.executable, "-m", "splitfuse.frontend.server", "--address", address if zmq else "none",
+           "--replicas", str(replicas), "--config", json.dumps(config.to_dict()), "--options", json.dumps(options),
+           "--watch-parent"]
+    if curve_secret is not None or curve_clients is not None:
+        cmd += ["--curve", json.dumps({"server_secret_file": curve_secret, "clients_dir": curve_clients})]
+    if http_port is not None:
+        cmd += ["--http", json.dumps({"host": host, "port": http_port, "api_key": api_key,
+                                      "model_name": served_model_name})]
     # Its own session, so a Ctrl-C meant for this program does not also hit the server mid-shutdown.
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    deployment = Deployment("", process)
+    deployment = Deployment(None, process)
     try:
-        deployment.address = _wait_ready(process, ready_timeout)
+        where = wait_ready(process, ready_timeout)
     except BaseException:
         deployment.close()
         raise
+    deployment.address, deployment.http_url = where["address"], where["http_url"]
     return deployment
 
 
-def _wait_ready(process: subprocess.Popen, timeout: float) -> str:
-    """The server prints `ready <address>` on stdout once it serves; its progress goes to stderr."""
+def wait_ready(process: subprocess.Popen, timeout: float) -> dict:
+    """The server prints `ready {"address": ..., "http_url": ...}` on stdout once it serves; its progress
+    goes to stderr."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if select.select([process.stdout], [], [], 1.0)[0]:
             line = process.stdout.readline()
             if line.startswith("ready "):
-                return line.split(maxsplit=1)[1].strip()
+                return json.loads(line.split(maxsplit=1)[1])
             if not line:
                 raise RuntimeError(f"the server exited with code {process.wait()} before it was ready; "
                                    f"its error output is above")

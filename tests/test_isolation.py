@@ -26,7 +26,7 @@ from splitfuse.compiled.bundled import bundled_model_dir
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.frontend.client import AsyncClient, Client
 from splitfuse.frontend.router import Router
-from splitfuse.frontend.serve import Deployment, _wait_ready
+from splitfuse.frontend.serve import Deployment, wait_ready
 from splitfuse.frontend.tokenizer import Tokenizer
 from splitfuse.worker.engine import Engine
 from splitfuse.worker.main import Worker
@@ -180,7 +180,7 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_worker_keeps_ser
             frontend.send_multipart([identity, protocol.encode(protocol.Generate(rid, prompt_ids=[1, 2, 3],
                                                                                  params=params))])
 
-        def finals(wanted: set[str]) -> dict[str, protocol.Delta]:
+        def finals(wanted: set[str]) -> dict[str, protocol.Output]:
             """The last delta of each wanted request, then a heartbeat: no KV block may be left in use."""
             ended = {}
             while True:
@@ -189,8 +189,8 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_worker_keeps_ser
                 if isinstance(msg, protocol.Heartbeat) and set(ended) == wanted:
                     assert msg.stats["blocks_in_use"] == 0 and msg.stats["running"] == 0
                     return ended
-                if isinstance(msg, protocol.Delta) and msg.finish_reason is not None:
-                    ended[msg.id] = msg
+                if isinstance(msg, protocol.Step):  # one message per step, every request's outputs in it
+                    ended |= {out.id: out for out in msg.outputs if out.finish_reason is not None}
 
         for rid in ("first", "poison", "later-1", "later-2"):  # max_num_seqs 2: the last two wait
             send(rid)
@@ -260,9 +260,9 @@ def deployment():
                                 "--config", json.dumps(EngineConfig(**ENGINE).to_dict()),
                                 "--options", json.dumps(options), "--watch-parent"],
                                stdout=subprocess.PIPE, text=True, start_new_session=True)
-    deployment = Deployment("", process)
+    deployment = Deployment(None, process)
     try:
-        deployment.address = _wait_ready(process, 300)
+        deployment.address = wait_ready(process, 300)["address"]
         yield deployment
     finally:
         deployment.close()

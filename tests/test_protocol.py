@@ -29,6 +29,9 @@ def test_ids_are_packed_little_endian_int32():
     (protocol.Error(None, "no"), protocol.SERVER_REPLIES),
     (protocol.Ready(1, 123, "/m", 512, [2], "s3cret"), protocol.WORKER_REPLIES),
     (protocol.Heartbeat({"blocks_in_use": 0}), protocol.WORKER_REPLIES),
+    (protocol.Step([protocol.Output("a", [5]), protocol.Output("b", [6], "stop", logprobs=[-0.1],
+                                                               top_logprobs=[{6: -0.1}], num_cached_tokens=16)]),
+     protocol.WORKER_REPLIES),
 ])
 def test_round_trip(message, accepted):
     assert protocol.decode(protocol.encode(message), accepted) == message
@@ -38,6 +41,15 @@ def test_token_ids_travel_as_bytes_and_every_message_has_type_and_version():
     body = msgpack.unpackb(protocol.encode(protocol.Delta("a", [1, 2])))
     assert body["type"] == "delta" and body["v"] == protocol.VERSION
     assert body["token_ids"] == protocol.pack_ids([1, 2])
+
+
+def test_a_step_is_one_message_with_every_requests_outputs_their_ids_packed():
+    body = msgpack.unpackb(protocol.encode(protocol.Step([protocol.Output("a", [1, 2]), protocol.Output("b", [3])])))
+    assert body["type"] == "step" and [o["token_ids"] for o in body["outputs"]] == [protocol.pack_ids([1, 2]),
+                                                                                    protocol.pack_ids([3])]
+    for outputs, words in (("x", "array of maps"), ([{"id": "a", "colour": 1}], "unknown field")):
+        with pytest.raises(ProtocolError, match=words):
+            protocol.decode(msgpack.packb({"type": "step", "v": 1, "outputs": outputs}), protocol.WORKER_REPLIES)
 
 
 def test_optional_fields_may_be_left_out():

@@ -4,8 +4,8 @@ Started by the frontend's router as `python -m splitfuse.worker.main --address A
 --config JSON`, with the router's secret as the first line of its standard input. It connects to
 the frontend, loads the model, says `ready` (with the secret), then loops: take whatever requests
 arrived (a zero-timeout poll while requests run, so socket I/O never delays a step; a blocking
-poll only when idle), run one step, push its outputs. A step that raises ends the requests it
-held with an error and the worker goes on; only several failures in a row (a broken device) end
+poll only when idle), run one step, push its outputs, all in one message. A step that raises ends
+the requests it held with an error and the worker goes on; only several failures in a row (a broken device) end
 the process, which the router then restarts. It exits cleanly (sockets closed) on SIGTERM/SIGINT,
 and by itself when its parent, the frontend, is gone."""
 import argparse
@@ -23,7 +23,7 @@ import zmq
 from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.worker.engine import Engine
-from splitfuse.worker.request import RequestOutput
+from splitfuse.worker.request import Request, RequestOutput
 
 HEARTBEAT_INTERVAL = 1.0  # seconds; the frontend's heartbeat timeout is many of these
 MAX_FAILED_STEPS = 3      # failed steps in a row after which the worker exits to be restarted
@@ -39,6 +39,7 @@ class Worker:
         self.running = True
         self._last_heartbeat = 0.0
         self._failed_steps = 0
+        self._requests: dict[str, Request] = {}  # until their last output, which reports their cached tokens
 
     def run(self) -> None:
         self._send(protocol.Ready(self.replica, os.getpid(), str(self.engine.model_dir),
@@ -47,9 +48,9 @@ class Worker:
             busy = self.engine.has_unfinished()
             self._receive(timeout_ms=0 if busy else int(HEARTBEAT_INTERVAL * 1000))
             if self.engine.has_unfinished():
-                for out in self._step():
-                    self._send(protocol.Delta(out.request_id, out.new_token_ids, finish_reason=out.finish_reason,
-                                              error=out.error, logprobs=out.logprobs, top_logprobs=out.top_logprobs))
+                outputs = self._step()
+                if outputs:
+                    self._send(protocol.Step([self._wire(out) for out in outputs]))
             drained = busy and not self.engine.has_unfinished()
             if drained or time.monotonic() - self._last_heartbeat >= HEARTBEAT_INTERVAL:
                 self._heartbeat()
@@ -85,11 +86,20 @@ class Worker:
             return
         if isinstance(msg, protocol.Generate):
             try:
-                self.engine.add_request(msg.id, msg.prompt_ids, SamplingParams.from_kwargs(**msg.params))
+                self._requests[msg.id] = self.engine.add_request(msg.id, msg.prompt_ids,
+                                                                 SamplingParams.from_kwargs(**msg.params))
             except Exception as e:  # this request only; the worker keeps serving
                 self._send(protocol.Error(msg.id, str(e) or type(e).__name__))
         else:
             self.engine.abort(msg.id)
+
+    def _wire(self, out: RequestOutput) -> protocol.Output:
+        cached = None
+        if out.finish_reason is not None:
+            request = self._requests.pop(out.request_id, None)
+            cached = request.num_cached_tokens if request is not None else 0
+        return protocol.Output(out.request_id, out.new_token_ids, out.finish_reason, out.error, out.logprobs,
+                               out.top_logprobs, cached)
 
     def _heartbeat(self) -> None:
         self._last_heartbeat = time.monotonic()

@@ -1,0 +1,464 @@
+"""The OpenAI-compatible HTTP API over the frontend core: /v1/models, /v1/completions,
+/v1/chat/completions (streamed as server-sent events ending in `data: [DONE]`), /health, /metrics.
+
+FastAPI runs on uvicorn in a thread of its own; the core lives on the server's main thread, so a
+request is handed to it with `call_soon`, and its deltas come back through the event loop's
+`call_soon_threadsafe`. A client that disconnects from a stream ends the response generator,
+which aborts its requests (their KV blocks are freed). Refusals map to OpenAI error objects:
+400 bad request, 401 bad API key, 404 unknown model, 429 queues full, 503 no replica ready or
+shutting down. Sampling fields follow OpenAI, plus vLLM's extras (top_k, min_p,
+repetition_penalty, min_tokens, ignore_eos, stop_token_ids)."""
+import asyncio
+import hmac
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Annotated
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException
+
+from splitfuse.config import MAX_LOGPROBS, SamplingParams
+from splitfuse.frontend.core import Core, Overloaded, Unavailable
+from splitfuse.frontend.response import Delta
+
+MAX_CHOICES = 64   # n: choices of one prompt
+STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+
+
+# --- request schemas ------------------------------------------------------------------------------
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI-compatible servers do."""
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None   # OpenAI's default is 1: sampling; 0 is greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    top_k: int = 0                     # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        """Clients may send null for a field they leave at its default."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    def params(self, max_model_len: int, logprobs: int | None, echo: bool, choice: int) -> SamplingParams:
+        """The SamplingParams of choice `choice` (choices of one seeded request get seeds seed, seed+1, ...)."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        return SamplingParams.from_kwargs(
+            max_new_tokens=self.max_tokens or max_model_len, min_new_tokens=self.min_tokens,
+            do_sample=temperature > 0, temperature=temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
+            min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, seed=None if self.seed is None else self.seed + choice,
+            stop=[self.stop] if isinstance(self.stop, str) else self.stop or [],
+            stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos, logprobs=logprobs,
+            return_full_text=echo)
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[dict] | None = None
+
+
+class ChatRequest(Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+def _error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": STATUS_TYPES.get(status, "server_error"),
+                                   "param": param, "code": status}}, status_code=status)
+
+
+def _status_of(error: Exception) -> int:
+    return 429 if isinstance(error, Overloaded) else 503 if isinstance(error, Unavailable) else 400
+
+
+# --- the bridge to the core -------------------------------------------------------------------------
+
+class CoreBridge:
+    """Runs core calls on the core's thread and streams deltas back to this event loop."""
+
+    def __init__(self, core: Core):
+        self.core = core
+
+    async def call(self, fn: Callable):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn()
+            except Exception as e:
+                loop.call_soon_threadsafe(_settle, future, None, e)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+        self.core.call_soon(run)
+        return await future
+
+    async def generate(self, requests: list[tuple[SamplingParams, dict]], stream: bool
+                       ) -> AsyncIterator[tuple[int, Delta]]:
+        """(index of the request, its delta) as they come; raises the refusal of any request, leaving
+        none of them running. Leaving early (a client gone) aborts those still running."""
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Queue = asyncio.Queue()
+        keys: list[str] = []
+
+        def submit_all() -> None:
+            try:
+                for i, (params, fields) in enumerate(requests):
+                    sink = _sink(loop, arrived, i)
+                    keys.append(self.core.submit(sink, params, stream=stream, **fields))
+            except Exception:
+                self._abort(keys)
+                raise
+        await self.call(submit_all)
+        running = set(range(len(requests)))
+        try:
+            while running:
+                i, event = await arrived.get()
+                if isinstance(event, Exception):
+                    raise event
+                if event.finish_reason is not None:
+                    running.discard(i)
+                yield i, event
+        finally:
+            if running:
+                self.core.call_soon(lambda: self._abort(keys))
+
+    def _abort(self, keys: list[str]) -> None:
+        for key in keys:  # a finished one is left alone
+            self.core.abort(key)
+
+
+def _sink(loop: asyncio.AbstractEventLoop, arrived: asyncio.Queue, index: int):
+    return lambda event: loop.call_soon_threadsafe(arrived.put_nowait, (index, event))
+
+
+def _settle(future: asyncio.Future, result, error: Exception | None) -> None:
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+# --- the application --------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class HttpOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000                 # 0: a free one
+    api_key: str | None = None       # required as `Authorization: Bearer <key>` on /v1/*
+    model_name: str | None = None    # the name clients give as `model`; None: the model directory's name
+
+
+def create_app(core: Core, model_name: str, api_key: str | None = None) -> FastAPI:
+    bridge = CoreBridge(core)
+    app = FastAPI(title="splitfuse", docs_url=None, redoc_url=None)
+
+    def authorized(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise ApiError(401, "a valid API key is required: send the header `Authorization: Bearer <key>`")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return _error_response(e.status, str(e), e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}"
+                             for err in e.errors())
+        return _error_response(400, problems)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        return _error_response(e.status_code, str(e.detail))
+
+    @app.get("/health")
+    async def health():
+        state = await bridge.call(core.health)
+        return JSONResponse(state, status_code=200 if state["ok"] else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(core.metrics.text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "splitfuse", "max_model_len": core.max_model_len}]}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(body: CompletionRequest):
+        _check_model(body.model, model_name)
+        prompts = body.prompt if _is_batch(body.prompt) else [body.prompt]
+        fields = [{"prompt": p} if isinstance(p, str) else {"prompt_ids": p} for p in prompts]
+        answer = Completion(core, model_name, body.logprobs)
+        return await _respond(bridge, answer, body, _requests(body, core, fields, body.logprobs, body.echo))
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(body: ChatRequest):
+        _check_model(body.model, model_name)
+        body.max_tokens = body.max_completion_tokens or body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        fields = [{"messages": [_message(m) for m in body.messages]}]
+        answer = ChatCompletion(core, model_name, logprobs)
+        return await _respond(bridge, answer, body, _requests(body, core, fields, logprobs, False))
+
+    return app
+
+
+def _check_model(requested: str | None, served: str) -> None:
+    if requested is not None and requested != served:
+        raise ApiError(404, f"the model {requested!r} does not exist; this server serves {served!r}", "model")
+
+
+def _is_batch(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+
+
+def _message(m: ChatMessage) -> dict:
+    if m.content is None or isinstance(m.content, str):
+        return {"role": m.role, "content": m.content or ""}
+    if not all(part.get("type") == "text" and isinstance(part.get("text"), str) for part in m.content):
+        raise ApiError(400, "only text content parts ({'type': 'text', 'text': ...}) are supported", "messages")
+    return {"role": m.role, "content": "".join(part["text"] for part in m.content)}
+
+
+def _requests(body: Sampling, core: Core, fields: list[dict], logprobs: int | None,
+              echo: bool) -> list[tuple[SamplingParams, dict]]:
+    """Each prompt n times: choice index = prompt index * n + choice."""
+    try:
+        return [(body.params(core.max_model_len, logprobs, echo, choice), f) for f in fields
+                for choice in range(body.n)]
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+
+
+async def _respond(bridge: CoreBridge, answer: "Answer", body: Sampling,
+                   requests: list[tuple[SamplingParams, dict]]):
+    events = bridge.generate(requests, stream=body.stream)
+    try:  # refusals come before any status is sent: the first event of a stream, any event of a whole answer
+        first = await anext(events)
+        if not body.stream:
+            finals = dict([first] + [event async for event in events])
+    except (ValueError, Overloaded, Unavailable) as e:
+        raise ApiError(_status_of(e), str(e)) from None
+    if not body.stream:
+        failed = next((d for d in finals.values() if d.finish_reason == "error"), None)
+        if failed is not None:
+            raise ApiError(500 if bridge.core.accepting else 503, failed.error or "the request failed")
+        return answer.whole([finals[i] for i in range(len(requests))], body.n)
+    usage = body.stream_options is not None and body.stream_options.include_usage
+    return StreamingResponse(_sse(answer, first, events, len(requests), body.n, usage),
+                             media_type="text/event-stream")
+
+
+async def _sse(answer: "Answer", first: tuple[int, Delta], events: AsyncIterator[tuple[int, Delta]],
+               choices: int, n: int, include_usage: bool) -> AsyncIterator[str]:
+    finals: dict[int, Delta] = {}
+    async with aclosing(events):
+        for chunk in answer.opening(choices):
+            yield _event(chunk)
+        pending: list[tuple[int, Delta]] = [first]
+        while pending or len(finals) < choices:
+            i, delta = pending.pop() if pending else await anext(events)
+            if delta.finish_reason is not None:
+                finals[i] = delta
+            if delta.finish_reason == "error":
+                yield _event({"error": {"message": delta.error, "type": "server_error", "param": None,
+                                        "code": 500}})
+                continue
+            chunk = answer.chunk(i, delta)
+            if chunk is not None:
+                yield _event(chunk)
+        if include_usage:
+            usage = _usage([finals[i] for i in sorted(finals)], n)
+            yield _event(answer.chunk_base() | {"choices": [], "usage": usage})
+    yield "data: [DONE]\n\n"
+
+
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _usage(finals: list[Delta], n: int) -> dict:
+    """A prompt counts once however many choices it has."""
+    prompts = finals[::n]
+    prompt_tokens = sum(d.prompt_length or 0 for d in prompts)
+    completion_tokens = sum(len(d.token_ids) for d in finals)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(d.num_cached_tokens or 0 for d in prompts)}}
+
+
+# --- response shapes -----------------------------------------------------------------------------------
+
+class Answer:
+    """The OpenAI shape of one endpoint's responses and chunks."""
+    object_name = ""
+    chunk_name = ""
+    id_prefix = ""
+
+    def __init__(self, core: Core, model: str, top_logprobs: int | None):
+        self.tokenizer, self.model, self.top_logprobs = core.tokenizer, model, top_logprobs
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self._tokens_so_far: dict[int, int] = {}  # per choice, for completion logprobs' text offsets
+
+    def whole(self, finals: list[Delta], n: int) -> dict:
+        return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
+                "choices": [self.choice(i, d) for i, d in enumerate(finals)], "usage": _usage(finals, n)}
+
+    def chunk_base(self) -> dict:
+        return {"id": self.id, "object": self.chunk_name, "created": self.created, "model": self.model}
+
+    def opening(self, choices: int) -> list[dict]:
+        return []
+
+    def token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def choice(self, index: int, delta: Delta) -> dict:
+        raise NotImplementedError
+
+    def chunk(self, index: int, delta: Delta) -> dict | None:
+        raise NotImplementedError
+
+
+class Completion(Answer):
+    object_name = chunk_name = "text_completion"
+    id_prefix = "cmpl"
+
+    def choice(self, index: int, delta: Delta) -> dict:
+        return {"index": index, "text": delta.text, "logprobs": self._logprobs(index, delta),
+                "finish_reason": delta.finish_reason}
+
+    def chunk(self, index: int, delta: Delta) -> dict | None:
+        if not delta.text and delta.finish_reason is None and not delta.logprobs:
+            return None  # nothing to show yet (a character or a possible stop string held back)
+        return self.chunk_base() | {"choices": [self.choice(index, delta)]}
+
+    def _logprobs(self, index: int, delta: Delta) -> dict | None:
+        if self.top_logprobs is None or delta.logprobs is None:
+            return None
+        tokens = [self.token(t) for t in delta.token_ids]
+        offset = self._tokens_so_far.get(index, 0)
+        offsets = []
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        self._tokens_so_far[index] = offset
+        return {"tokens": tokens, "token_logprobs": delta.logprobs, "text_offset": offsets,
+                "top_logprobs": [{self.token(t): lp for t, lp in top.items()} for top in delta.top_logprobs]
+                if self.top_logprobs else None}
+
+
+class ChatCompletion(Answer):
+    object_name = "chat.completion"
+    chunk_name = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+
+    def choice(self, index: int, delta: Delta) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": delta.text},
+                "logprobs": self._logprobs(delta), "finish_reason": delta.finish_reason}
+
+    def opening(self, choices: int) -> list[dict]:
+        return [self.chunk_base() | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}]}
+                for i in range(choices)]
+
+    def chunk(self, index: int, delta: Delta) -> dict | None:
+        if not delta.text and delta.finish_reason is None and not delta.logprobs:
+            return None
+        return self.chunk_base() | {"choices": [{"index": index, "delta": {"content": delta.text},
+                                                 "logprobs": self._logprobs(delta),
+                                                 "finish_reason": delta.finish_reason}]}
+
+    def _logprobs(self, delta: Delta) -> dict | None:
+        if self.top_logprobs is None or delta.logprobs is None:
+            return None
+        return {"content": [self._entry(t, lp) | {"top_logprobs": [self._entry(i, v) for i, v in top.items()]}
+                            for t, lp, top in zip(delta.token_ids, delta.logprobs, delta.top_logprobs)]}
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        text = self.token(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+# --- the server thread ---------------------------------------------------------------------------------
+
+class HttpServer:
+    """uvicorn on a thread of its own, on a socket bound at construction (so port 0 is known at once)."""
+
+    def __init__(self, core: Core, options: HttpOptions, model_name: str):
+        self.socket = socket.socket(socket.AF_INET6 if ":" in options.host else socket.AF_INET)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((options.host, options.port))
+        host, port = self.socket.getsockname()[:2]
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        app = create_app(core, model_name, options.api_key)
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                     timeout_graceful_shutdown=5))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.socket]},
+                                        name="http", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP server did not start on {self.url}")
+            time.sleep(0.01)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        self.socket.close()
