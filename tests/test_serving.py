@@ -270,6 +270,32 @@ def test_a_raw_zmq_program_speaks_the_documented_protocol(deployment, tokenizer)
     sock.close()
 
 
+def test_a_repeated_prefix_goes_to_the_replica_that_cached_it(deployment, tokenizer):
+    """Prefix-aware routing end to end: questions after a shared 10-block prefix all go to the replica
+    that computed it first, and it serves the prefix to the later ones from its cache."""
+    prefix = tokenizer.encode(" ".join(f"Rule {k}: answer briefly and politely." for k in range(40)))[:160]
+
+    async def body():
+        async with AsyncClient(deployment.address) as client:
+            async def idle():  # with the workers' first heartbeats in: their stats are known
+                replicas = (await client.stats())["replicas"]
+                return all("prefix_cache_hits" in r["engine"] for r in replicas) and await drained(client)
+            await wait_until(idle, 30, "an idle deployment")
+            before = (await client.stats())["replicas"]
+            for i in range(4):
+                await client.complete(prefix + tokenizer.encode(f" Question {i}?"), max_new_tokens=2)
+
+            async def hits_counted():  # stats come with the workers' heartbeats
+                after = (await client.stats())["replicas"]
+                hits = [a["engine"]["prefix_cache_hits"] - b["engine"]["prefix_cache_hits"] for a, b in zip(after, before)]
+                return max(hits) >= 3 * len(prefix) and (before, after, hits)
+            return await wait_until(hits_counted, 10, "the cache hits in the stats")
+
+    before, after, hits = run(body())
+    served = [a["served"] - b["served"] for a, b in zip(after, before)]
+    assert sorted(served) == [0, 4] and served.index(4) == hits.index(max(hits))
+
+
 def test_a_killed_worker_fails_its_requests_and_is_restarted(deployment):
     run(_lose_a_worker(deployment, signal.SIGKILL, "exited with code -9", within=10), timeout=240)
 
