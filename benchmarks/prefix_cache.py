@@ -135,11 +135,12 @@ def run_setup(name: str, args: argparse.Namespace, system: list[int], mixed: lis
                   Distribution.of([ttft(t) for t in done]), hits / queries if queries else 0.0)
 
 
-def markdown(results: list[Result], size: dict, command: str) -> str:
+def markdown(results: list[Result], size: dict, command: str, host: dict) -> str:
     lines = [f"Shared-prefix workload: {size['chats']} chats and {size['conversations']} conversations of "
              f"{size['turns']} turns on one {size['system_tokens']}-token system prompt, questions of "
              f"{size['question_tokens'][0]}-{size['question_tokens'][1]} tokens, {size['answer_tokens']} tokens per "
-             f"answer, {size['clients']} closed-loop clients. `{command}`", "",
+             f"answer, {size['clients']} closed-loop clients. `{command}` on {host['cpu']}, {host['cores']} cores, "
+             f"torch {host['torch']}.", "",
              "| setup | requests | s | requests/s | tokens/s | TTFT p50 s | TTFT p90 s | hit rate |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -175,12 +176,13 @@ def main(argv: list[str] | None = None) -> None:
     system, mixed = sessions(corpus, size, args.seed)
     results = [run_setup(name, args, system, mixed, corpus, size) for name in args.setups]
     command = "python -m benchmarks.prefix_cache " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = markdown(results, size, command.strip())
+    host = machine()
+    text = markdown(results, size, command.strip(), host)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prefix_cache.md").write_text(text + "\n")
     (args.out / "prefix_cache.json").write_text(json.dumps(
-        {"machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()} | {"size": size},
-         "results": [asdict(r) for r in results]}, indent=1))
+        {"machine": host, "settings": vars(args) | {"size": size}, "results": [asdict(r) for r in results]},
+        indent=1, default=str))
     print("\n" + text)
 
 
