@@ -304,12 +304,14 @@ async def _respond(bridge: CoreBridge, answer: "Answer", body: Sampling,
 async def _sse(answer: "Answer", first: tuple[int, Delta], events: AsyncIterator[tuple[int, Delta]],
                choices: int, n: int, include_usage: bool) -> AsyncIterator[str]:
     finals: dict[int, Delta] = {}
+    generated = 0
     async with aclosing(events):
         for chunk in answer.opening(choices):
             yield _event(chunk)
         pending: list[tuple[int, Delta]] = [first]
         while pending or len(finals) < choices:
             i, delta = pending.pop() if pending else await anext(events)
+            generated += len(delta.token_ids)
             if delta.finish_reason is not None:
                 finals[i] = delta
             if delta.finish_reason == "error":
@@ -320,7 +322,7 @@ async def _sse(answer: "Answer", first: tuple[int, Delta], events: AsyncIterator
             if chunk is not None:
                 yield _event(chunk)
         if include_usage:
-            usage = _usage([finals[i] for i in sorted(finals)], n)
+            usage = _usage([finals[i] for i in sorted(finals)], n, generated)
             yield _event(answer.chunk_base() | {"choices": [], "usage": usage})
     yield "data: [DONE]\n\n"
 
@@ -329,11 +331,10 @@ def _event(data: dict) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def _usage(finals: list[Delta], n: int) -> dict:
-    """A prompt counts once however many choices it has."""
+def _usage(finals: list[Delta], n: int, completion_tokens: int) -> dict:
+    """`finals`: the last delta of each choice, in order. A prompt counts once however many choices it has."""
     prompts = finals[::n]
     prompt_tokens = sum(d.prompt_length or 0 for d in prompts)
-    completion_tokens = sum(len(d.token_ids) for d in finals)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": sum(d.num_cached_tokens or 0 for d in prompts)}}
@@ -355,7 +356,8 @@ class Answer:
 
     def whole(self, finals: list[Delta], n: int) -> dict:
         return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
-                "choices": [self.choice(i, d) for i, d in enumerate(finals)], "usage": _usage(finals, n)}
+                "choices": [self.choice(i, d) for i, d in enumerate(finals)],
+                "usage": _usage(finals, n, sum(len(d.token_ids) for d in finals))}
 
     def chunk_base(self) -> dict:
         return {"id": self.id, "object": self.chunk_name, "created": self.created, "model": self.model}

@@ -19,3 +19,13 @@ def test_cli_reports_bad_options_without_a_traceback():
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["generate", "hi", "--temperature", "-1"])
     assert "temperature must be 0 (greedy) or in [0.01, 100.0]" in str(exit_info.value)
+
+
+def test_serve_takes_http_backpressure_and_access_options():
+    args = cli._parser().parse_args(["serve", "--http-port", "8000", "--no-zmq", "--api-key", "k",
+                                     "--max-queued-requests", "64", "--max-queued-tokens", "65536",
+                                     "--shutdown-timeout", "5"])
+    assert (args.http_port, args.zmq, args.api_key, args.max_queued_requests, args.max_queued_tokens,
+            args.shutdown_timeout) == (8000, False, "k", 64, 65536, 5.0)
+    with pytest.raises(SystemExit, match="both --curve-secret and --curve-clients"):
+        cli.main(["serve", "--curve-secret", "server.key_secret"])
