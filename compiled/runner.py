@@ -107,7 +107,7 @@ class ModelRunner:
             raise ValueError(f"{len(chunks)} sequences exceed the {self.seqs_in_bucket(bucket)} slots of bucket {bucket}")
         num_logits = self._buffers.fill(chunks, bucket, self.seqs_in_bucket(bucket), self.block_size)
         self._buffers.copy(len(chunks))
-        return self._run(bucket)[:num_logits]
+        return self.model.lm_head(self._run(bucket)[:num_logits])
 
     def _execute_oversized(self, chunks: list[SequenceChunk], num_tokens: int) -> torch.Tensor:
         """Only the prefill-first baseline exceeds the budget (a whole long prompt in one step):
@@ -115,7 +115,7 @@ class ModelRunner:
         buffers = _StepBuffers(num_tokens, len(chunks), self.max_blocks_per_seq, self.device)
         num_logits = buffers.fill(chunks, num_tokens, len(chunks), self.block_size)
         buffers.copy(len(chunks))
-        return self.model(buffers.batch, self.kv_caches)[:num_logits]
+        return self.model.lm_head(self.model(buffers.batch, self.kv_caches)[:num_logits])
 
     @torch.inference_mode()
     def profile(self) -> None:
@@ -124,7 +124,7 @@ class ModelRunner:
         bucket = self.buckets[-1]
         self._buffers.fill([], bucket, self.seqs_in_bucket(bucket), self.block_size)
         self._buffers.copy(0)
-        self.model(self._views[bucket], self.kv_caches)
+        self.model.lm_head(self.model(self._views[bucket], self.kv_caches))
 
     def _run(self, bucket: int) -> torch.Tensor:
         if not self.use_graphs or self._forward is self.model.forward:

@@ -1,5 +1,6 @@
 // CPU kernels of the blocked KV cache: the store, and a ragged attention that reads the blocks in
-// place (no per-layer copy of anyone's context). A plain C ABI called through ctypes (kernels/cpu.py),
+// place (no per-layer copy of anyone's context); and a linear layer for steps of few tokens over
+// weights packed in panels. A plain C ABI called through ctypes (kernels/cpu.py),
 // built with -fopenmp so that it shares the OpenMP runtime torch has already loaded.
 // Shapes and the batch contract are those of kernels/reference.py.
 #include <algorithm>
@@ -28,6 +29,26 @@ inline void narrow(float x, bf16* out) {
     if ((u & 0x7fffffffu) > 0x7f800000u) { out->bits = uint16_t((u >> 16) | 0x40u); return; }  // NaN stays NaN
     u += 0x7fffu + ((u >> 16) & 1u);
     out->bits = uint16_t(u >> 16);
+}
+
+// 8-wide vectors that the compiler maps onto the machine's (AVX2 or wider, or NEON pairs).
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+inline v8f load8(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
+inline v8f load8(const bf16* p) {
+    v8h h;
+    std::memcpy(&h, p, sizeof h);
+    v8u u = __builtin_convertvector(h, v8u) << 16;
+    v8f f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+inline float hsum(v8f v) {
+    float s = 0.f;
+    for (int e = 0; e < 8; ++e) s += v[e];
+    return s;
 }
 
 // Query rows (new tokens x the query heads of one KV head) that one work item carries.
@@ -83,9 +104,9 @@ constexpr float MASKED = -1e30f;  // finite, so masked scores never make inf - i
 constexpr int ROWS = 4;
 
 // One item, flash style: keys are visited a cache block at a time with an online softmax. Each block
-// is widened once into fp32 scratch shared by all the item's rows, K transposed so that scores are
-// vector loops over the block's keys. The block size is a template argument: fixed-length loops that
-// the compiler keeps in registers.
+// is copied (widened) into contiguous fp32 scratch shared by all the item's rows: measured faster than
+// reading the head's strided rows in place, even for fp32. The block size is a template argument:
+// fixed-length loops that the compiler keeps in registers.
 template <typename T, int bs>
 void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const T* v_cache,
             const int32_t* block_tables, T* out, std::vector<float>& scratch) {
@@ -96,8 +117,8 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
     float* acc = qf + padded * dim;    // [padded][dim]
     float* m = acc + padded * dim;     // running max per row
     float* l = m + padded;             // running sum per row
-    float* kt = l + padded;            // [dim][bs]
-    float* vf = kt + bs * dim;         // [bs][dim]
+    float* kf = l + padded;            // the block's keys [bs][dim]
+    float* vf = kf + bs * dim;         // and values [bs][dim]
     for (int r = 0; r < rows; ++r) {
         const T* src = q + (int64_t(it.row + r / group) * sh.hq + it.kv_head * group + r % group) * dim;
         for (int d = 0; d < dim; ++d) qf[r * dim + d] = widen(src[d]) * sh.scale;
@@ -113,32 +134,33 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
             const T* ks = k_cache + (base + int64_t(j) * sh.hkv + it.kv_head) * dim;
             const T* vs = v_cache + (base + int64_t(j) * sh.hkv + it.kv_head) * dim;
             for (int d = 0; d < dim; ++d) {
-                kt[d * bs + j] = widen(ks[d]);
+                kf[j * dim + d] = widen(ks[d]);
                 vf[j * dim + d] = widen(vs[d]);
             }
         }
-        std::fill(vf + n * dim, vf + bs * dim, 0.f);  // past the context: weight 0 must meet a finite value
         for (int r0 = 0; r0 < padded; r0 += ROWS) {
-            float w[ROWS][bs] = {};
-            for (int d = 0; d < dim; ++d)
-                for (int i = 0; i < ROWS; ++i) {
-                    const float qd = qf[(r0 + i) * dim + d];
-#pragma omp simd
-                    for (int j = 0; j < bs; ++j) w[i][j] += qd * kt[d * bs + j];
+            float w[ROWS][bs];
+            for (int j = 0; j < n; ++j) {  // each key is loaded once for the ROWS rows
+                v8f s[ROWS] = {};
+                for (int d0 = 0; d0 < dim; d0 += 8) {  // dim is a multiple of 8 (cpu.py checks)
+                    const v8f k = load8(kf + j * dim + d0);
+                    for (int i = 0; i < ROWS; ++i) s[i] += load8(qf + (r0 + i) * dim + d0) * k;
                 }
+                for (int i = 0; i < ROWS; ++i) w[i][j] = hsum(s[i]);
+            }
             float rescale[ROWS];
             for (int i = 0; i < ROWS; ++i) {
                 const int r = std::min(r0 + i, rows - 1);
                 const int p = it.pos + r / group;  // this row's position: it sees keys in (p - window, p]
                 const int from = sh.window > 0 ? p - sh.window + 1 - j0 : 0, to = std::min(n, p + 1 - j0);
                 float best = m[r0 + i];
-                for (int j = 0; j < bs; ++j) {
+                for (int j = 0; j < n; ++j) {
                     w[i][j] = (j >= from && j < to) ? w[i][j] : MASKED;
                     best = std::max(best, w[i][j]);
                 }
                 float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-                for (int j = 0; j < bs; ++j) {
+                for (int j = 0; j < n; ++j) {
                     w[i][j] = w[i][j] == MASKED ? 0.f : fast_exp(w[i][j] - best);
                     sum += w[i][j];
                 }
@@ -146,16 +168,14 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
                 m[r0 + i] = best;
                 l[r0 + i] = l[r0 + i] * rescale[i] + sum;
             }
-            for (int d0 = 0; d0 < dim; d0 += 8) {  // dim is a multiple of 8 (cpu.py checks)
-                float a[ROWS][8];
-                for (int i = 0; i < ROWS; ++i)
-                    for (int e = 0; e < 8; ++e) a[i][e] = acc[(r0 + i) * dim + d0 + e] * rescale[i];
-                for (int j = 0; j < bs; ++j)
-                    for (int i = 0; i < ROWS; ++i)
-#pragma omp simd
-                        for (int e = 0; e < 8; ++e) a[i][e] += w[i][j] * vf[j * dim + d0 + e];
-                for (int i = 0; i < ROWS; ++i)
-                    for (int e = 0; e < 8; ++e) acc[(r0 + i) * dim + d0 + e] = a[i][e];
+            for (int d0 = 0; d0 < dim; d0 += 8) {
+                v8f a[ROWS];
+                for (int i = 0; i < ROWS; ++i) a[i] = load8(acc + (r0 + i) * dim + d0) * rescale[i];
+                for (int j = 0; j < n; ++j) {
+                    const v8f v = load8(vf + j * dim + d0);
+                    for (int i = 0; i < ROWS; ++i) a[i] += w[i][j] * v;
+                }
+                for (int i = 0; i < ROWS; ++i) std::memcpy(acc + (r0 + i) * dim + d0, &a[i], sizeof(v8f));
             }
         }
     }
@@ -199,6 +219,56 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
     }
 }
 
+
+// out[M, N] = x[M, K] @ w[N, K]^T (+ bias), fp32 accumulation, over w packed as [N / 16][K][16] (zero
+// rows pad N) in fp32 or bf16. A step of few tokens is bound by reading the weights: a panel streams
+// through once for all rows of x, 16 outputs wide, in 8-wide vectors the compiler keeps in registers.
+constexpr int PANEL = 16;
+
+template <int ROWS, typename W>
+inline void linear_tile(const float* x, const W* panel, const float* bias, float* out, int64_t N, int64_t K,
+                        int cols) {
+    v8f acc[ROWS][2] = {};
+    for (int64_t k = 0; k < K; ++k) {
+        const v8f w0 = load8(panel + k * PANEL), w1 = load8(panel + k * PANEL + 8);
+        for (int m = 0; m < ROWS; ++m) {
+            const v8f xm = v8f{} + x[m * K + k];
+            acc[m][0] += xm * w0;
+            acc[m][1] += xm * w1;
+        }
+    }
+    for (int m = 0; m < ROWS; ++m) {
+        float row[PANEL];
+        std::memcpy(row, &acc[m][0], sizeof(v8f));
+        std::memcpy(row + 8, &acc[m][1], sizeof(v8f));
+        for (int c = 0; c < cols; ++c) out[m * N + c] = row[c] + (bias ? bias[c] : 0.0f);
+    }
+}
+
+template <typename W>
+void packed_linear(const float* x, const W* w, const float* bias, float* out, int64_t M, int64_t N, int64_t K) {
+    constexpr int TILE = 6;  // rows: 12 accumulators + 2 weight vectors + a broadcast fit 16 vector registers
+    const int64_t panels = (N + PANEL - 1) / PANEL;
+#pragma omp parallel for schedule(static) if (M * N * K > (1 << 18))
+    for (int64_t p = 0; p < panels; ++p) {
+        const W* panel = w + p * K * PANEL;
+        const int64_t n0 = p * PANEL;
+        const int cols = int(std::min<int64_t>(PANEL, N - n0));
+        const float* b = bias ? bias + n0 : nullptr;
+        int64_t m = 0;
+        for (; m + TILE <= M; m += TILE) linear_tile<TILE>(x + m * K, panel, b, out + m * N + n0, N, K, cols);
+        const float* xm = x + m * K;
+        float* om = out + m * N + n0;
+        switch (M - m) {
+            case 1: linear_tile<1>(xm, panel, b, om, N, K, cols); break;
+            case 2: linear_tile<2>(xm, panel, b, om, N, K, cols); break;
+            case 3: linear_tile<3>(xm, panel, b, om, N, K, cols); break;
+            case 4: linear_tile<4>(xm, panel, b, om, N, K, cols); break;
+            case 5: linear_tile<5>(xm, panel, b, om, N, K, cols); break;
+        }
+    }
+}
+
 }  // namespace
 
 #define SPLITFUSE_EXPORT(NAME, T)                                                                          \
@@ -221,3 +291,12 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
 
 SPLITFUSE_EXPORT(f32, float)
 SPLITFUSE_EXPORT(bf16, bf16)
+
+#define SPLITFUSE_EXPORT_LINEAR(NAME, W)                                                                  \
+    extern "C" void splitfuse_linear_##NAME(const float* x, const void* w, const float* bias, float* out, \
+                                            int64_t m, int64_t n, int64_t k) {                           \
+        packed_linear(x, static_cast<const W*>(w), bias, out, m, n, k);                                   \
+    }
+
+SPLITFUSE_EXPORT_LINEAR(f32, float)
+SPLITFUSE_EXPORT_LINEAR(bf16, bf16)

@@ -87,3 +87,23 @@ def _chunk_attention(q, k_cache, v_cache, block_table, start, n, ctx, scale, win
         keep &= k_pos > q_pos - window
     o = F.scaled_dot_product_attention(qs, k, v, attn_mask=keep, scale=scale, enable_gqa=k.shape[0] != qs.shape[0])
     out[start:start + n] = o.transpose(0, 1).to(out.dtype)
+
+
+# Packed linear weights: [N / PANEL, K, PANEL], output features in panels of 16 (zero rows pad N), each
+# panel stored input-feature-major so a kernel streams it once. bf16 when every weight is exactly a bf16
+# (half the bytes to read, the same products), fp32 otherwise.
+PANEL = 16
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    n, k = weight.shape
+    exact = torch.equal(weight.to(torch.bfloat16).to(weight.dtype), weight)
+    padded = torch.zeros(-(-n // PANEL) * PANEL, k, dtype=torch.bfloat16 if exact else torch.float32)
+    padded[:n] = weight
+    return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x [M, K] fp32 times the packed weight, plus bias: fp32 [M, out_features]."""
+    weight = packed.transpose(1, 2).reshape(-1, packed.shape[1])[:out_features].float()
+    return F.linear(x, weight, None if bias is None else bias.float())

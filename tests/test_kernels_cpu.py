@@ -55,3 +55,22 @@ def test_unsupported_shapes_go_to_the_reference():
     assert not cpu.supports(torch.zeros(2, 4, 12))             # head size not a multiple of 8
     assert not cpu.supports(torch.zeros(2, 4, 16, dtype=torch.float16))
     assert not cpu.supports(torch.zeros(2, 4, 16), torch.zeros(2, 4, 16, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("bf16_exact", [True, False])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 40])
+@pytest.mark.parametrize("features", [(576, 576), (37, 80), (1000, 24)])
+def test_packed_linear_matches_an_fp64_linear(rows, features, bf16_exact):
+    """Weights that are exactly bf16 pack as bf16 (half the bytes) with the same products; others as fp32.
+    Output counts that are not a multiple of the panel width, and row counts across the 6-row tiles."""
+    n, k = features
+    g = torch.Generator().manual_seed(rows * n)
+    weight = torch.randn(n, k, generator=g)
+    if bf16_exact:
+        weight = weight.to(torch.bfloat16).float()
+    bias, x = torch.randn(n, generator=g), torch.randn(rows, k, generator=g)
+    packed = reference.pack_linear_weight(weight)
+    assert packed.dtype == (torch.bfloat16 if bf16_exact else torch.float32)
+    expected = torch.nn.functional.linear(x.double(), weight.double(), bias.double()).float()
+    torch.testing.assert_close(cpu.packed_linear(x, packed, bias, n), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reference.packed_linear(x, packed, None, n), expected - bias, atol=1e-4, rtol=1e-4)

@@ -7,6 +7,7 @@ from torch.nn import functional as F
 
 from splitfuse.compiled.batch import Batch
 from splitfuse.kernels import ops
+from splitfuse.kernels.reference import pack_linear_weight
 
 
 class RMSNorm(nn.Module):
@@ -22,24 +23,46 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-class LMHead(nn.Linear):
+class Linear(nn.Linear):
+    """nn.Linear that on CPU also keeps its weight packed for the C++ kernel of steps of few tokens
+    (kernels/reference.py, pack_linear_weight). Those steps are bound by reading the weights, which the
+    GEMM library does slowly at such sizes; larger steps keep the library (prepacked by Inductor's freezing).
+    In a compiled graph the row count is the bucket's, so the choice is made once per bucket."""
+    packed_max_rows = 16
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.register_buffer("packed", None, persistent=False)
+
+    def pack_for_cpu(self) -> None:
+        """Only for fp32 activations: the kernel computes in fp32, and bf16 steps have their own fast GEMMs."""
+        if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
+            self.packed = pack_linear_weight(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.shape[0] <= self.packed_max_rows:
+            return ops.packed_linear(x, self.packed, self.bias, self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+class LMHead(Linear):
     """The projection to the vocabulary, accumulated and returned in fp32 whatever the model dtype:
-    bf16-rounded logits (spacing 0.125 near 25) flip greedy near-ties. CPU matmuls cannot return fp32
-    from bf16 inputs, so there `keep_fp32_copy` makes an fp32 copy of the weight once, after loading."""
+    bf16-rounded logits (spacing 0.125 near 25) flip greedy near-ties. On CPU the packed kernel does that
+    for every model dtype (a bf16 weight packs exactly) and any number of rows; it runs outside the
+    compiled graph, on the sampled rows only."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
-        self.fp32_weight: torch.Tensor | None = None
 
-    def keep_fp32_copy(self) -> None:
-        if self.weight.dtype != torch.float32 and not self.weight.is_cuda:
-            self.fp32_weight = self.weight.float()
+    def pack_for_cpu(self) -> None:
+        if self.weight.device.type == "cpu":
+            self.packed = pack_linear_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return ops.packed_linear(x.float(), self.packed, None, self.out_features)
         if self.weight.dtype == torch.float32:
             return F.linear(x, self.weight)
-        if self.fp32_weight is not None:
-            return F.linear(x.float(), self.fp32_weight)
         return torch.mm(x, self.weight.t(), out_dtype=torch.float32)
 
 

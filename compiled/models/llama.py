@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from splitfuse.compiled.batch import Batch
-from splitfuse.compiled.models.layers import LMHead, RMSNorm, Rotary, blocked_attention
+from splitfuse.compiled.models.layers import Linear, LMHead, RMSNorm, Rotary, blocked_attention
 
 
 def _sliding_window(config) -> int:
@@ -23,10 +23,10 @@ class Attention(nn.Module):
         qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
         o_bias = config.model_type != "qwen2" and getattr(config, "attention_bias", False)
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * head_dim, h, bias=o_bias)
+        self.q_proj = Linear(h, self.num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = Linear(h, self.num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = Linear(h, self.num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = Linear(self.num_heads * head_dim, h, bias=o_bias)
         self.scale = head_dim ** -0.5
         self.sliding_window = _sliding_window(config)
 
@@ -46,9 +46,9 @@ class MLP(nn.Module):
             raise ValueError(f"unsupported activation {config.hidden_act!r}; supported: silu")
         bias = getattr(config, "mlp_bias", False)
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_proj = Linear(h, i, bias=bias)
+        self.up_proj = Linear(h, i, bias=bias)
+        self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -76,7 +76,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Forward over a flat ragged batch; returns fp32 logits for batch.logits_indices only."""
+    """Forward over a flat ragged batch; returns the final hidden states of batch.logits_indices, which
+    lm_head turns into fp32 logits (the runner applies it outside the compiled graph, to the real rows)."""
 
     def __init__(self, config):
         super().__init__()
@@ -95,5 +96,4 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(batch.input_ids)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x = layer(x, batch, self.rotary, kv_cache)
-        x = self.model.norm(x[batch.logits_indices])
-        return self.lm_head(x)
+        return self.model.norm(x[batch.logits_indices])

@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from splitfuse.compiled.batch import Batch
-from splitfuse.compiled.models.layers import LMHead, blocked_attention
+from splitfuse.compiled.models.layers import Linear, LMHead, blocked_attention
 
 _POSITION_OFFSET = 2  # OPT's position table reserves its first two rows
 
@@ -17,10 +17,10 @@ class OPTAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = h // self.num_heads
         bias = getattr(config, "enable_bias", True)
-        self.q_proj = nn.Linear(h, h, bias=bias)
-        self.k_proj = nn.Linear(h, h, bias=bias)
-        self.v_proj = nn.Linear(h, h, bias=bias)
-        self.out_proj = nn.Linear(h, h, bias=bias)
+        self.q_proj = Linear(h, h, bias=bias)
+        self.k_proj = Linear(h, h, bias=bias)
+        self.v_proj = Linear(h, h, bias=bias)
+        self.out_proj = Linear(h, h, bias=bias)
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x, batch: Batch, kv_cache):
@@ -41,8 +41,8 @@ class OPTDecoderLayer(nn.Module):
         self.pre_norm = config.do_layer_norm_before
         self.self_attn = OPTAttention(config)
         self.self_attn_layer_norm = nn.LayerNorm(h, elementwise_affine=config.layer_norm_elementwise_affine)
-        self.fc1 = nn.Linear(h, config.ffn_dim, bias=bias)
-        self.fc2 = nn.Linear(config.ffn_dim, h, bias=bias)
+        self.fc1 = Linear(h, config.ffn_dim, bias=bias)
+        self.fc2 = Linear(config.ffn_dim, h, bias=bias)
         self.final_layer_norm = nn.LayerNorm(h, elementwise_affine=config.layer_norm_elementwise_affine)
 
     def forward(self, x, batch, kv_cache):
@@ -61,8 +61,8 @@ class OPTDecoder(nn.Module):
         proj = config.word_embed_proj_dim
         self.embed_tokens = nn.Embedding(config.vocab_size, proj)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + _POSITION_OFFSET, config.hidden_size)
-        self.project_in = nn.Linear(proj, config.hidden_size, bias=False) if proj != config.hidden_size else None
-        self.project_out = nn.Linear(config.hidden_size, proj, bias=False) if proj != config.hidden_size else None
+        self.project_in = Linear(proj, config.hidden_size, bias=False) if proj != config.hidden_size else None
+        self.project_out = Linear(config.hidden_size, proj, bias=False) if proj != config.hidden_size else None
         # Post-norm OPT (350m) has no final norm.
         self.final_layer_norm = (nn.LayerNorm(config.hidden_size,
                                               elementwise_affine=config.layer_norm_elementwise_affine)
@@ -77,7 +77,8 @@ class OPTModel(nn.Module):
 
 
 class OPTForCausalLM(nn.Module):
-    """Forward over a flat ragged batch; returns fp32 logits for batch.logits_indices only."""
+    """Forward over a flat ragged batch; returns the final hidden states of batch.logits_indices (see
+    LlamaForCausalLM)."""
 
     def __init__(self, config):
         super().__init__()
@@ -104,4 +105,4 @@ class OPTForCausalLM(nn.Module):
             x = d.final_layer_norm(x)
         if d.project_out is not None:
             x = d.project_out(x)
-        return self.lm_head(x)
+        return x
