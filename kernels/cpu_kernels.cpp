@@ -118,13 +118,17 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
             const int32_t* block_tables, T* out, std::vector<float>& scratch) {
     const int group = sh.hq / sh.hkv, dim = sh.dim;
     const int rows = it.count * group, padded = (rows + ROWS - 1) / ROWS * ROWS;
-    scratch.assign(size_t(padded) * (2 * dim + 2) + size_t(bs) * 2 * dim, 0.f);
+    // Items of several row groups transpose each block's keys once for them all (scores as vector loops
+    // over keys); a decode's single group takes dot products rather than pay for that.
+    const bool transposed = padded > ROWS;
+    scratch.assign(size_t(padded) * (2 * dim + 2) + size_t(bs) * 3 * dim, 0.f);
     float* qf = scratch.data();        // [padded][dim], padding rows stay 0
     float* acc = qf + padded * dim;    // [padded][dim]
     float* m = acc + padded * dim;     // running max per row
     float* l = m + padded;             // running sum per row
     float* kf = l + padded;            // the block's keys [bs][dim]
     float* vf = kf + bs * dim;         // and values [bs][dim]
+    float* kt = vf + bs * dim;         // and the keys transposed [dim][bs] (past n: finite, masked)
     for (int r = 0; r < rows; ++r) {
         const T* src = q + (int64_t(it.row + r / group) * sh.hq + it.kv_head * group + r % group) * dim;
         for (int d = 0; d < dim; ++d) qf[r * dim + d] = widen(src[d]) * sh.scale;
@@ -144,15 +148,29 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
                 vf[j * dim + d] = widen(vs[d]);
             }
         }
+        if (transposed)
+            for (int j = 0; j < n; ++j)
+                for (int d = 0; d < dim; ++d) kt[d * bs + j] = kf[j * dim + d];
         for (int r0 = 0; r0 < padded; r0 += ROWS) {
             float w[ROWS][bs] = {};  // past the block's n keys: masked
-            for (int j = 0; j < n; ++j) {  // each key is loaded once for the ROWS rows
-                v8f s[ROWS] = {};
-                for (int d0 = 0; d0 < dim; d0 += 8) {  // dim is a multiple of 8 (cpu.py checks)
-                    const v8f k = load8(kf + j * dim + d0);
-                    for (int i = 0; i < ROWS; ++i) s[i] += load8(qf + (r0 + i) * dim + d0) * k;
+            if (transposed) {  // scores as vector loops over the block's keys
+                for (int d = 0; d < dim; ++d)
+                    for (int i = 0; i < ROWS; ++i) {
+                        const float qd = qf[(r0 + i) * dim + d];
+                        for (int j = 0; j < bs; j += 8) {
+                            v8f acc8 = load8(w[i] + j) + qd * load8(kt + d * bs + j);
+                            std::memcpy(w[i] + j, &acc8, sizeof acc8);
+                        }
+                    }
+            } else {
+                for (int j = 0; j < n; ++j) {  // each key is loaded once for the ROWS rows
+                    v8f s[ROWS] = {};
+                    for (int d0 = 0; d0 < dim; d0 += 8) {  // dim is a multiple of 8 (cpu.py checks)
+                        const v8f k = load8(kf + j * dim + d0);
+                        for (int i = 0; i < ROWS; ++i) s[i] += load8(qf + (r0 + i) * dim + d0) * k;
+                    }
+                    for (int i = 0; i < ROWS; ++i) w[i][j] = hsum(s[i]);
                 }
-                for (int i = 0; i < ROWS; ++i) w[i][j] = hsum(s[i]);
             }
             float rescale[ROWS];
             for (int i = 0; i < ROWS; ++i) {
