@@ -97,7 +97,9 @@ PANEL = 16
 
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     n, k = weight.shape
-    exact = torch.equal(weight.to(torch.bfloat16).to(weight.dtype), weight)
+    # A bf16 is the top half of an fp32: an fp32 weight is exactly a bf16 when its low halves are all 0.
+    exact = weight.dtype == torch.bfloat16 or (
+        weight.dtype == torch.float32 and not (weight.view(torch.int32) & 0xFFFF).any())
     padded = torch.zeros(-(-n // PANEL) * PANEL, k, dtype=torch.bfloat16 if exact else torch.float32)
     padded[:n] = weight
     return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
