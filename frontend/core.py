@@ -17,6 +17,7 @@ import math
 import os
 import queue
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -84,6 +85,8 @@ class Core:
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()  # written by call_soon, from any thread
         os.set_blocking(self._wake_write, False)
+        self._closing = threading.Lock()  # no call_soon writes to the pipe once close() closed it
+        self._closed = False
         self._poller = zmq.Poller()
         self._poller.register(self.router.socket, zmq.POLLIN)
         self._poller.register(self._wake_read, zmq.POLLIN)
@@ -147,12 +150,15 @@ class Core:
         self._poller.register(socket, zmq.POLLIN)
 
     def call_soon(self, fn: Callable[[], None]) -> None:
-        """From any thread: run fn on the polling thread, at its next poll."""
-        self._calls.put(fn)
-        try:
-            os.write(self._wake_write, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already
+        """From any thread: run fn on the polling thread, at its next poll (never, once closed)."""
+        with self._closing:
+            if self._closed:
+                return
+            self._calls.put(fn)
+            try:
+                os.write(self._wake_write, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already
 
     def health(self) -> dict:
         replicas = [{k: s[k] for k in ("replica", "ready", "restarts")} for s in self.router.stats()]
@@ -169,8 +175,10 @@ class Core:
         for key in list(self.requests):
             self.abort(key, "error", "the server is shutting down")
         self.router.close()
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        with self._closing:
+            self._closed = True
+            os.close(self._wake_read)
+            os.close(self._wake_write)
 
     def _admit(self) -> None:
         if not self.accepting:

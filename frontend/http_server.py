@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -32,6 +32,7 @@ from splitfuse.frontend.core import Core, Overloaded, Unavailable
 from splitfuse.frontend.response import Delta
 
 MAX_CHOICES = 64   # n: choices of one prompt
+DISCONNECT_POLL = 0.5  # seconds between checks that a client waiting for a whole answer is still there
 STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
@@ -174,7 +175,10 @@ class CoreBridge:
 
 
 def _sink(loop: asyncio.AbstractEventLoop, arrived: asyncio.Queue, index: int):
-    return lambda event: loop.call_soon_threadsafe(arrived.put_nowait, (index, event))
+    def sink(event: Delta | Exception) -> None:
+        with suppress(RuntimeError):  # the HTTP server's loop is closed: nobody is left to answer
+            loop.call_soon_threadsafe(arrived.put_nowait, (index, event))
+    return sink
 
 
 def _settle(future: asyncio.Future, result, error: Exception | None) -> None:
@@ -236,21 +240,21 @@ def create_app(core: Core, model_name: str, api_key: str | None = None) -> FastA
                                             "owned_by": "splitfuse", "max_model_len": core.max_model_len}]}
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model, model_name)
         prompts = body.prompt if _is_batch(body.prompt) else [body.prompt]
         fields = [{"prompt": p} if isinstance(p, str) else {"prompt_ids": p} for p in prompts]
         answer = Completion(core, model_name, body.logprobs)
-        return await _respond(bridge, answer, body, _requests(body, core, fields, body.logprobs, body.echo))
+        return await _respond(bridge, request, answer, body, _requests(body, core, fields, body.logprobs, body.echo))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
         _check_model(body.model, model_name)
         body.max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         fields = [{"messages": [_message(m) for m in body.messages]}]
         answer = ChatCompletion(core, model_name, logprobs)
-        return await _respond(bridge, answer, body, _requests(body, core, fields, logprobs, False))
+        return await _respond(bridge, request, answer, body, _requests(body, core, fields, logprobs, False))
 
     return app
 
@@ -282,23 +286,42 @@ def _requests(body: Sampling, core: Core, fields: list[dict], logprobs: int | No
         raise ApiError(400, str(e)) from None
 
 
-async def _respond(bridge: CoreBridge, answer: "Answer", body: Sampling,
+async def _respond(bridge: CoreBridge, request: Request, answer: "Answer", body: Sampling,
                    requests: list[tuple[SamplingParams, dict]]):
     events = bridge.generate(requests, stream=body.stream)
     try:  # refusals come before any status is sent: the first event of a stream, any event of a whole answer
-        first = await anext(events)
-        if not body.stream:
-            finals = dict([first] + [event async for event in events])
+        arrived = await _unless_disconnected(request, anext(events) if body.stream else _collect(events))
     except (ValueError, Overloaded, Unavailable) as e:
         raise ApiError(_status_of(e), str(e)) from None
+    if arrived is None:  # the client left: its requests were aborted, nobody reads a reply
+        return Response(status_code=499)
     if not body.stream:
+        finals = arrived
         failed = next((d for d in finals.values() if d.finish_reason == "error"), None)
         if failed is not None:
             raise ApiError(500 if bridge.core.accepting else 503, failed.error or "the request failed")
         return answer.whole([finals[i] for i in range(len(requests))], body.n)
     usage = body.stream_options is not None and body.stream_options.include_usage
-    return StreamingResponse(_sse(answer, first, events, len(requests), body.n, usage),
+    return StreamingResponse(_sse(answer, arrived, events, len(requests), body.n, usage),
                              media_type="text/event-stream")
+
+
+async def _collect(events: AsyncIterator[tuple[int, Delta]]) -> dict[int, Delta]:
+    return {i: delta async for i, delta in events}
+
+
+async def _unless_disconnected(request: Request, work):
+    """The result of `work`, or None if the client disconnects first (then `work` is cancelled, which
+    aborts its requests)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL)
+            if not task.done() and await request.is_disconnected():
+                return None
+        return task.result()
+    finally:
+        task.cancel()  # a no-op once it is done
 
 
 async def _sse(answer: "Answer", first: tuple[int, Delta], events: AsyncIterator[tuple[int, Delta]],

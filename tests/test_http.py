@@ -25,7 +25,7 @@ ENGINE = dict(eager=True, num_blocks=512, max_model_len=512)
 KEY = "sk-test-key"
 MODEL = "smollm2-135m-instruct"  # the bundled model's directory name
 LONG = dict(max_tokens=480, extra_body={"ignore_eos": True})  # far longer than any test waits for
-GREEDY = dict(temperature=0, max_tokens=16)
+GREEDY = dict(temperature=0, max_tokens=8)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def certificates(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def small(certificates):
     with serve(http_port=0, curve_secret=certificates["server_secret"], curve_clients=certificates["allowed"],
-               max_queued_requests=2, max_queued_tokens=300, shutdown_timeout=6.0, ready_timeout=300, **ENGINE) as d:
+               max_queued_requests=2, max_queued_tokens=300, shutdown_timeout=20.0, ready_timeout=300, **ENGINE) as d:
         yield d
 
 
@@ -58,8 +58,8 @@ def client(deployment, key: str = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{deployment.http_url}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def async_client(deployment, key: str = KEY) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{deployment.http_url}/v1", api_key=key, max_retries=0, timeout=120)
+def async_client(deployment, key: str = KEY, timeout: float = 120) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{deployment.http_url}/v1", api_key=key, max_retries=0, timeout=timeout)
 
 
 def run(coroutine, timeout: float = 120):
@@ -88,15 +88,22 @@ def wait_until(condition, timeout: float, what: str):
 
 
 def drained(deployment) -> bool:
-    with Client(deployment.address) as zmq_client:
-        stats = zmq_client.stats()
-    return stats["in_flight"] == 0 and all(r["engine"]["blocks_in_use"] == 0 and r["engine"]["running"] == 0
-                                           for r in stats["replicas"])
+    now = stats(deployment)
+    return now["in_flight"] == 0 and all(r["engine"]["blocks_in_use"] == 0 and r["engine"]["running"] == 0
+                                           for r in now["replicas"])
 
 
-def worker_pid(deployment, curve: CurveKeys) -> int:
+def stats(deployment, curve: CurveKeys | None = None) -> dict:
     with Client(deployment.address, curve=curve) as zmq_client:
-        return zmq_client.stats()["replicas"][0]["pid"]
+        return zmq_client.stats()
+
+
+async def until(condition, what: str, timeout: float = 60) -> None:
+    """Wait, without blocking the event loop long, until a (blocking) condition holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
+        await asyncio.sleep(0.2)
 
 
 def test_models_health_metrics_and_the_api_key(server):
@@ -118,9 +125,9 @@ def test_models_health_metrics_and_the_api_key(server):
 def test_pipeline_zeromq_and_http_give_the_same_greedy_answer(server):
     prompt, chat = "The capital of France is", [{"role": "user", "content": "Name three colors."}]
     with pipeline(**ENGINE) as pipe:
-        expected = pipe(prompt, max_new_tokens=16)[0], pipe.chat(chat, max_new_tokens=16)[0]
+        expected = pipe(prompt, max_new_tokens=8)[0], pipe.chat(chat, max_new_tokens=8)[0]
     with Client(server.address) as zmq_client:
-        over_zmq = zmq_client.complete(prompt, max_new_tokens=16), zmq_client.chat(chat, max_new_tokens=16)
+        over_zmq = zmq_client.complete(prompt, max_new_tokens=8), zmq_client.chat(chat, max_new_tokens=8)
     http = client(server)
     text = http.completions.create(model=MODEL, prompt=prompt, logprobs=0, **GREEDY)
     reply = http.chat.completions.create(model=MODEL, messages=chat, **GREEDY)
@@ -149,12 +156,12 @@ def test_streamed_chat_with_usage_equals_the_whole_answer(server):
     messages = [{"role": "user", "content": "Write a haiku about the sea."}]
 
     async def body():
-        api = async_client(server)
-        whole = await api.chat.completions.create(model=MODEL, messages=messages, logprobs=True, top_logprobs=2,
-                                                  **GREEDY)
-        chunks = [c async for c in await api.chat.completions.create(
-            model=MODEL, messages=messages, stream=True, stream_options={"include_usage": True}, logprobs=True,
-            top_logprobs=2, **GREEDY)]
+        async with async_client(server) as api:
+            whole = await api.chat.completions.create(model=MODEL, messages=messages, logprobs=True, top_logprobs=2,
+                                                      **GREEDY)
+            chunks = [c async for c in await api.chat.completions.create(
+                model=MODEL, messages=messages, stream=True, stream_options={"include_usage": True}, logprobs=True,
+                top_logprobs=2, **GREEDY)]
         return whole, chunks
 
     whole, chunks = run(body())
@@ -174,7 +181,7 @@ def test_streamed_chat_with_usage_equals_the_whole_answer(server):
 
 def test_n_choices_and_seeded_sampling_is_reproducible(server):
     api = client(server)
-    request = dict(prompt="Once upon a time", n=3, temperature=1.0, seed=7, max_tokens=12)
+    request = dict(prompt="Once upon a time", n=3, temperature=1.0, seed=7, max_tokens=6)
     first, again = api.completions.create(model=MODEL, **request), api.completions.create(model=MODEL, **request)
     assert [c.index for c in first.choices] == [0, 1, 2]
     assert [c.text for c in first.choices] == [c.text for c in again.choices]
@@ -204,26 +211,29 @@ def test_bad_requests_get_openai_errors(server):
     assert status == 400 and json.loads(body)["error"]["type"] == "invalid_request_error"
 
 
-def test_a_client_leaving_mid_stream_frees_its_blocks(server):
+def test_a_client_leaving_frees_its_blocks(server):
     stream = client(server).completions.create(model=MODEL, prompt="Count from one to a thousand:", stream=True, **LONG)
     next(iter(stream))
     assert not drained(server)
     stream.close()
     wait_until(lambda: drained(server), 10, "the abandoned stream's blocks to be freed")
+    with pytest.raises(openai.APITimeoutError):  # a client that gives up waiting for a whole answer
+        client(server).with_options(timeout=3.0).completions.create(model=MODEL, prompt="Count to a thousand:", **LONG)
+    wait_until(lambda: drained(server), 10, "the abandoned request's blocks to be freed")
 
 
 def test_200_concurrent_streams_none_lost(server):
     async def one(api: openai.AsyncOpenAI, i: int):
-        stream = await api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"Say {i}."}],
-                                                   max_tokens=4, stream=True, stream_options={"include_usage": True})
+        stream = await api.completions.create(model=MODEL, prompt=f"Say {i}.", max_tokens=4, stream=True,
+                                              stream_options={"include_usage": True})
         chunks = [c async for c in stream]
         return [c.choices[0].finish_reason for c in chunks if c.choices][-1], chunks[-1].usage.completion_tokens
 
     async def body():
-        api = async_client(server)
-        return await asyncio.gather(*(one(api, i) for i in range(200)))
+        async with async_client(server, timeout=300) as api:
+            return await asyncio.gather(*(one(api, i) for i in range(200)))
 
-    results = run(body(), timeout=240)
+    results = run(body(), timeout=300)
     assert len(results) == 200
     assert all(reason in ("stop", "length") and 1 <= tokens <= 4 for reason, tokens in results), results
     wait_until(lambda: drained(server), 30, "the workers to drain")
@@ -241,8 +251,7 @@ def test_curve_admits_only_the_listed_clients(small, certificates):
 
 
 def test_no_replica_ready_is_503(small, certificates):
-    pid = worker_pid(small, certificates["client"])
-    os.kill(pid, signal.SIGKILL)
+    os.kill(stats(small, certificates["client"])["replicas"][0]["pid"], signal.SIGKILL)
     wait_until(lambda: http(small, "/health")[0] == 503, 10, "the loss to be noticed")
     with pytest.raises(openai.InternalServerError) as refused:
         client(small).completions.create(model=MODEL, prompt="Hi", max_tokens=2)
@@ -251,47 +260,52 @@ def test_no_replica_ready_is_503(small, certificates):
 
 
 def test_past_the_queue_limits_requests_are_refused_with_429(small, certificates):
-    pid = worker_pid(small, certificates["client"])
+    curve = certificates["client"]
+    pid = stats(small, curve)["replicas"][0]["pid"]
+
+    def queued(n: int):
+        return lambda: stats(small, curve)["queued"] == n
 
     async def body():
-        api = async_client(small)
-        os.kill(pid, signal.SIGSTOP)  # nothing gets its first token: the queue only grows
-        try:
-            first = asyncio.create_task(api.completions.create(model=MODEL, prompt="Say 1.", max_tokens=2))
-            await asyncio.sleep(1.0)
-            with pytest.raises(openai.RateLimitError, match="max_queued_tokens"):  # alone it would fit
-                await api.completions.create(model=MODEL, prompt=[1] * 299, max_tokens=2)
-            second = asyncio.create_task(api.completions.create(model=MODEL, prompt="Say 2.", max_tokens=2))
-            await asyncio.sleep(1.0)
-            with pytest.raises(openai.RateLimitError, match="max_queued_requests"):
-                await api.completions.create(model=MODEL, prompt="One too many.", max_tokens=2)
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        return await asyncio.gather(first, second)
+        async with async_client(small) as api:
+            os.kill(pid, signal.SIGSTOP)  # nothing gets its first token: the queue only grows
+            try:
+                first = asyncio.create_task(api.completions.create(model=MODEL, prompt="Say 1.", max_tokens=2))
+                await until(queued(1), "the first request to be queued")
+                with pytest.raises(openai.RateLimitError, match="max_queued_tokens"):  # alone it would fit
+                    await api.completions.create(model=MODEL, prompt=[1] * 299, max_tokens=2)
+                second = asyncio.create_task(api.completions.create(model=MODEL, prompt="Say 2.", max_tokens=2))
+                await until(queued(2), "the second request to be queued")
+                with pytest.raises(openai.RateLimitError, match="max_queued_requests"):
+                    await api.completions.create(model=MODEL, prompt="One too many.", max_tokens=2)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            return await asyncio.gather(first, second)
 
     assert all(a.choices[0].finish_reason in ("stop", "length") for a in run(body()))
 
 
-def test_sigterm_drains_then_exits_0(small):
+def test_sigterm_drains_then_exits_0(small, certificates):
     """Last: it stops the deployment. A short request in flight finishes, a new one is refused, a long one
     ends with an error at the shutdown timeout, and the process exits 0."""
     async def body():
-        api = async_client(small)
-        long = await api.completions.create(model=MODEL, prompt="Count from one to a thousand:", stream=True, **LONG)
-        await anext(aiter(long))
-        short = asyncio.create_task(api.completions.create(model=MODEL, prompt="Count to five:", max_tokens=8,
-                                                           temperature=0, extra_body={"ignore_eos": True}))
-        await asyncio.sleep(1.0)
-        small.process.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.5)
-        with pytest.raises(openai.InternalServerError) as refused:
-            await api.completions.create(model=MODEL, prompt="Too late.", max_tokens=2)
-        assert refused.value.status_code == 503
-        with pytest.raises(openai.APIError, match="shutting down"):
-            async for _ in long:
-                pass
-        return await short
+        async with async_client(small) as api:
+            long = await api.completions.create(model=MODEL, prompt="Count from one to a thousand:", stream=True,
+                                                **LONG)
+            await anext(aiter(long))
+            short = asyncio.create_task(api.completions.create(model=MODEL, prompt="Count to five:", max_tokens=8,
+                                                               temperature=0, extra_body={"ignore_eos": True}))
+            await until(lambda: stats(small, certificates["client"])["in_flight"] == 2, "the short request")
+            small.process.send_signal(signal.SIGTERM)
+            await until(lambda: http(small, "/health")[0] == 503, "the drain to begin", timeout=10)
+            with pytest.raises(openai.InternalServerError) as refused:
+                await api.completions.create(model=MODEL, prompt="Too late.", max_tokens=2)
+            assert refused.value.status_code == 503
+            with pytest.raises(openai.APIError, match="shutting down"):
+                async for _ in long:
+                    pass
+            return await short
 
-    answer = run(body(), timeout=60)
+    answer = run(body(), timeout=120)
     assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 8
     assert small.process.wait(30) == 0
