@@ -164,5 +164,21 @@ def main(argv: list[str] | None = None) -> None:
         context.term()
 
 
+def run() -> None:
+    """main(), then leave without the interpreter's teardown: a background compile may still be running,
+    and tearing down under its thread aborts the process ("terminate called without an active exception")."""
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    run()
