@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from splitfuse.config import EngineConfig
 
+STOP_GRACE = 15.0  # seconds a server gets to stop its workers after its drain
+
 
 @dataclass(slots=True)
 class Deployment:
@@ -16,14 +18,15 @@ class Deployment:
     address: str | None
     process: subprocess.Popen
     http_url: str | None = None
+    shutdown_timeout: float = 30.0
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self) -> None:
         """Stop the server and its workers (SIGTERM: in-flight requests get up to its shutdown_timeout
-        to finish, then end with an error)."""
+        to finish, then end with an error; the server is killed if it has not exited some time after)."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout)
+                self.process.wait(self.shutdown_timeout + STOP_GRACE)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -72,7 +75,7 @@ def serve(model: str | None = None, replicas: int = 1, port: int | str | None = 
                                       "model_name": served_model_name})]
     # Its own session, so a Ctrl-C meant for this program does not also hit the server mid-shutdown.
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    deployment = Deployment(None, process)
+    deployment = Deployment(None, process, shutdown_timeout=shutdown_timeout)
     try:
         where = wait_ready(process, ready_timeout)
     except BaseException:
