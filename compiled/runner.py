@@ -53,6 +53,9 @@ def kv_cache_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dty
     return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * dtype.itemsize
 
 
+COMPILE_START_S = 10.0  # a background compile waits at most this long for its start signal
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_model_len: int, buckets: list[int], compile: bool = True, cuda_graphs: bool = True):
@@ -150,18 +153,22 @@ class ModelRunner:
             out = self._forward(view, self.kv_caches)
         self._graphs[bucket] = (graph, out)
 
-    def compile(self, background: bool, progress: bool = True) -> None:
+    def compile(self, background: bool, progress: bool = True, start: threading.Event | None = None) -> None:
         """Compile every bucket, largest first, on all-padding batches of its own (they write no KV),
-        then serve compiled. In the background, steps run eagerly meanwhile; `compiled` tells when."""
+        then serve compiled. In the background, steps run eagerly meanwhile; `compiled` tells when.
+        A background compile begins once `start` is set, or COMPILE_START_S after this call at the
+        latest: the compiler would otherwise slow the first answers several times over."""
         if self._compiled is None:
             return
         if background:
             _confine_fx_patches_to_their_thread()
-            threading.Thread(target=self._compile_all, args=(progress,), name="compile", daemon=True).start()
+            threading.Thread(target=self._compile_all, args=(progress, start), name="compile", daemon=True).start()
         else:
             self._compile_all(progress)
 
-    def _compile_all(self, progress: bool) -> None:
+    def _compile_all(self, progress: bool, start: threading.Event | None = None) -> None:
+        if start is not None:
+            start.wait(COMPILE_START_S)
         # Laid out as the static buffers (each field a view of one flat buffer), and made outside inference
         # mode like them: dynamo's guards tell the two kinds apart.
         buffers = _StepBuffers(self.buckets[-1], self.max_num_seqs, self.max_blocks_per_seq, self.device)

@@ -3,6 +3,7 @@ import functools
 import itertools
 import os
 import random
+import threading
 from collections.abc import Callable
 
 import torch
@@ -48,7 +49,8 @@ class Engine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, config.token_budget, config.max_num_seqs, self.blocks)
         self.runner = runner(num_blocks=num_blocks, compile=not config.eager, cuda_graphs=not config.eager)
-        self.runner.compile(background=config.background_compile, progress=progress)
+        self._idle = threading.Event()  # set when the engine first goes idle: a background compile starts then
+        self.runner.compile(background=config.background_compile, progress=progress, start=self._idle)
         self.sampler = Sampler(self.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._generators: dict[str, torch.Generator] = {}
@@ -132,6 +134,8 @@ class Engine:
                 outputs.append(self._append(request, result.token_ids[i],
                                             result.logprobs[i] if result.logprobs else None,
                                             result.top_logprobs[i] if result.top_logprobs else None))
+        if not self._requests:
+            self._idle.set()
         return outputs
 
     def _append(self, request: Request, token: int, logprob: float | None, top: dict | None) -> RequestOutput:
