@@ -1,4 +1,6 @@
 """Fixed-shape execution: bucket bookkeeping on CPU, compiled == eager, one compile per bucket."""
+import time
+
 import pytest
 import torch
 import torch._dynamo.utils
@@ -90,9 +92,16 @@ def test_compiled_equals_eager_and_compiles_once_per_bucket(fresh_compile):
 
 def test_serves_while_compiling_in_the_background(fresh_compile):
     """Steps run eagerly while the buckets compile in another thread, then compiled; the same tokens
-    either way, and still one graph per bucket."""
+    either way, and still one graph per bucket. The compiler waits for the engine's first idle moment,
+    so the first answers do not share the interpreter with it."""
     options, eager = fresh_compile
     engine = Engine(EngineConfig(**options), progress=False)
+    engine.add_request("first", [1, 2, 3], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    engine.step()
+    time.sleep(1)
+    assert torch._dynamo.utils.counters["frames"]["total"] == 0  # busy so far: nothing traced
+    engine.abort("first")
+    engine.step()
     assert workload(engine, 128) == eager
     assert engine.runner.compiled.wait(timeout=600)
     assert engine.runner._forward is engine.runner._compiled
