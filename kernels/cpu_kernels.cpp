@@ -123,9 +123,10 @@ constexpr float MASKED = -1e30f;  // finite, so masked scores never make inf - i
 // Rows are processed four at a time, so each key and value loaded is used four times from registers.
 constexpr int ROWS = 4;
 
-// One item, flash style: keys are visited a cache block at a time with an online softmax. Each block
-// is copied (widened) into contiguous fp32 scratch shared by all the item's rows: measured faster than
-// reading the head's strided rows in place, even for fp32. The block size is a template argument:
+// One item, flash style: keys are visited a cache block at a time with an online softmax. A decode
+// copies (widens) each block's keys and values into contiguous fp32 scratch first: from memory, that
+// streams faster than reading the head's strided rows in place (measured). Items of several row groups
+// transpose the keys instead and read the values in place. The block size is a template argument:
 // fixed-length loops that the compiler keeps in registers.
 template <typename T, int bs>
 void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const T* v_cache,
@@ -135,14 +136,13 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
     // Items of several row groups transpose each block's keys once for them all (scores as vector loops
     // over keys); a decode's single group takes dot products rather than pay for that.
     const bool transposed = padded > ROWS;
-    scratch.assign(size_t(padded) * (2 * dim + 2) + size_t(bs) * 3 * dim, 0.f);
+    scratch.assign(size_t(padded) * (2 * dim + 2) + size_t(bs) * 2 * dim, 0.f);
     float* qf = scratch.data();        // [padded][dim], padding rows stay 0
     float* acc = qf + padded * dim;    // [padded][dim]
     float* m = acc + padded * dim;     // running max per row
     float* l = m + padded;             // running sum per row
-    float* kf = l + padded;            // the block's keys [bs][dim]
-    float* vf = kf + bs * dim;         // and values [bs][dim]
-    float* kt = vf + bs * dim;         // and the keys transposed [dim][bs] (past n: finite, masked)
+    float* kf = l + padded;            // the block's keys: transposed [dim][bs] (past n: finite, masked),
+    float* vf = kf + bs * dim;         // or as they are [bs][dim], with the values
     for (int r = 0; r < rows; ++r) {
         const T* src = q + (int64_t(it.row + r / group) * sh.hq + it.kv_head * group + r % group) * dim;
         for (int d = 0; d < dim; ++d) qf[r * dim + d] = widen(src[d]) * sh.scale;
@@ -151,20 +151,22 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
     const int last = it.pos + it.count - 1;
     const int lo = sh.window > 0 ? std::max(0, it.pos - sh.window + 1) : 0;
     const int32_t* table = block_tables + int64_t(it.seq) * sh.max_blocks;
+    const int64_t stride = int64_t(sh.hkv) * dim;  // between a head's consecutive keys in a block
     for (int blk = lo / bs; blk <= last / bs; ++blk) {
         const int j0 = blk * bs, n = std::min(last + 1 - j0, bs);  // keys j0 .. j0 + n - 1
-        const int64_t base = int64_t(table[blk]) * bs * sh.hkv;
-        for (int j = 0; j < n; ++j) {
-            const T* ks = k_cache + (base + int64_t(j) * sh.hkv + it.kv_head) * dim;
-            const T* vs = v_cache + (base + int64_t(j) * sh.hkv + it.kv_head) * dim;
-            for (int d = 0; d < dim; ++d) {
-                kf[j * dim + d] = widen(ks[d]);
-                vf[j * dim + d] = widen(vs[d]);
-            }
-        }
-        if (transposed)
+        const int64_t first = (int64_t(table[blk]) * bs * sh.hkv + it.kv_head) * dim;
+        const T* kb = k_cache + first;  // key j of the block at kb + j * stride
+        const T* vb = v_cache + first;
+        if (transposed) {
             for (int j = 0; j < n; ++j)
-                for (int d = 0; d < dim; ++d) kt[d * bs + j] = kf[j * dim + d];
+                for (int d = 0; d < dim; ++d) kf[d * bs + j] = widen(kb[j * stride + d]);
+        } else {
+            for (int j = 0; j < n; ++j)
+                for (int d = 0; d < dim; ++d) {
+                    kf[j * dim + d] = widen(kb[j * stride + d]);
+                    vf[j * dim + d] = widen(vb[j * stride + d]);
+                }
+        }
         for (int r0 = 0; r0 < padded; r0 += ROWS) {
             float w[ROWS][bs] = {};  // past the block's n keys: masked
             if (transposed) {  // scores as vector loops over the block's keys
@@ -172,7 +174,7 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
                     for (int i = 0; i < ROWS; ++i) {
                         const float qd = qf[(r0 + i) * dim + d];
                         for (int j = 0; j < bs; j += 8) {
-                            v8f acc8 = load8(w[i] + j) + qd * load8(kt + d * bs + j);
+                            v8f acc8 = load8(w[i] + j) + qd * load8(kf + d * bs + j);
                             std::memcpy(w[i] + j, &acc8, sizeof acc8);
                         }
                     }
@@ -213,15 +215,21 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
                 m[r0 + i] = best;
                 l[r0 + i] = l[r0 + i] * rescale[i] + sum;
             }
-            for (int d0 = 0; d0 < dim; d0 += 8) {
-                v8f a[ROWS];
-                for (int i = 0; i < ROWS; ++i) a[i] = load8(acc + (r0 + i) * dim + d0) * rescale[i];
-                for (int j = 0; j < n; ++j) {
-                    const v8f v = load8(vf + j * dim + d0);
-                    for (int i = 0; i < ROWS; ++i) a[i] += w[i][j] * v;
+            auto weigh = [&](const auto* values, int64_t vstride) {  // acc = acc * rescale + w @ values
+                for (int d0 = 0; d0 < dim; d0 += 8) {
+                    v8f a[ROWS];
+                    for (int i = 0; i < ROWS; ++i) a[i] = load8(acc + (r0 + i) * dim + d0) * rescale[i];
+                    for (int j = 0; j < n; ++j) {
+                        const v8f v = load8(values + j * vstride + d0);
+                        for (int i = 0; i < ROWS; ++i) a[i] += w[i][j] * v;
+                    }
+                    for (int i = 0; i < ROWS; ++i) std::memcpy(acc + (r0 + i) * dim + d0, &a[i], sizeof(v8f));
                 }
-                for (int i = 0; i < ROWS; ++i) std::memcpy(acc + (r0 + i) * dim + d0, &a[i], sizeof(v8f));
-            }
+            };
+            if (transposed)
+                weigh(vb, stride);
+            else
+                weigh(vf, dim);
         }
     }
     for (int r = 0; r < rows; ++r) {
