@@ -1,5 +1,5 @@
 // CPU kernels of the blocked KV cache: the store, and a ragged attention that reads the blocks in
-// place (no per-layer copy of anyone's context); and a linear layer for steps of few tokens over
+// place (no per-layer copy of anyone's context); and a linear layer over
 // weights packed in panels. A plain C ABI called through ctypes (kernels/cpu.py),
 // built with -fopenmp so that it shares the OpenMP runtime torch has already loaded.
 // Shapes and the batch contract are those of kernels/reference.py.
@@ -274,8 +274,8 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
 
 
 // out[M, N] = x[M, K] @ w[N, K]^T (+ bias), fp32 accumulation, over w packed as [N / 16][K][16] (zero
-// rows pad N) in fp32 or bf16. A step of few tokens is bound by reading the weights: a panel streams
-// through once for all rows of x, 16 outputs wide, in 8-wide vectors the compiler keeps in registers.
+// rows pad N) in fp32 or bf16. Each panel streams through once for all rows of x (a step of few
+// tokens is bound by reading the weights), 16 outputs wide, in 8-wide vectors kept in registers.
 constexpr int PANEL = 16;
 
 template <int ROWS, typename W>
