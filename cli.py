@@ -1,4 +1,4 @@
-"""The `splitfuse` command: serve, generate, chat, demo.
+"""The `splitfuse` command: serve, worker, generate, chat, demo.
 
 Engine options (--token-budget, --eager, ...) and sampling options (--max-new-tokens,
 --temperature, ...) are made from the fields of EngineConfig and SamplingParams, so every
@@ -6,6 +6,7 @@ setting of either is available here under its own name. Never imports torch itse
 model runs in worker processes, whose progress (loading, warm-up) goes to stderr."""
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import time
@@ -85,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                                         "or any program speaking docs/protocol.md; with --http-port, any OpenAI "
                                         "client too.")
     _add_model_options(p)
-    p.add_argument("--replicas", type=int, default=1, help="worker processes, each with a copy of the model")
+    p.add_argument("--replicas", type=int, default=1, help="worker processes, each with a copy of the model "
+                                                            "(0: only workers that join, see --worker-address)")
     p.add_argument("--port", type=int, help="ZeroMQ TCP port on --host (default: a free one, printed)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 for all (only on a "
                                                         "network you trust, or with --api-key / --curve-*)")
@@ -108,7 +110,29 @@ def _parser() -> argparse.ArgumentParser:
                                                          "for their first token have more tokens than this")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds requests in flight get to finish after SIGTERM before they end with an error")
+    p.add_argument("--worker-address", metavar="ADDRESS", help="let workers started on other machines "
+                   "(`splitfuse worker --connect`) join here, e.g. tcp://0.0.0.0:5601; needs --worker-token-file")
+    p.add_argument("--worker-token-file", metavar="FILE", help="the token joining workers must present (the "
+                   "same file on each machine; make it with `openssl rand -hex 32 > FILE`)")
     p.set_defaults(run=_serve)
+
+    p = commands.add_parser("worker", help="a worker on this machine that joins a running server",
+                            description="Load a model and join the server at --connect (started with `splitfuse "
+                                        "serve --worker-address`), which then sends it requests like to its own "
+                                        "replicas. Until the server answers it keeps trying, waiting longer each "
+                                        "time; when the server is gone it joins again. It exits with code 1 when "
+                                        "the server refuses it (another token, model, --max-model-len or "
+                                        "--block-size), and on SIGTERM at once (its requests in flight end with an "
+                                        "error): run it under a supervisor (systemd, Kubernetes, Slurm).")
+    p.add_argument("--connect", required=True, metavar="ADDRESS", help="the server's worker address, e.g. "
+                                                                        "tcp://10.0.0.1:5601")
+    p.add_argument("--token-file", required=True, metavar="FILE", help="the file holding the server's token "
+                                                                        "(its --worker-token-file)")
+    p.add_argument("--name", help="this worker's name at the server, one per worker (default: the hostname)")
+    p.add_argument("--heartbeat-timeout", type=float, default=30.0, help="seconds without a word from the server "
+                   "after which it counts as gone: the worker drops its requests and joins again (default: 30)")
+    _add_model_options(p)
+    p.set_defaults(run=_worker)
 
     p = commands.add_parser("generate", help="stream one answer to stdout",
                             description="Generate from a prompt, streaming the text to stdout. Uses a running "
@@ -193,17 +217,28 @@ def _serve(args: argparse.Namespace) -> None:
     if (args.curve_secret is None) != (args.curve_clients is None):
         raise ValueError("CURVE needs both --curve-secret and --curve-clients")
     curve = server.CurveOptions(args.curve_secret, args.curve_clients) if args.curve_secret else None
+    if (args.worker_address is None) != (args.worker_token_file is None):
+        raise ValueError("workers that join need both --worker-address and --worker-token-file")
+    remote = server.RemoteWorkers(args.worker_address, args.worker_token_file) if args.worker_address else None
     print(f"starting {args.replicas} replica(s) of {args.model or 'the bundled model'}...", file=sys.stderr)
     start = time.perf_counter()
 
     def announce(where: dict) -> None:
         serving = " and ".join(filter(None, [where["address"], where["http_url"] and f"{where['http_url']}/v1"]))
-        print(f"serving on {serving} (ready in {time.perf_counter() - start:.1f}s); Ctrl-C stops",
+        joining = f"; workers join at {where['worker_address']}" if where["worker_address"] else ""
+        print(f"serving on {serving} (ready in {time.perf_counter() - start:.1f}s){joining}; Ctrl-C stops",
               file=sys.stderr, flush=True)
     server.run(EngineConfig.from_kwargs(**_engine_options(args)), args.replicas, address, http=http, curve=curve,
                request_timeout=args.request_timeout, max_queued_requests=args.max_queued_requests,
-               max_queued_tokens=args.max_queued_tokens, shutdown_timeout=args.shutdown_timeout, announce=announce)
+               max_queued_tokens=args.max_queued_tokens, shutdown_timeout=args.shutdown_timeout, remote=remote,
+               announce=announce)
 
+
+def _worker(args: argparse.Namespace) -> None:
+    config = EngineConfig.from_kwargs(**_engine_options(args))  # bad options fail here, before torch loads
+    from splitfuse.worker import main as worker  # this command is the worker process: torch is wanted here
+    worker.run(["--connect", args.connect, "--token-file", args.token_file, "--config", json.dumps(config.to_dict()),
+                "--frontend-timeout", str(args.heartbeat_timeout)] + (["--name", args.name] if args.name else []))
 
 @contextmanager
 def _connect(args: argparse.Namespace) -> Iterator[tuple[Client, dict]]:

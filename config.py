@@ -1,5 +1,6 @@
 """Engine and sampling configuration: plain dataclasses, validated once at construction.
 Imported by both the frontend and the worker, so it must not import torch."""
+import hashlib
 import os
 import reprlib
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -17,6 +18,35 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "splitfuse"))
+
+
+MODEL_IDENTITY_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """A hash of the files that fix a model's architecture, vocabulary and tokenization: a frontend and a
+    worker joining it from another machine must agree on it. Not of the weights, which could take minutes."""
+    digest = hashlib.sha256()
+    for name in MODEL_IDENTITY_FILES:
+        path = Path(model_dir) / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"") + b"\0")
+    return digest.hexdigest()[:16]
+
+
+MIN_TOKEN_CHARS = 16
+
+
+def read_token_file(path: str) -> str:
+    """The token a frontend and the workers that join it from other machines share, from a file (a command
+    line is readable by every local user)."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read the worker token file {path!r}: {e.strerror}") from None
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"the worker token in {path!r} must have at least {MIN_TOKEN_CHARS} characters; "
+                         f"make one with: openssl rand -hex 32 > {path}")
+    return token
 
 
 # Limits of SamplingParams: every value that reaches a worker is bounded, so none can overflow a tensor.

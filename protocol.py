@@ -137,8 +137,10 @@ class Error:
 
 @dataclass(slots=True)
 class Ready:
-    """The worker loaded its model and takes requests. `secret` proves it was started by this frontend
-    (given on its standard input): the frontend ignores a ready message without it."""
+    """The worker loaded its model and takes requests. `secret` proves it belongs to this frontend: the
+    secret it was given on its standard input, or for a worker that joins by itself (`replica` -1, `name`
+    set) the token shared with the frontend. The frontend ignores a ready message without it, and refuses
+    a joining worker whose model (`model_hash`, `max_model_len`) or `block_size` differs from its own."""
     TYPE: ClassVar[str] = "ready"
     replica: int
     pid: int
@@ -146,6 +148,26 @@ class Ready:
     max_model_len: int
     eos_token_ids: list
     secret: str
+    name: str | None = None          # a joining worker's name at the frontend
+    model_hash: str | None = None    # config.model_fingerprint of its model directory
+    block_size: int | None = None
+
+
+@dataclass(slots=True)
+class Welcome:
+    """To a joining worker: it is replica `replica` now, and requests follow."""
+    TYPE: ClassVar[str] = "welcome"
+    replica: int
+
+
+@dataclass(slots=True)
+class Refuse:
+    """To a joining worker: not taken, for the reason in `error`. `retry` false: only another configuration
+    helps (a wrong token, another model), so the worker exits with an error; true: joining again later may
+    work (its name is in use, the frontend is starting, or it no longer knows this worker)."""
+    TYPE: ClassVar[str] = "refuse"
+    error: str
+    retry: bool
 
 
 @dataclass(slots=True)
@@ -171,17 +193,18 @@ class Step:
 
 @dataclass(slots=True)
 class Heartbeat:
-    """Sent by an idle or busy worker every second, and when it drains; carries Engine.stats()."""
+    """Sent by an idle or busy worker every second, and when it drains; carries Engine.stats(). The frontend
+    sends joined workers one (stats empty) every second, so they notice when it is gone."""
     TYPE: ClassVar[str] = "heartbeat"
     stats: dict
 
 
-Message = Generate | Abort | Health | Stats | Delta | Error | Ready | Step | Heartbeat
+Message = Generate | Abort | Health | Stats | Delta | Error | Ready | Welcome | Refuse | Step | Heartbeat
 
 # What each receiver accepts.
 CLIENT_REQUESTS = (Generate, Abort, Health, Stats)   # frontend, from clients
 SERVER_REPLIES = (Delta, Error, Health, Stats)       # client, from the frontend
-WORKER_REQUESTS = (Generate, Abort)                  # worker, from the frontend
+WORKER_REQUESTS = (Generate, Abort, Welcome, Refuse, Heartbeat)  # worker, from the frontend
 WORKER_REPLIES = (Ready, Step, Error, Heartbeat)     # frontend, from workers
 NESTED = {"outputs": Output}  # fields holding a list of maps of another class
 

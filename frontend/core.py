@@ -30,7 +30,7 @@ from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.frontend.metrics import Metrics
 from splitfuse.frontend.response import Delta, ResponseBuilder
-from splitfuse.frontend.router import Router
+from splitfuse.frontend.router import RemoteWorkers, Router
 from splitfuse.frontend.tokenizer import Tokenizer
 
 TICK = 0.1               # seconds between checks for dead workers and expired requests
@@ -68,11 +68,13 @@ class Tracked:
 class Core:
     def __init__(self, config: EngineConfig, replicas: int = 1, *, request_timeout: float | None = 600.0,
                  max_queued_requests: int | None = None, max_queued_tokens: int | None = None,
-                 heartbeat_timeout: float = 30.0, startup_timeout: float = 900.0):
+                 heartbeat_timeout: float = 30.0, startup_timeout: float = 900.0,
+                 remote: RemoteWorkers | None = None):
         for name, limit in (("max_queued_requests", max_queued_requests), ("max_queued_tokens", max_queued_tokens)):
             if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
                 raise ValueError(f"{name} must be a positive integer or None (no limit), got {limit!r}")
-        self.router = Router(config, replicas, heartbeat_timeout=heartbeat_timeout, startup_timeout=startup_timeout)
+        self.router = Router(config, replicas, heartbeat_timeout=heartbeat_timeout, startup_timeout=startup_timeout,
+                             remote=remote)
         self.request_timeout = request_timeout
         self.max_queued_requests = max_queued_requests
         self.max_queued_tokens = max_queued_tokens
@@ -88,14 +90,15 @@ class Core:
         self._closing = threading.Lock()  # no call_soon writes to the pipe once close() closed it
         self._closed = False
         self._poller = zmq.Poller()
-        self._poller.register(self.router.socket, zmq.POLLIN)
+        for socket in self.router.sockets:
+            self._poller.register(socket, zmq.POLLIN)
         self._poller.register(self._wake_read, zmq.POLLIN)
         self._next_tick = 0.0
 
     def start(self) -> None:
-        """Start the replicas and wait until every one is ready."""
+        """Start the replicas and wait until every one is ready (without any: until a worker joins)."""
         self.router.start()
-        self.tokenizer = Tokenizer(self.router.info.model_dir, self.router.info.max_model_len)
+        self.tokenizer = Tokenizer(self.router.model_dir, self.router.info.max_model_len)
 
     @property
     def max_model_len(self) -> int:
@@ -131,7 +134,7 @@ class Core:
     def poll(self, timeout: float) -> None:
         """Wait up to `timeout` seconds for something to happen, and handle what did."""
         ready = dict(self._poller.poll(timeout * 1000))
-        if self.router.socket in ready:
+        if any(socket in ready for socket in self.router.sockets):
             self._on_outputs(self.router.receive())
         if self._wake_read in ready:
             os.read(self._wake_read, 1 << 16)
@@ -184,7 +187,8 @@ class Core:
         if not self.accepting:
             raise Unavailable("the server is shutting down")
         if not any(r.ready for r in self.router.replicas):
-            raise Unavailable("no replica is ready (one is being restarted); try again shortly")
+            raise Unavailable("no replica is ready (one is being restarted, or no worker has joined); "
+                              "try again shortly")
         queued = sum(r.queued for r in self.requests.values())
         if self.max_queued_requests is not None and queued >= self.max_queued_requests:
             raise Overloaded(f"{queued} requests are waiting for their first token, as many as this server queues "

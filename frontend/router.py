@@ -10,7 +10,13 @@ the prompt blocks recently sent to each) counts that prefix as work it need not 
 
 Nobody else can take a worker's place: the socket is an `ipc://` file in a directory only this
 user can enter (removed on close), and a worker's `ready` must carry the secret the router gave
-it on its standard input, which a worker on another host (to come) would be given too."""
+it on its standard input.
+
+Workers started elsewhere (`splitfuse worker --connect`, see RemoteWorkers) join on a second socket,
+usually TCP: their `ready` must carry the token shared with the frontend and name the same model, or
+they are refused and get nothing. Each becomes a replica like the local ones until it disconnects
+(a heartbeat sent to it fails) or goes silent; then its requests end with an error and its replica
+is dropped. Its supervisor restarts it, and it joins again."""
 import hmac
 import json
 import os
@@ -22,13 +28,15 @@ import tempfile
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 
 from splitfuse import protocol
-from splitfuse.config import EngineConfig, SamplingParams
+from splitfuse.config import EngineConfig, SamplingParams, model_fingerprint, read_token_file
 
 MAX_RESTART_DELAY = 30.0  # seconds between restarts of a worker that keeps dying while it loads
+HEARTBEAT_INTERVAL = 1.0  # seconds between the heartbeats sent to joined workers
 PREFIX_MAP_BLOCKS = 1 << 16  # prompt blocks remembered per replica until its heartbeat tells its cache size
 
 
@@ -63,10 +71,21 @@ class Job:
 
 
 @dataclass(slots=True)
+class RemoteWorkers:
+    """Where workers started on other machines join (`splitfuse worker --connect ADDRESS`), e.g.
+    "tcp://0.0.0.0:5601", and the file holding the token they must present (the same file on each)."""
+    address: str
+    token_file: str
+
+
+@dataclass(slots=True)
 class Replica:
     index: int
     process: subprocess.Popen | None = None
     identity: bytes | None = None      # the live worker's socket identity, once it said ready
+    name: str | None = None            # a joined worker's name; None for the router's own processes
+    socket: zmq.Socket | None = None   # the one its worker is reached on
+    pid: int | None = None
     started: float = 0.0
     last_seen: float = 0.0
     restart_at: float = 0.0            # when a dead worker is started again
@@ -98,7 +117,7 @@ class Replica:
             self.prefixes.popitem(last=False)
 
     def summary(self) -> dict:
-        return {"replica": self.index, "ready": self.ready, "pid": self.process.pid if self.process else None,
+        return {"replica": self.index, "name": self.name, "ready": self.ready, "pid": self.pid,
                 "restarts": self.restarts, "served": self.served, "in_flight": len(self.jobs),
                 "outstanding_tokens": self.outstanding, "engine": self.engine_stats}
 
@@ -119,44 +138,81 @@ def best_for_prefix(replicas: list[Replica], job: Job, block_size: int) -> Repli
 
 class Router:
     def __init__(self, config: EngineConfig, replicas: int = 1, *, heartbeat_timeout: float = 30.0,
-                 startup_timeout: float = 900.0, context: zmq.Context | None = None):
-        if not isinstance(replicas, int) or replicas < 1:
-            raise ValueError(f"replicas must be a positive integer, got {replicas!r}")
+                 startup_timeout: float = 900.0, context: zmq.Context | None = None,
+                 remote: RemoteWorkers | None = None):
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < (0 if remote else 1):
+            raise ValueError(f"replicas must be a positive integer (0 only when workers join from elsewhere), "
+                             f"got {replicas!r}")
         self.config = config
         self.heartbeat_timeout = heartbeat_timeout
         self.startup_timeout = startup_timeout
         self.context = context or zmq.Context.instance()
-        self.socket = self.context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a dead worker fails instead of vanishing
-        self.socket.setsockopt(zmq.SNDHWM, 0)            # an internal link: never drop a request or output
-        self.socket.setsockopt(zmq.RCVHWM, 0)
-        self.socket.setsockopt(zmq.LINGER, 0)
+        self.model_dir: str | None = None      # the frontend's copy of the model: its tokenizer's files
+        self.remote_socket = self.remote_address = None
+        if remote is not None:
+            self._listen(remote, replicas)
+        self.socket = self._worker_socket()
         self._dir = tempfile.mkdtemp(prefix="splitfuse-")  # mode 0700: other users cannot connect
         self.address = f"ipc://{self._dir}/workers"
         self.socket.bind(self.address)
         self._secret = secrets.token_hex(32)
-        self.replicas = [Replica(i) for i in range(replicas)]
+        self.replicas = [Replica(i, socket=self.socket) for i in range(replicas)]
+        self.local_replicas = replicas
+        self.started = False
         self.jobs: dict[str, Job] = {}
         self.waiting: deque[Job] = deque()     # submitted while no replica was ready
         self.info: protocol.Ready | None = None  # the first ready message: model_dir, max_model_len
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self._threads = max(1, cores // replicas)  # replicas on the CPU split its cores
+        self._threads = max(1, cores // max(1, replicas))  # replicas on the CPU split its cores
+        self.sockets = [self.socket] + ([self.remote_socket] if remote is not None else [])
+
+    def _listen(self, remote: RemoteWorkers, replicas: int) -> None:
+        """Bind the socket where workers from elsewhere join, once what they are checked against is known."""
+        self._token = read_token_file(remote.token_file)
+        self.model_dir = resolve_model_dir(self.config)
+        self._model_hash = model_fingerprint(self.model_dir)
+        self.remote_socket = self._worker_socket()
+        self.remote_socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)  # open to the network
+        try:
+            self.remote_socket.bind(remote.address)
+        except zmq.ZMQError as e:
+            self.remote_socket.close()
+            raise ValueError(f"cannot listen for workers at {remote.address!r}: {e}") from None
+        self.remote_address = self.remote_socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._next_index = replicas
+        self._next_beat = 0.0
+
+    def _worker_socket(self) -> zmq.Socket:
+        socket = self.context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a dead worker fails instead of vanishing
+        socket.setsockopt(zmq.SNDHWM, 0)            # an internal link: never drop a request or output
+        socket.setsockopt(zmq.RCVHWM, 0)
+        socket.setsockopt(zmq.LINGER, 0)
+        return socket
 
     def start(self) -> None:
         """Start every replica and wait until all are ready. A replica that dies while loading here
-        is a configuration problem (bad model, no memory), so it stops the start instead of looping."""
-        for replica in self.replicas:
+        is a configuration problem (bad model, no memory), so it stops the start instead of looping.
+        Without replicas of its own, wait (without a limit) for the first worker to join."""
+        local = list(self.replicas)
+        for replica in local:
             self._spawn(replica)
+        if not local:
+            print(f"router: waiting for a worker to join at {self.remote_address}", file=sys.stderr, flush=True)
         deadline = time.monotonic() + self.startup_timeout
-        while not all(r.ready for r in self.replicas):
-            for r in self.replicas:
+        poller = zmq.Poller()
+        for socket in self.sockets:
+            poller.register(socket, zmq.POLLIN)
+        while not (all(r.ready for r in local) if local else self.info):
+            for r in local:
                 if r.process.poll() is not None:
                     raise RuntimeError(f"replica {r.index} exited with code {r.process.returncode} while loading "
                                        f"the model; its error output is above")
-            if time.monotonic() > deadline:
+            if local and time.monotonic() > deadline:
                 raise RuntimeError(f"replicas not ready after {self.startup_timeout:.0f}s")
-            if self.socket.poll(100):
+            if poller.poll(100):
                 self.receive()
+        self.started = True
 
     def submit(self, key: str, prompt_ids: list[int], params: SamplingParams) -> None:
         job = Job(key, prompt_ids, params, self.info.max_model_len)
@@ -181,43 +237,68 @@ class Router:
             self._send(job.replica, protocol.Abort(key))
 
     def receive(self) -> list[protocol.Output | protocol.Error]:
-        """Drain the worker socket. Returns the outputs of jobs still tracked; a final one (finish
+        """Drain the worker sockets. Returns the outputs of jobs still tracked; a final one (finish
         reason or error) also ends the job here. Ready and heartbeat messages are handled here."""
         events = []
-        while True:
-            try:
-                identity, frame = self.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return events
-            try:
-                msg = protocol.decode(frame, protocol.WORKER_REPLIES)
-            except protocol.ProtocolError as e:
-                print(f"router: dropped a worker message: {e}", file=sys.stderr, flush=True)
-                continue
-            if isinstance(msg, protocol.Ready):
+        for socket in self.sockets:
+            while True:
+                try:
+                    frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                if len(frames) == 2:  # [identity, message]; anything else is not from one of our workers
+                    events += self._on_message(socket, frames[0].bytes, frames[1])
+        return events
+
+    def _on_message(self, socket: zmq.Socket, identity: bytes, frame: zmq.Frame) -> list[protocol.Output]:
+        try:
+            msg = protocol.decode(frame.bytes, protocol.WORKER_REPLIES)
+        except protocol.ProtocolError as e:
+            print(f"router: dropped a worker message: {e}", file=sys.stderr, flush=True)
+            return []
+        if isinstance(msg, protocol.Ready):
+            if socket is self.socket:
                 self._on_ready(identity, msg)
+            else:
+                self._on_join(identity, msg, frame.get("Peer-Address"))
+            return []
+        replica = next((r for r in self.replicas if r.identity == identity), None)
+        if replica is None:
+            if socket is self.remote_socket:  # dropped while it lived on (a network outage): it may join again
+                self._reply(identity, protocol.Refuse("this frontend does not know this worker (it was silent "
+                                                      "too long, or the frontend restarted): join again", True))
+            return []  # else from a local worker instance that has been replaced
+        replica.last_seen = time.monotonic()
+        if isinstance(msg, protocol.Heartbeat):
+            replica.engine_stats = msg.stats
+            return []
+        events = []
+        for out in msg.outputs if isinstance(msg, protocol.Step) else [msg]:
+            job = replica.jobs.get(out.id)
+            if job is None:  # aborted meanwhile
                 continue
-            replica = next((r for r in self.replicas if r.identity == identity), None)
-            if replica is None:  # from a worker instance that has been replaced
-                continue
-            replica.last_seen = time.monotonic()
-            if isinstance(msg, protocol.Heartbeat):
-                replica.engine_stats = msg.stats
-                continue
-            for out in msg.outputs if isinstance(msg, protocol.Step) else [msg]:
-                job = replica.jobs.get(out.id)
-                if job is None:  # aborted meanwhile
-                    continue
-                if isinstance(out, protocol.Error) or out.finish_reason is not None:
-                    del self.jobs[out.id], replica.jobs[out.id]
-                else:
-                    job.generated += len(out.token_ids)
-                events.append(out)
+            if isinstance(out, protocol.Error) or out.finish_reason is not None:
+                del self.jobs[out.id], replica.jobs[out.id]
+            else:
+                job.generated += len(out.token_ids)
+            events.append(out)
+        return events
 
     def check(self) -> list[protocol.Output]:
-        """Find dead or hung workers and restart them; returns error outputs for the requests they held."""
+        """Find dead or hung workers and restart them (drop them, if they joined from elsewhere); returns
+        error outputs for the requests they held."""
         now, failed = time.monotonic(), []
-        for r in self.replicas:
+        beat = self.remote_socket is not None and now >= self._next_beat
+        if beat:
+            self._next_beat = now + HEARTBEAT_INTERVAL
+        for r in list(self.replicas):
+            if r.name is not None:
+                if beat and not self._send(r, protocol.Heartbeat({})):
+                    failed += self._drop(r, f"worker {r.name!r} (replica {r.index}) disconnected")
+                elif now - r.last_seen > self.heartbeat_timeout:
+                    failed += self._drop(r, f"worker {r.name!r} (replica {r.index}) sent no heartbeat "
+                                            f"for {self.heartbeat_timeout:.0f}s")
+                continue
             if r.process is None:
                 if now >= r.restart_at:
                     self._spawn(r)
@@ -237,9 +318,12 @@ class Router:
         return [r.summary() for r in self.replicas]
 
     def close(self, timeout: float = 10.0) -> None:
-        """SIGTERM every worker (they exit cleanly between steps), SIGKILL what is left after `timeout`."""
+        """SIGTERM every worker (they exit cleanly between steps), SIGKILL what is left after `timeout`.
+        Joined workers are told instead: they drop their requests and wait to join the next frontend."""
         for r in self.replicas:
-            if r.process is not None and r.process.poll() is None:
+            if r.name is not None:
+                self._send(r, protocol.Refuse("the frontend is stopping", True))
+            elif r.process is not None and r.process.poll() is None:
                 r.process.terminate()
         deadline = time.monotonic() + timeout
         for r in self.replicas:
@@ -251,15 +335,17 @@ class Router:
                 r.process.kill()
                 r.process.wait()
         self.socket.close()
+        if self.remote_socket is not None:
+            self.remote_socket.close(linger=1000)  # time for those messages to leave
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def _spawn(self, replica: Replica) -> None:
         cmd = [sys.executable, "-m", "splitfuse.worker.main", "--address", self.address,
-               "--replica", str(replica.index), "--replicas", str(len(self.replicas)), "--threads", str(self._threads),
+               "--replica", str(replica.index), "--replicas", str(self.local_replicas), "--threads", str(self._threads),
                "--config", json.dumps(self.config.to_dict())]
         # Its own session: a terminal's Ctrl-C reaches only the frontend, which then stops the workers.
         replica.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, start_new_session=True)
-        replica.started = time.monotonic()
+        replica.pid, replica.started = replica.process.pid, time.monotonic()
         try:  # on a pipe, not the command line, which every local user can read
             replica.process.stdin.write(self._secret.encode() + b"\n")
             replica.process.stdin.close()
@@ -274,7 +360,48 @@ class Router:
         if replica is None or replica.process is None or replica.process.pid != msg.pid:
             return  # a stale instance
         replica.identity, replica.last_seen, replica.failures = identity, time.monotonic(), 0
+        self._serving(msg)
+
+    def _on_join(self, identity: bytes, msg: protocol.Ready, peer: str) -> None:
+        """A worker started elsewhere says ready: it becomes a replica, or is told why not."""
+        refusal = self._refusal(msg)
+        if refusal is not None:
+            print(f"router: refused a worker from {peer} (name {msg.name!r}): {refusal.error}",
+                  file=sys.stderr, flush=True)
+            return self._reply(identity, refusal)
+        replica = Replica(self._next_index, identity=identity, name=msg.name, socket=self.remote_socket,
+                          pid=msg.pid, last_seen=time.monotonic())
+        self._next_index += 1
+        self.replicas.append(replica)
+        self._reply(identity, protocol.Welcome(replica.index))
+        print(f"router: worker {msg.name!r} from {peer} joined as replica {replica.index}", file=sys.stderr, flush=True)
+        self._serving(msg)
+
+    def _refusal(self, msg: protocol.Ready) -> protocol.Refuse | None:
+        if not hmac.compare_digest(msg.secret.encode(), self._token.encode()):
+            return protocol.Refuse("its token is not this frontend's (give both the same token file)", False)
+        if not msg.name:
+            return protocol.Refuse("a joining worker must give its name", False)
+        if msg.model_hash != self._model_hash:
+            return protocol.Refuse(f"its model ({msg.model_dir}) is not the frontend's ({self.model_dir}): their "
+                                   f"config.json or tokenizer files differ", False)
+        if msg.block_size != self.config.block_size:
+            return protocol.Refuse(f"its block size is {msg.block_size}, the frontend's {self.config.block_size} "
+                                   f"(--block-size): prefix routing needs the same", False)
+        if self.info is not None and msg.max_model_len != self.info.max_model_len:
+            return protocol.Refuse(f"its maximum model length is {msg.max_model_len}, the other replicas' "
+                                   f"{self.info.max_model_len} (--max-model-len)", False)
+        if self.local_replicas and not self.started:
+            return protocol.Refuse("the frontend is still starting its own replicas", True)
+        if any(r.name == msg.name for r in self.replicas):
+            return protocol.Refuse(f"a worker named {msg.name!r} is serving already: give each worker its own "
+                                   f"--name (a restarted one is taken once its old instance is dropped)", True)
+        return None
+
+    def _serving(self, msg: protocol.Ready) -> None:
+        """A replica became ready: the first sets the model's length, and waiting jobs go out."""
         self.info = self.info or msg
+        self.model_dir = self.model_dir or msg.model_dir
         while self.waiting:
             job = self.waiting.popleft()
             self._dispatch(job, self._choose(job))
@@ -290,11 +417,19 @@ class Router:
         replica.served += 1
         self._send(replica, protocol.Generate(job.key, prompt_ids=job.prompt_ids, params=job.params.to_dict()))
 
-    def _send(self, replica: Replica, msg: protocol.Message) -> None:
+    def _send(self, replica: Replica, msg: protocol.Message) -> bool:
+        """False if the worker is gone (then check() fails its jobs)."""
         try:
-            self.socket.send_multipart([replica.identity, protocol.encode(msg)], zmq.NOBLOCK)
+            replica.socket.send_multipart([replica.identity, protocol.encode(msg)], zmq.NOBLOCK)
         except zmq.ZMQError:
-            pass  # the worker just died: check() fails its jobs
+            return False
+        return True
+
+    def _reply(self, identity: bytes, msg: protocol.Welcome | protocol.Refuse) -> None:
+        try:
+            self.remote_socket.send_multipart([identity, protocol.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # it left already
 
     def _kill(self, replica: Replica, reason: str) -> list[protocol.Output]:
         replica.process.kill()
@@ -303,13 +438,38 @@ class Router:
 
     def _lost(self, replica: Replica, reason: str) -> list[protocol.Output]:
         print(f"{reason}; restarting it", file=sys.stderr, flush=True)
+        failed = self._fail_jobs(replica, reason)
+        replica.failures = 0 if replica.ready else replica.failures + 1
+        replica.restart_at = time.monotonic() + min(2.0 ** replica.failures - 1, MAX_RESTART_DELAY)
+        replica.identity = replica.process = replica.pid = None
+        replica.restarts += 1
+        return failed
+
+    def _drop(self, replica: Replica, reason: str) -> list[protocol.Output]:
+        """A joined worker is gone: its replica with it, until its supervisor restarts it and it joins again."""
+        print(f"{reason}; dropped it", file=sys.stderr, flush=True)
+        self.replicas.remove(replica)
+        return self._fail_jobs(replica, reason)
+
+    def _fail_jobs(self, replica: Replica, reason: str) -> list[protocol.Output]:
         failed = [protocol.Output(key, finish_reason="error", error=f"{reason} while running this request")
                   for key in replica.jobs]
         for key in replica.jobs:
             del self.jobs[key]
         replica.jobs.clear()
-        replica.failures = 0 if replica.ready else replica.failures + 1
-        replica.restart_at = time.monotonic() + min(2.0 ** replica.failures - 1, MAX_RESTART_DELAY)
-        replica.identity = replica.process = None
-        replica.restarts += 1
         return failed
+
+
+def resolve_model_dir(config: EngineConfig) -> str:
+    """The model directory a worker would load, for the tokenizer and the check of joining workers. The
+    bundled model (converted on first use) is found by a child process, since that imports torch."""
+    if config.model is not None and Path(config.model).expanduser().is_dir():
+        return str(Path(config.model).expanduser())
+    code = ("import sys\nfrom splitfuse.compiled.loader import resolve_model_dir\n"
+            "print(resolve_model_dir(sys.argv[1] or None, sys.argv[2] or None))")
+    result = subprocess.run([sys.executable, "-c", code, config.model or "", config.cache_dir or ""],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ValueError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else
+                         f"cannot find the model {config.model!r}")
+    return result.stdout.strip()

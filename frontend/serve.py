@@ -19,6 +19,7 @@ class Deployment:
     process: subprocess.Popen
     http_url: str | None = None
     shutdown_timeout: float = 30.0
+    worker_address: str | None = None   # where workers started elsewhere join, when they may
 
     def close(self) -> None:
         """Stop the server and its workers (SIGTERM: in-flight requests get up to its shutdown_timeout
@@ -45,6 +46,7 @@ def serve(model: str | None = None, replicas: int = 1, port: int | str | None = 
           request_timeout: float = 600.0,
           max_queued_requests: int | None = None, max_queued_tokens: int | None = None,
           shutdown_timeout: float = 30.0, heartbeat_timeout: float = 30.0, ready_timeout: float = 900.0,
+          worker_address: str | None = None, worker_token_file: str | None = None,
           **engine_options) -> Deployment:
     """Start a frontend server and `replicas` worker processes, each with its own copy of `model`
     (on GPU each on its own device; on CPU they share the cores). Returns once every replica is ready.
@@ -57,10 +59,14 @@ def serve(model: str | None = None, replicas: int = 1, port: int | str | None = 
     this server's secret certificate and admit only the clients whose public certificates are in the
     curve_clients directory (see CurveKeys in frontend/client.py). max_queued_requests /
     max_queued_tokens: requests (prompt tokens) waiting for their first token beyond which new ones
-    are refused (HTTP 429)."""
+    are refused (HTTP 429). worker_address, worker_token_file: where workers started on other machines
+    (`splitfuse worker --connect`) join, e.g. "tcp://0.0.0.0:5601", and the file of the token they must
+    present; with them `replicas` may be 0, and then this returns once the first worker has joined."""
     config = EngineConfig.from_kwargs(model=model, **engine_options)  # bad options fail here, not in a child
-    if not isinstance(replicas, int) or replicas < 1:
-        raise ValueError(f"replicas must be a positive integer, got {replicas!r}")
+    if (worker_address is None) != (worker_token_file is None):
+        raise ValueError("workers that join from elsewhere need both worker_address and worker_token_file")
+    if not isinstance(replicas, int) or replicas < (0 if worker_address else 1):
+        raise ValueError(f"replicas must be a positive integer (0 only with a worker_address), got {replicas!r}")
     address = port if isinstance(port, str) else f"tcp://{host}:{'*' if port is None else port}"
     options = {"request_timeout": request_timeout, "heartbeat_timeout": heartbeat_timeout,
                "startup_timeout": ready_timeout, "max_queued_requests": max_queued_requests,
@@ -70,6 +76,8 @@ def serve(model: str | None = None, replicas: int = 1, port: int | str | None = 
            "--watch-parent"]
     if curve_secret is not None or curve_clients is not None:
         cmd += ["--curve", json.dumps({"server_secret_file": curve_secret, "clients_dir": curve_clients})]
+    if worker_address is not None:
+        cmd += ["--remote", json.dumps({"address": worker_address, "token_file": worker_token_file})]
     if http_port is not None:
         cmd += ["--http", json.dumps({"host": host, "port": http_port, "api_key": api_key,
                                       "model_name": served_model_name})]
@@ -82,6 +90,7 @@ def serve(model: str | None = None, replicas: int = 1, port: int | str | None = 
         deployment.close()
         raise
     deployment.address, deployment.http_url = where["address"], where["http_url"]
+    deployment.worker_address = where["worker_address"]
     return deployment
 
 

@@ -26,6 +26,7 @@ from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.frontend.core import TICK, Core, Overloaded, Unavailable
 from splitfuse.frontend.http_server import HttpOptions, HttpServer
 from splitfuse.frontend.response import Delta
+from splitfuse.frontend.router import RemoteWorkers
 
 MAX_BATCH = 1000         # client messages handled per loop turn, so worker outputs keep flowing
 CLIENT_SNDHWM = 100_000  # messages queued for one client before it counts as not reading
@@ -143,9 +144,11 @@ class Server:
         self.core, self.zmq, self.http = core, zmq_frontend, http
         self.shutdown_timeout = shutdown_timeout
         self.stopping = False
+        self.serving = False
 
     def run(self, watch_parent: bool = False) -> None:
         """Serve until a signal (then drain) or, with watch_parent, until the process that started us is gone."""
+        self.serving = True
         parent = os.getppid()
         while not self.stopping:
             self._turn()
@@ -157,8 +160,8 @@ class Server:
             self._turn()
 
     def stop(self, signum, frame) -> None:
-        if self.stopping:
-            raise SystemExit(0)  # a second signal: stop now, in-flight requests end with an error
+        if self.stopping or not self.serving:
+            raise SystemExit(0)  # a second signal, or one while starting: stop now, requests in flight end in error
         self.stopping = True
 
     def close(self) -> None:
@@ -178,7 +181,8 @@ def run(config: EngineConfig, replicas: int = 1, address: str | None = "tcp://12
         announce: Callable[[dict], None], http: HttpOptions | None = None, curve: CurveOptions | None = None,
         shutdown_timeout: float = 30.0, watch_parent: bool = False, **core_options) -> None:
     """Start the replicas, then the ZeroMQ socket at `address` (None: none) and the HTTP server (`http`),
-    call `announce({"address": ..., "http_url": ...})`, serve until a signal, drain, shut down."""
+    call `announce({"address": ..., "http_url": ..., "worker_address": ...})`, serve until a signal, drain,
+    shut down. `worker_address` is where workers started elsewhere join (core option `remote`), or None."""
     if address is None and http is None:
         raise ValueError("nothing to serve on: give a ZeroMQ address, an HTTP port, or both")
     core = Core(config, replicas, **core_options)
@@ -190,9 +194,10 @@ def run(config: EngineConfig, replicas: int = 1, address: str | None = "tcp://12
         if address is not None:
             server.zmq = ZmqFrontend(core, address, curve)
         if http is not None:
-            server.http = HttpServer(core, http, http.model_name or Path(core.router.info.model_dir).name)
+            server.http = HttpServer(core, http, http.model_name or Path(core.router.model_dir).name)
             server.http.start()
-        announce({"address": server.zmq and server.zmq.address, "http_url": server.http and server.http.url})
+        announce({"address": server.zmq and server.zmq.address, "http_url": server.http and server.http.url,
+                  "worker_address": core.router.remote_address})
         server.run(watch_parent)
     finally:
         server.close()
@@ -207,12 +212,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--options", default="{}", help="Core keyword options and shutdown_timeout as JSON")
     parser.add_argument("--http", help="HttpOptions fields as JSON; absent: no HTTP server")
     parser.add_argument("--curve", help="CurveOptions fields as JSON; absent: no encryption")
+    parser.add_argument("--remote", help="RemoteWorkers fields as JSON; absent: no workers join from elsewhere")
     parser.add_argument("--watch-parent", action="store_true", help="exit when the parent process is gone")
     args = parser.parse_args(argv)
     run(EngineConfig.from_kwargs(**json.loads(args.config)), args.replicas,
         None if args.address == "none" else args.address,
         http=HttpOptions(**json.loads(args.http)) if args.http else None,
         curve=CurveOptions(**json.loads(args.curve)) if args.curve else None,
+        remote=RemoteWorkers(**json.loads(args.remote)) if args.remote else None,
         announce=lambda where: print(f"ready {json.dumps(where)}", flush=True), watch_parent=args.watch_parent,
         **json.loads(args.options))
 

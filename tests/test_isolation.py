@@ -168,12 +168,12 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_worker_keeps_ser
     try:
         frontend.bind("inproc://worker")
         link.connect("inproc://worker")
-        worker = Worker(engine, link, 0, "secret")
+        worker = Worker(engine, link, 0)
         thread = threading.Thread(target=worker.run)
         thread.start()
         assert frontend.poll(30_000)
-        identity, frame = frontend.recv_multipart()
-        assert isinstance(protocol.decode(frame, protocol.WORKER_REPLIES), protocol.Ready)
+        identity, frame = frontend.recv_multipart()  # its first heartbeat (main() says ready before run())
+        assert isinstance(protocol.decode(frame, protocol.WORKER_REPLIES), protocol.Heartbeat)
 
         def send(rid: str) -> None:
             params = SamplingParams(max_new_tokens=8, ignore_eos=True).to_dict()

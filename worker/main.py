@@ -7,11 +7,16 @@ arrived (a zero-timeout poll while requests run, so socket I/O never delays a st
 poll only when idle), run one step, push its outputs, all in one message. A step that raises ends
 the requests it held with an error and the worker goes on; only several failures in a row (a broken device) end
 the process, which the router then restarts. It exits cleanly (sockets closed) on SIGTERM/SIGINT,
-and by itself when its parent, the frontend, is gone."""
+and by itself when its parent, the frontend, is gone.
+
+Started by itself instead (`splitfuse worker --connect ADDRESS`, the token in --token-file), it joins
+a frontend on another machine: see `join`."""
 import argparse
 import dataclasses
 import json
 import os
+import platform
+import secrets
 import signal
 import sys
 import time
@@ -21,29 +26,32 @@ import torch
 import zmq
 
 from splitfuse import protocol
-from splitfuse.config import EngineConfig, SamplingParams
+from splitfuse.config import EngineConfig, SamplingParams, model_fingerprint, read_token_file
 from splitfuse.worker.engine import Engine
 from splitfuse.worker.request import Request, RequestOutput
 
 HEARTBEAT_INTERVAL = 1.0  # seconds; the frontend's heartbeat timeout is many of these
 MAX_FAILED_STEPS = 3      # failed steps in a row after which the worker exits to be restarted
+JOIN_WAIT = (2.0, 30.0)   # seconds a joining worker waits for an answer: at first, and at most (doubling)
 
 
 class Worker:
-    def __init__(self, engine: Engine, socket: zmq.Socket, replica: int, secret: str):
+    def __init__(self, engine: Engine, socket: zmq.Socket, replica: int, frontend_timeout: float | None = None):
+        """frontend_timeout: for a worker that joined by itself, seconds without a word from the frontend
+        after which it counts as gone; None: the frontend is the parent process, watched instead."""
         self.engine = engine
         self.socket = socket
         self.replica = replica
-        self.secret = secret
+        self.frontend_timeout = frontend_timeout
         self.parent = os.getppid()
         self.running = True
         self._last_heartbeat = 0.0
+        self._heard = time.monotonic()  # the frontend's latest message
         self._failed_steps = 0
         self._requests: dict[str, Request] = {}  # until their last output, which reports their cached tokens
 
     def run(self) -> None:
-        self._send(protocol.Ready(self.replica, os.getpid(), str(self.engine.model_dir),
-                                  self.engine.max_model_len, list(self.engine.eos_token_ids), self.secret))
+        """Serve until a signal, or until the frontend is gone: then its requests are dropped here too."""
         while self.running:
             busy = self.engine.has_unfinished()
             self._receive(timeout_ms=0 if busy else int(HEARTBEAT_INTERVAL * 1000))
@@ -54,6 +62,8 @@ class Worker:
             drained = busy and not self.engine.has_unfinished()
             if drained or time.monotonic() - self._last_heartbeat >= HEARTBEAT_INTERVAL:
                 self._heartbeat()
+        for request_id in list(self._requests):
+            self.engine.abort(request_id)
 
     def _step(self) -> list[RequestOutput]:
         """One engine step; if it raises, its requests end with the error instead of the whole replica."""
@@ -84,14 +94,19 @@ class Worker:
         except protocol.ProtocolError as e:  # only our frontend talks to us: a bug, not a user error
             print(f"replica {self.replica}: dropped a message: {e}", file=sys.stderr, flush=True)
             return
+        self._heard = time.monotonic()
         if isinstance(msg, protocol.Generate):
             try:
                 self._requests[msg.id] = self.engine.add_request(msg.id, msg.prompt_ids,
                                                                  SamplingParams.from_kwargs(**msg.params))
             except Exception as e:  # this request only; the worker keeps serving
                 self._send(protocol.Error(msg.id, str(e) or type(e).__name__))
-        else:
+        elif isinstance(msg, protocol.Abort):
             self.engine.abort(msg.id)
+        elif isinstance(msg, protocol.Refuse):  # the frontend dropped us (or restarted): join again
+            print(f"replica {self.replica}: {msg.error}", file=sys.stderr, flush=True)
+            self.running = False
+        # a Heartbeat (or a late Welcome) only says that the frontend is there
 
     def _wire(self, out: RequestOutput) -> protocol.Output:
         cached = None
@@ -103,7 +118,11 @@ class Worker:
 
     def _heartbeat(self) -> None:
         self._last_heartbeat = time.monotonic()
-        if os.getppid() != self.parent:  # the frontend died without telling us: nobody to serve
+        if self.frontend_timeout is None and os.getppid() != self.parent:  # it died without telling us
+            self.running = False
+        elif self.frontend_timeout is not None and self._last_heartbeat - self._heard > self.frontend_timeout:
+            print(f"replica {self.replica}: nothing from the frontend for {self.frontend_timeout:.0f}s",
+                  file=sys.stderr, flush=True)
             self.running = False
         self._send(protocol.Heartbeat(self.engine.stats()))
 
@@ -128,25 +147,85 @@ def _exit_on_signal(signum, frame) -> None:
     raise SystemExit(0)  # unwinds through the finally blocks: sockets closed, nothing half-sent
 
 
+def _dealer(context: zmq.Context, identity: str) -> zmq.Socket:
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.IDENTITY, identity.encode())  # unique per connection: a ROUTER refuses one in use
+    socket.setsockopt(zmq.LINGER, 1000)
+    socket.setsockopt(zmq.SNDHWM, 0)  # never block or drop an output; a dead frontend is noticed by other means
+    socket.setsockopt(zmq.RCVHWM, 0)
+    return socket
+
+
+def join(context: zmq.Context, engine: Engine, address: str, ready: protocol.Ready, frontend_timeout: float) -> None:
+    """Serve a frontend that did not start this worker. Say ready on a new connection until the frontend
+    answers, waiting longer each time (it may not be up yet); once welcome, serve until it is gone, then
+    join again. A refusal that joining again cannot fix (a wrong token, another model) exits with code 1,
+    so that the supervisor shows it and restarts the worker."""
+    wait = JOIN_WAIT[0]
+    while True:
+        socket = _dealer(context, f"{ready.name}-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            socket.connect(address)
+            socket.send(protocol.encode(ready))
+            deadline = time.monotonic() + wait
+            answer = _answer(socket, deadline)
+            if isinstance(answer, protocol.Welcome):
+                print(f"worker {ready.name!r}: joined {address} as replica {answer.replica}", file=sys.stderr,
+                      flush=True)
+                Worker(engine, socket, answer.replica, frontend_timeout).run()
+                wait = JOIN_WAIT[0]
+                continue
+            if isinstance(answer, protocol.Refuse) and not answer.retry:
+                print(f"worker {ready.name!r}: the frontend at {address} refused it: {answer.error}",
+                      file=sys.stderr, flush=True)
+                raise SystemExit(1)
+            why = answer.error if answer else f"no answer from a frontend at {address} within {wait:.0f}s"
+            print(f"worker {ready.name!r}: {why}; trying again", file=sys.stderr, flush=True)
+            time.sleep(max(0.0, deadline - time.monotonic()))
+            wait = min(2 * wait, JOIN_WAIT[1])
+        finally:
+            socket.close(linger=0)
+
+
+def _answer(socket: zmq.Socket, deadline: float) -> protocol.Welcome | protocol.Refuse | None:
+    """The frontend's answer to a ready message, or None if none came by the deadline."""
+    while (left := deadline - time.monotonic()) > 0:
+        if socket.poll(left * 1000):
+            try:
+                answer = protocol.decode(socket.recv(), protocol.WORKER_REQUESTS)
+            except protocol.ProtocolError:
+                continue
+            if isinstance(answer, (protocol.Welcome, protocol.Refuse)):
+                return answer
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="splitfuse worker process (started by the frontend)")
-    parser.add_argument("--address", required=True, help="the frontend's worker socket, e.g. tcp://127.0.0.1:5600")
+    parser = argparse.ArgumentParser(description="splitfuse worker process (started by the frontend, or by "
+                                                 "`splitfuse worker` to join one)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--address", help="the socket of the frontend that started this worker")
+    where.add_argument("--connect", help="join the running frontend at this address (its --worker-address)")
+    parser.add_argument("--token-file", help="with --connect: the file holding the token shared with the frontend")
+    parser.add_argument("--name", help="with --connect: this worker's name at the frontend (default: the hostname)")
+    parser.add_argument("--frontend-timeout", type=float, default=30.0,
+                        help="with --connect: seconds without a word from the frontend before joining it again")
     parser.add_argument("--replica", type=int, default=0)
     parser.add_argument("--replicas", type=int, default=1, help="replicas in the deployment")
     parser.add_argument("--config", required=True, help="EngineConfig fields as JSON")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0: torch's default")
     args = parser.parse_args(argv)
-    secret = sys.stdin.readline().strip()
+    if args.connect and not args.token_file:
+        parser.error("--connect needs --token-file")
+    secret = read_token_file(args.token_file) if args.connect else sys.stdin.readline().strip()
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, _exit_on_signal)
 
     context = zmq.Context()
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.IDENTITY, f"replica-{args.replica}-{os.getpid()}".encode())
-    socket.setsockopt(zmq.LINGER, 1000)
-    socket.setsockopt(zmq.SNDHWM, 0)  # never block or drop an output; a dead frontend is caught by the parent check
-    socket.setsockopt(zmq.RCVHWM, 0)
-    socket.connect(args.address)
+    socket = None
+    if args.address:  # connect while the model loads
+        socket = _dealer(context, f"replica-{args.replica}-{os.getpid()}")
+        socket.connect(args.address)
     try:
         config = EngineConfig.from_kwargs(**json.loads(args.config))
         sharing = replicas_sharing(config.device, args.replica, args.replicas)
@@ -158,18 +237,27 @@ def main(argv: list[str] | None = None) -> None:
               f"(device {config.device}, pid {os.getpid()})...", file=sys.stderr, flush=True)
         engine = Engine(config, replicas_on_device=sharing)
         print(f"replica {args.replica}: ready in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
-        Worker(engine, socket, args.replica, secret).run()
+        name = (args.name or platform.node()) if args.connect else None
+        ready = protocol.Ready(args.replica if socket else -1, os.getpid(), str(engine.model_dir), engine.max_model_len,
+                               list(engine.eos_token_ids), secret, name, model_fingerprint(engine.model_dir),
+                               engine.config.block_size)
+        if socket is None:
+            join(context, engine, args.connect, ready, args.frontend_timeout)
+        else:
+            socket.send(protocol.encode(ready))
+            Worker(engine, socket, args.replica).run()
     finally:
-        socket.close()
+        if socket is not None:
+            socket.close()
         context.term()
 
 
-def run() -> None:
+def run(argv: list[str] | None = None) -> None:
     """main(), then leave without the interpreter's teardown: a background compile may still be running,
     and tearing down under its thread aborts the process ("terminate called without an active exception")."""
     code = 0
     try:
-        main()
+        main(argv)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     except BaseException:
