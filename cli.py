@@ -36,7 +36,7 @@ HELP = {
     "eager": "skip torch.compile and CUDA graphs: starts much faster, runs slower",
     "background_compile": "serve eagerly from the start while compiling in the background, then switch to the "
                           "compiled forward; --no-background-compile compiles every shape before serving",
-    "buckets": "token-count shapes that are compiled (default: 1, and the budget and quarters of it down to 16)",
+    "buckets": "token-count shapes that are compiled (default: 1, and the budget and its halves down to 8 on CPU, quarters down to 16 on GPU)",
     "enable_prefix_caching": "reuse the KV cache blocks of prompt prefixes seen before (--no-enable-prefix-caching: "
                              "compute every prompt from its first token)",
     "prefix_routing": "with several replicas, send a request to the replica likely to hold its prefix, balanced "

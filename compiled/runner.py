@@ -37,11 +37,13 @@ class SequenceChunk:
     sample: bool  # whether this step wants the next-token logits of this sequence
 
 
-def default_buckets(token_budget: int, smallest: int = 16, step: int = 4) -> list[int]:
-    """One token, then the budget and shapes `step` times smaller down to `smallest`: few shapes to
-    compile, at most `step`x padding for steps under the budget. A lone decode gets a shape of its
-    own: it is bound by reading the weights, which a matrix-vector product does at full speed, while
-    padded to a few rows it becomes a small GEMM that (MKL on AMD, measured) reads them much slower."""
+def default_buckets(token_budget: int, gpu: bool) -> list[int]:
+    """One token, then the budget and smaller shapes. A lone decode gets a shape of its own: it is bound
+    by reading the weights, which a few padding rows would multiply. On GPU a step of a few hundred
+    tokens costs about what one of a few does, so quarters down to 16 keep the shapes (each compiled and
+    captured) few. On CPU a step costs about in proportion to its rows, padding as much as real tokens:
+    halves down to 8, so that no step pays for more than twice its tokens."""
+    smallest, step = (16, 4) if gpu else (8, 2)
     buckets, b = [token_budget], token_budget // step
     while b >= smallest:
         buckets.insert(0, b)

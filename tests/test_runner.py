@@ -12,9 +12,10 @@ from splitfuse.worker.engine import Engine
 
 
 def test_default_buckets():
-    assert default_buckets(256) == [1, 16, 64, 256]
-    assert default_buckets(1000) == [1, 62, 250, 1000]
-    assert default_buckets(8) == [1, 8]
+    assert default_buckets(256, gpu=False) == [1, 8, 16, 32, 64, 128, 256]
+    assert default_buckets(8, gpu=False) == [1, 8]
+    assert default_buckets(2048, gpu=True) == [1, 32, 128, 512, 2048]
+    assert default_buckets(1000, gpu=True) == [1, 62, 250, 1000]
 
 
 def make_runner(path, **kw) -> ModelRunner:

@@ -41,7 +41,7 @@ class Engine:
         self.eos_token_ids = _eos_token_ids(hf_config)
         runner = functools.partial(ModelRunner, model, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
                                    max_model_len=self.max_model_len,
-                                   buckets=config.buckets or default_buckets(config.token_budget))
+                                   buckets=config.buckets or default_buckets(config.token_budget, device.type == "cuda"))
 
         def profile() -> None:  # on a one-block cache: an all-padding step reads and writes no KV
             runner(num_blocks=1, compile=False, cuda_graphs=False).profile()
