@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import MISSING, fields
 
-from splitfuse.config import EngineConfig, SamplingParams
+from splitfuse.config import EngineConfig, SamplingParams, read_token_file
 from splitfuse.frontend import server
 from splitfuse.frontend.client import AsyncClient, Client
 from splitfuse.frontend.serve import serve
@@ -42,6 +42,11 @@ HELP = {
     "prefix_routing": "with several replicas, send a request to the replica likely to hold its prefix, balanced "
                       "against outstanding work (--no-prefix-routing: least outstanding work only)",
     "cache_dir": "where the bundled model is converted to (default: ~/.cache/splitfuse)",
+    "tensor_parallel_size": "shard each replica's model over this many processes (devices), Megatron-style over "
+                            "torch.distributed (NCCL on GPU, gloo on CPU)",
+    "nnodes": "hosts each tensor-parallel group spans (start the others with `splitfuse serve --node-rank K`)",
+    "master_addr": "with --nnodes > 1: the address of the host that serves, where the group's ranks meet",
+    "master_port": "with --nnodes > 1: a free TCP port on --master-addr for the group's rendezvous",
     "max_new_tokens": "tokens to generate at most",
     "min_new_tokens": "tokens to generate before EOS or a stop token may end the answer",
     "do_sample": "sample instead of greedy decoding",
@@ -88,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--replicas", type=int, default=1, help="worker processes, each with a copy of the model "
                                                             "(0: only workers that join, see --worker-address)")
+    p.add_argument("--node-rank", type=int, default=0, help="with --nnodes > 1, this host's place in each "
+                   "tensor-parallel group: 0 serves (the frontend and rank 0), k > 0 runs only host k's ranks, "
+                   "which join rank 0 at --master-addr:--master-port (again whenever the group restarts)")
     p.add_argument("--port", type=int, help="ZeroMQ TCP port on --host (default: a free one, printed)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 for all (only on a "
                                                         "network you trust, or with --api-key / --curve-*)")
@@ -114,6 +122,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(`splitfuse worker --connect`) join here, e.g. tcp://0.0.0.0:5601; needs --worker-token-file")
     p.add_argument("--worker-token-file", metavar="FILE", help="the token joining workers must present (the "
                    "same file on each machine; make it with `openssl rand -hex 32 > FILE`)")
+    p.add_argument("--worker-curve-secret", metavar="FILE", help="encrypt the workers' link with CURVE: this "
+                   "server's certificate with its secret key (it may be --curve-secret's)")
+    p.add_argument("--worker-curve-clients", metavar="DIR", help="with --worker-curve-secret: the public "
+                   "certificates of the workers that may join")
     p.set_defaults(run=_serve)
 
     p = commands.add_parser("worker", help="a worker on this machine that joins a running server",
@@ -131,6 +143,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="this worker's name at the server, one per worker (default: the hostname)")
     p.add_argument("--heartbeat-timeout", type=float, default=30.0, help="seconds without a word from the server "
                    "after which it counts as gone: the worker drops its requests and joins again (default: 30)")
+    p.add_argument("--curve-server-cert", metavar="FILE", help="for a server with --worker-curve-*: its public "
+                   "certificate (the link is encrypted, and only that server is joined)")
+    p.add_argument("--curve-secret", metavar="FILE", help="with --curve-server-cert: this worker's certificate "
+                   "with its secret key (its public one in the server's --worker-curve-clients)")
     _add_model_options(p)
     p.set_defaults(run=_worker)
 
@@ -211,6 +227,8 @@ def _engine_options(args: argparse.Namespace) -> dict:
 # --- commands ---------------------------------------------------------------------------------
 
 def _serve(args: argparse.Namespace) -> None:
+    if args.node_rank:
+        return _serve_node(args)
     address = (args.address or f"tcp://{args.host}:{args.port or '*'}") if args.zmq else None
     http = None if args.http_port is None else server.HttpOptions(args.host, args.http_port, args.api_key,
                                                                   args.served_model_name)
@@ -219,7 +237,11 @@ def _serve(args: argparse.Namespace) -> None:
     curve = server.CurveOptions(args.curve_secret, args.curve_clients) if args.curve_secret else None
     if (args.worker_address is None) != (args.worker_token_file is None):
         raise ValueError("workers that join need both --worker-address and --worker-token-file")
-    remote = server.RemoteWorkers(args.worker_address, args.worker_token_file) if args.worker_address else None
+    worker_curve = None
+    if args.worker_curve_secret or args.worker_curve_clients:
+        worker_curve = server.CurveOptions(args.worker_curve_secret, args.worker_curve_clients)
+    remote = (server.RemoteWorkers(args.worker_address, args.worker_token_file, worker_curve)
+              if args.worker_address else None)
     print(f"starting {args.replicas} replica(s) of {args.model or 'the bundled model'}...", file=sys.stderr)
     start = time.perf_counter()
 
@@ -236,9 +258,19 @@ def _serve(args: argparse.Namespace) -> None:
 
 def _worker(args: argparse.Namespace) -> None:
     config = EngineConfig.from_kwargs(**_engine_options(args))  # bad options fail here, before torch loads
+    read_token_file(args.token_file)
     from splitfuse.worker import main as worker  # this command is the worker process: torch is wanted here
     worker.run(["--connect", args.connect, "--token-file", args.token_file, "--config", json.dumps(config.to_dict()),
-                "--frontend-timeout", str(args.heartbeat_timeout)] + (["--name", args.name] if args.name else []))
+                "--frontend-timeout", str(args.heartbeat_timeout)] + (["--name", args.name] if args.name else [])
+               + (["--curve-server-cert", args.curve_server_cert] if args.curve_server_cert else [])
+               + (["--curve-secret", args.curve_secret] if args.curve_secret else []))
+
+
+def _serve_node(args: argparse.Namespace) -> None:
+    config = EngineConfig.from_kwargs(**_engine_options(args))  # bad options fail here, before torch loads
+    from splitfuse.worker import tp_group  # this command runs ranks of the model: torch is wanted here
+    tp_group.serve_node(config, args.node_rank)
+
 
 @contextmanager
 def _connect(args: argparse.Namespace) -> Iterator[tuple[Client, dict]]:

@@ -150,6 +150,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed before
     prefix_routing: bool = True       # frontend, several replicas: prefer the replica that holds a prompt's prefix
     cache_dir: str | None = None      # where the bundled model is converted to
+    tensor_parallel_size: int = 1     # ranks (processes, devices) one replica's model is sharded over
+    nnodes: int = 1                   # hosts a tensor-parallel group spans, tensor_parallel_size / nnodes ranks each
+    master_addr: str = "127.0.0.1"    # nnodes > 1: the first host's address, where the group meets
+    master_port: int | None = None    # nnodes > 1: a free port there; None (one host): any free port
 
     def __post_init__(self) -> None:
         _check(self.scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
@@ -166,6 +170,13 @@ class EngineConfig:
         _check(0 < self.kv_memory_fraction < 1, f"kv_memory_fraction must be in (0, 1), got {self.kv_memory_fraction!r}")
         _check(0 < self.gpu_memory_utilization <= 1,
                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        _check(_is_int(self.tensor_parallel_size, 1, 1 << 16),
+               f"tensor_parallel_size must be a positive integer, got {_show(self.tensor_parallel_size)}")
+        _check(_is_int(self.nnodes, 1, self.tensor_parallel_size) and self.tensor_parallel_size % self.nnodes == 0,
+               f"nnodes ({_show(self.nnodes)}) must divide tensor_parallel_size ({self.tensor_parallel_size}): "
+               f"every host runs the same number of ranks")
+        _check(self.nnodes == 1 or _is_int(self.master_port, 1, 65535),
+               "a group over several hosts (nnodes > 1) needs master_port: a free TCP port on master_addr")
         _check(self.buckets is None or (all(isinstance(b, int) and b > 0 for b in self.buckets)
                                         and max(self.buckets) >= (self.token_budget or 0)),
                "buckets must be positive integers, the largest at least token_budget")

@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig
 
@@ -11,6 +11,7 @@ from splitfuse.compiled.bundled import BUNDLED_NAME, bundled_model_dir
 from splitfuse.compiled.models.layers import Linear
 from splitfuse.compiled.models.llama import LlamaForCausalLM
 from splitfuse.compiled.models.opt import OPTForCausalLM
+from splitfuse.compiled.parallel import SINGLE, Shard
 
 MODEL_CLASSES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM,
                  "opt": OPTForCausalLM}
@@ -50,16 +51,17 @@ def load_config(model_dir: Path):
     return config
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, shard: Shard = SINGLE) -> nn.Module:
+    """The model, or with a tensor-parallel shard this rank's part of it, reading only that part's bytes."""
     config = load_config(model_dir)
     with torch.device("meta"):
-        model = MODEL_CLASSES[config.model_type](config)
+        model = MODEL_CLASSES[config.model_type](config, shard)
     # Parameters the model ties to an earlier one, by name (lm_head.weight -> its embed_tokens.weight).
     tied: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         tied.setdefault(id(param), []).append(name)
     aliases = {alias: names[0] for names in tied.values() for alias in names[1:]}
-    state = {name: t.to(dtype) for name, t in _read_safetensors(model_dir).items()
+    state = {name: t.to(dtype) for name, t in _read_safetensors(model_dir, _slices(model)).items()
              if not name.endswith("rotary_emb.inv_freq")}
     for alias, name in aliases.items():
         state.setdefault(alias, state[name])  # checkpoints of tied models usually store only the first
@@ -77,7 +79,33 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.
     return model
 
 
-def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+def _slices(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """Parameter name -> (dim, start, length) of the checkpoint tensor a sharded layer holds (parallel.py)."""
+    slices = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for name, (dim, start) in getattr(module, "shards", {}).items():
+            param = getattr(module, name)
+            if param is not None:
+                slices[f"{prefix}.{name}"] = (dim, start, param.shape[dim])
+    return slices
+
+
+def _read(file, name: str, part: tuple[int, int, int] | None) -> torch.Tensor:
+    """A tensor, or its slice [start, start + length) along dim, zero-padded past the tensor's end."""
+    if part is None:
+        return file.get_tensor(name)
+    dim, start, length = part
+    view = file.get_slice(name)
+    index = (slice(None),) * dim + (slice(start, start + length),)
+    t = view[index]
+    if t.shape[dim] < length:  # the last rank's share of a vocabulary that does not divide evenly
+        pad = list(t.shape)
+        pad[dim] = length - t.shape[dim]
+        t = torch.cat([t, t.new_zeros(pad)], dim)
+    return t
+
+
+def _read_safetensors(model_dir: Path, slices: dict[str, tuple[int, int, int]]) -> dict[str, torch.Tensor]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -87,5 +115,6 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{model_dir} has no model.safetensors or model.safetensors.index.json")
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        state.update(load_file(model_dir / name))
+        with safe_open(model_dir / name, framework="pt") as f:
+            state.update({key: _read(f, key, slices.get(key)) for key in f.keys()})
     return state

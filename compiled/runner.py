@@ -16,6 +16,7 @@ import functools
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -78,6 +79,8 @@ class ModelRunner:
         self._views = {t: self._bucket_view(t) for t in self.buckets}
         self._forward = model.forward
         self._compiled = None
+        # Tensor parallel, rank 0: called with each step's filled buffers before it runs (StepBroadcast.send).
+        self.on_step: Callable[[_StepBuffers, int | None, int, int], None] | None = None
         self.compiled = threading.Event()  # set once every bucket is compiled (or when not compiling)
         if compile:
             # One compiled graph per bucket; lift dynamo's per-function cache limit to cover them.
@@ -112,15 +115,31 @@ class ModelRunner:
             raise ValueError(f"{len(chunks)} sequences exceed the {self.seqs_in_bucket(bucket)} slots of bucket {bucket}")
         num_logits = self._buffers.fill(chunks, bucket, self.seqs_in_bucket(bucket), self.block_size)
         self._buffers.copy(len(chunks))
-        return self.model.lm_head(self._run(bucket)[:num_logits])
+        return self._step(self._buffers, bucket, len(chunks), num_logits)
 
     def _execute_oversized(self, chunks: list[SequenceChunk], num_tokens: int) -> torch.Tensor:
         """Only the prefill-first baseline exceeds the budget (a whole long prompt in one step):
         such steps run eagerly at their exact size rather than adding shapes to compile."""
-        buffers = _StepBuffers(num_tokens, len(chunks), self.max_blocks_per_seq, self.device)
+        buffers = self.step_buffers(None, num_tokens, len(chunks))
         num_logits = buffers.fill(chunks, num_tokens, len(chunks), self.block_size)
         buffers.copy(len(chunks))
-        return self.model.lm_head(self.model(buffers.batch, self.kv_caches)[:num_logits])
+        return self._step(buffers, None, len(chunks), num_logits)
+
+    def _step(self, buffers: "_StepBuffers", bucket: int | None, num_seqs: int, num_logits: int) -> torch.Tensor:
+        if self.on_step is not None:
+            self.on_step(buffers, bucket, num_seqs, num_logits)
+        return self.run_step(buffers, bucket, num_logits)
+
+    def step_buffers(self, bucket: int | None, num_tokens: int, num_seqs: int) -> "_StepBuffers":
+        """The static buffers of the buckets, or (bucket None) new ones of an oversized step's exact size."""
+        if bucket is not None:
+            return self._buffers
+        return _StepBuffers(num_tokens, num_seqs, self.max_blocks_per_seq, self.device)
+
+    def run_step(self, buffers: "_StepBuffers", bucket: int | None, num_logits: int) -> torch.Tensor:
+        """The forward of filled (and copied) buffers at `bucket`, or eagerly at their own size (None)."""
+        hidden = self._run(bucket) if bucket is not None else self.model(buffers.batch, self.kv_caches)
+        return self.model.lm_head(hidden[:num_logits])
 
     @torch.inference_mode()
     def profile(self) -> None:
@@ -248,9 +267,13 @@ class _StepBuffers:
     def copy(self, num_seqs: int) -> None:
         """Move the filled inputs to the device: everything before the block tables and `num_seqs` rows of them."""
         if self._copied is not None:
-            end = self._table_start + num_seqs * self._max_blocks
-            self.on_device[:end].copy_(self.host[:end], non_blocking=True)
+            inputs = self.step_inputs(num_seqs)
+            inputs.copy_(self.host[:inputs.numel()], non_blocking=True)
             self._copied.record()
+
+    def step_inputs(self, num_seqs: int) -> torch.Tensor:
+        """The device-side inputs a step of `num_seqs` sequences reads (what `copy` moves)."""
+        return self.on_device[:self._table_start + num_seqs * self._max_blocks]
 
     def fill(self, chunks: list[SequenceChunk], tokens: int, seqs: int, block_size: int) -> int:
         """Lay the chunks out flat and pad to `tokens`/`seqs`; returns the number of logits rows."""

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from splitfuse.compiled.loader import load_config, load_model, resolve_dtype, resolve_model_dir
+from splitfuse.compiled.parallel import SINGLE, Shard, StepBroadcast
 from splitfuse.compiled.runner import ModelRunner, SequenceChunk, default_buckets, kv_cache_bytes_per_block
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.worker.block_manager import BlockManager
@@ -23,8 +24,11 @@ CUDA_OVERHEAD_BYTES = 1 << 30
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, progress: bool = True, replicas_on_device: int = 1):
-        """`replicas_on_device`: replicas sharing this one's GPU, which split its gpu_memory_utilization."""
+    def __init__(self, config: EngineConfig, progress: bool = True, replicas_on_device: int = 1,
+                 shard: Shard = SINGLE):
+        """`replicas_on_device`: replicas sharing this one's GPU, which split its gpu_memory_utilization.
+        `shard`: this rank's place in a tensor-parallel group. Every rank builds an Engine in the same
+        order (their collectives must match); rank 0 schedules and hands each step to the others."""
         device = torch.device(config.device if config.device != "auto"
                               else "cuda" if torch.cuda.is_available() else "cpu")
         if device.type == "cuda":
@@ -36,7 +40,7 @@ class Engine:
         dtype = resolve_dtype(config.dtype, device)
         self.model_dir = resolve_model_dir(config.model, config.cache_dir)
         hf_config = load_config(self.model_dir)
-        model = load_model(self.model_dir, dtype, device)
+        model = load_model(self.model_dir, dtype, device, shard)
         self.max_model_len = min(config.max_model_len or model.max_model_len, model.max_model_len)
         self.eos_token_ids = _eos_token_ids(hf_config)
         runner = functools.partial(ModelRunner, model, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
@@ -46,11 +50,17 @@ class Engine:
         def profile() -> None:  # on a one-block cache: an all-padding step reads and writes no KV
             runner(num_blocks=1, compile=False, cuda_graphs=False).profile()
         num_blocks = config.num_blocks or _blocks_for_memory(model, config, dtype, device, profile, replicas_on_device)
+        num_blocks = shard.agree_min(num_blocks, device)  # the ranks' shards, and so their blocks, differ in size
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, config.token_budget, config.max_num_seqs, self.blocks)
         self.runner = runner(num_blocks=num_blocks, compile=not config.eager, cuda_graphs=not config.eager)
         self._idle = threading.Event()  # set when the engine first goes idle: a background compile starts then
-        self.runner.compile(background=config.background_compile, progress=progress, start=self._idle)
+        # Not in the background beside tensor-parallel steps: the two threads' collectives would interleave
+        # differently on each rank.
+        self.runner.compile(background=config.background_compile and shard.size == 1, progress=progress,
+                            start=self._idle)
+        if shard.size > 1 and shard.rank == 0:
+            self.runner.on_step = StepBroadcast(shard, device).send
         self.sampler = Sampler(self.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._generators: dict[str, torch.Generator] = {}
@@ -72,7 +82,7 @@ class Engine:
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not isinstance(ids, list) or not ids:
             raise ValueError("prompt is empty: give at least one token")
-        vocab = self.runner.model.lm_head.weight.shape[0]
+        vocab = self.runner.model.lm_head.vocab_size
         if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         if not all(0 <= t < vocab for t in params.stop_token_ids):  # the sampler indexes logits with them

@@ -24,9 +24,11 @@ import traceback
 
 import torch
 import zmq
+import zmq.auth
 
 from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams, model_fingerprint, read_token_file
+from splitfuse.worker import tp_group
 from splitfuse.worker.engine import Engine
 from splitfuse.worker.request import Request, RequestOutput
 
@@ -156,14 +158,27 @@ def _dealer(context: zmq.Context, identity: str) -> zmq.Socket:
     return socket
 
 
-def join(context: zmq.Context, engine: Engine, address: str, ready: protocol.Ready, frontend_timeout: float) -> None:
+def curve_keys(server_cert: str, secret_cert: str) -> tuple[bytes, bytes, bytes]:
+    """(the frontend's public key, this worker's public and secret keys) from zmq.auth certificates."""
+    server_public, _ = zmq.auth.load_certificate(server_cert)
+    public, secret = zmq.auth.load_certificate(secret_cert)
+    if secret is None:
+        raise ValueError(f"{secret_cert} holds no secret key: give the worker's secret certificate")
+    return server_public, public, secret
+
+
+def join(context: zmq.Context, engine: Engine, address: str, ready: protocol.Ready, frontend_timeout: float,
+         curve: tuple[bytes, bytes, bytes] | None = None) -> None:
     """Serve a frontend that did not start this worker. Say ready on a new connection until the frontend
     answers, waiting longer each time (it may not be up yet); once welcome, serve until it is gone, then
     join again. A refusal that joining again cannot fix (a wrong token, another model) exits with code 1,
-    so that the supervisor shows it and restarts the worker."""
+    so that the supervisor shows it and restarts the worker. `curve`: the keys of an encrypted link (a
+    frontend that does not admit this worker's key never answers)."""
     wait = JOIN_WAIT[0]
     while True:
         socket = _dealer(context, f"{ready.name}-{os.getpid()}-{secrets.token_hex(4)}")
+        if curve is not None:  # set before connecting
+            socket.curve_serverkey, socket.curve_publickey, socket.curve_secretkey = curve
         try:
             socket.connect(address)
             socket.send(protocol.encode(ready))
@@ -210,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", help="with --connect: this worker's name at the frontend (default: the hostname)")
     parser.add_argument("--frontend-timeout", type=float, default=30.0,
                         help="with --connect: seconds without a word from the frontend before joining it again")
+    parser.add_argument("--curve-server-cert", help="with --connect: the frontend's public CURVE certificate")
+    parser.add_argument("--curve-secret", help="with --curve-server-cert: this worker's secret CURVE certificate")
     parser.add_argument("--replica", type=int, default=0)
     parser.add_argument("--replicas", type=int, default=1, help="replicas in the deployment")
     parser.add_argument("--config", required=True, help="EngineConfig fields as JSON")
@@ -217,7 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.connect and not args.token_file:
         parser.error("--connect needs --token-file")
+    if (args.curve_server_cert is None) != (args.curve_secret is None):
+        parser.error("CURVE needs both --curve-server-cert and --curve-secret")
     secret = read_token_file(args.token_file) if args.connect else sys.stdin.readline().strip()
+    curve = curve_keys(args.curve_server_cert, args.curve_secret) if args.curve_server_cert else None
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, _exit_on_signal)
 
@@ -235,14 +255,15 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         print(f"replica {args.replica}: loading {config.model or 'the bundled model'} "
               f"(device {config.device}, pid {os.getpid()})...", file=sys.stderr, flush=True)
-        engine = Engine(config, replicas_on_device=sharing)
+        engine = (tp_group.start_leader(config, args.replica, sharing) if config.tensor_parallel_size > 1
+                  else Engine(config, replicas_on_device=sharing))
         print(f"replica {args.replica}: ready in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
         name = (args.name or platform.node()) if args.connect else None
         ready = protocol.Ready(args.replica if socket else -1, os.getpid(), str(engine.model_dir), engine.max_model_len,
                                list(engine.eos_token_ids), secret, name, model_fingerprint(engine.model_dir),
                                engine.config.block_size)
         if socket is None:
-            join(context, engine, args.connect, ready, args.frontend_timeout)
+            join(context, engine, args.connect, ready, args.frontend_timeout, curve)
         else:
             socket.send(protocol.encode(ready))
             Worker(engine, socket, args.replica).run()

@@ -39,9 +39,13 @@ class Linear(nn.Linear):
             self.packed = pack_linear_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(x, self.bias)
+
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ weight.T + bias; a row-parallel shard adds its bias only after summing the ranks' products."""
         if self.packed is not None:
-            return ops.packed_linear(x, self.packed, self.bias, self.out_features)
-        return F.linear(x, self.weight, self.bias)
+            return ops.packed_linear(x, self.packed, bias, self.out_features)
+        return F.linear(x, self.weight, bias)
 
 
 class LMHead(Linear):

@@ -5,7 +5,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from splitfuse.compiled.batch import Batch
-from splitfuse.compiled.models.layers import Linear, LMHead, RMSNorm, Rotary, blocked_attention
+from splitfuse.compiled.models.layers import RMSNorm, Rotary, blocked_attention
+from splitfuse.compiled.parallel import SINGLE, ColumnLinear, RowLinear, Shard, VocabEmbedding, VocabLMHead, \
+    attention_heads
 
 
 def _sliding_window(config) -> int:
@@ -15,18 +17,18 @@ def _sliding_window(config) -> int:
 
 
 class Attention(nn.Module):
-    def __init__(self, config, head_dim: int):
+    def __init__(self, config, head_dim: int, shard: Shard):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        heads = attention_heads(config.num_attention_heads, config.num_key_value_heads, shard)
+        self.num_heads, self.num_kv_heads = heads.q_count, heads.kv_count  # this rank's
         self.head_dim = head_dim
         qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
         o_bias = config.model_type != "qwen2" and getattr(config, "attention_bias", False)
-        h = config.hidden_size
-        self.q_proj = Linear(h, self.num_heads * head_dim, bias=qkv_bias)
-        self.k_proj = Linear(h, self.num_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = Linear(h, self.num_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = Linear(self.num_heads * head_dim, h, bias=o_bias)
+        h, q, kv = config.hidden_size, heads.q_start * head_dim, heads.kv_start * head_dim
+        self.q_proj = ColumnLinear(h, self.num_heads * head_dim, qkv_bias, q)
+        self.k_proj = ColumnLinear(h, self.num_kv_heads * head_dim, qkv_bias, kv)
+        self.v_proj = ColumnLinear(h, self.num_kv_heads * head_dim, qkv_bias, kv)
+        self.o_proj = RowLinear(self.num_heads * head_dim, h, o_bias, q, shard)
         self.scale = head_dim ** -0.5
         self.sliding_window = _sliding_window(config)
 
@@ -40,25 +42,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, shard: Shard):
         super().__init__()
         if config.hidden_act not in ("silu", "swish"):
             raise ValueError(f"unsupported activation {config.hidden_act!r}; supported: silu")
         bias = getattr(config, "mlp_bias", False)
-        h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = Linear(h, i, bias=bias)
-        self.up_proj = Linear(h, i, bias=bias)
-        self.down_proj = Linear(i, h, bias=bias)
+        h, (start, i) = config.hidden_size, shard.split(config.intermediate_size)
+        self.gate_proj = ColumnLinear(h, i, bias, start)
+        self.up_proj = ColumnLinear(h, i, bias, start)
+        self.down_proj = RowLinear(i, h, bias, start, shard)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, head_dim: int):
+    def __init__(self, config, head_dim: int, shard: Shard):
         super().__init__()
-        self.self_attn = Attention(config, head_dim)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, head_dim, shard)
+        self.mlp = MLP(config, shard)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -68,27 +70,28 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, head_dim: int):
+    def __init__(self, config, head_dim: int, shard: Shard):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, head_dim) for _ in range(config.num_hidden_layers))
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, shard)
+        self.layers = nn.ModuleList(DecoderLayer(config, head_dim, shard) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
     """Forward over a flat ragged batch; returns the final hidden states of batch.logits_indices, which
-    lm_head turns into fp32 logits (the runner applies it outside the compiled graph, to the real rows)."""
+    lm_head turns into fp32 logits (the runner applies it outside the compiled graph, to the real rows).
+    With a shard of a tensor-parallel group, this rank's part of it (compiled/parallel.py)."""
 
-    def __init__(self, config):
+    def __init__(self, config, shard: Shard = SINGLE):
         super().__init__()
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_kv_heads = attention_heads(config.num_attention_heads, config.num_key_value_heads, shard).kv_count
         self.num_layers = config.num_hidden_layers
         self.max_model_len = config.max_position_embeddings
         self.sliding_window = _sliding_window(config)
-        self.model = LlamaModel(config, self.head_dim)
+        self.model = LlamaModel(config, self.head_dim, shard)
         self.rotary = Rotary(config, self.head_dim, self.max_model_len)
-        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
+        self.lm_head = VocabLMHead(config.hidden_size, config.vocab_size, shard)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
