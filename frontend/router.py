@@ -34,6 +34,7 @@ import zmq
 
 from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams, model_fingerprint, read_token_file
+from splitfuse.frontend.curve import CurveOptions, curve_server
 
 MAX_RESTART_DELAY = 30.0  # seconds between restarts of a worker that keeps dying while it loads
 HEARTBEAT_INTERVAL = 1.0  # seconds between the heartbeats sent to joined workers
@@ -73,9 +74,11 @@ class Job:
 @dataclass(slots=True)
 class RemoteWorkers:
     """Where workers started on other machines join (`splitfuse worker --connect ADDRESS`), e.g.
-    "tcp://0.0.0.0:5601", and the file holding the token they must present (the same file on each)."""
+    "tcp://0.0.0.0:5601", the file holding the token they must present (the same file on each), and
+    optionally CURVE: the link encrypted, and only workers whose public certificate is listed connect."""
     address: str
     token_file: str
+    curve: CurveOptions | None = None
 
 
 @dataclass(slots=True)
@@ -148,10 +151,10 @@ class Router:
         self.startup_timeout = startup_timeout
         self.context = context or zmq.Context.instance()
         self.model_dir: str | None = None      # the frontend's copy of the model: its tokenizer's files
-        self.remote_socket = self.remote_address = None
+        self.remote_socket = self.remote_address = self._authenticator = None
         if remote is not None:
             self._listen(remote, replicas)
-        self.socket = self._worker_socket()
+        self.socket = self._worker_socket(self.context)
         self._dir = tempfile.mkdtemp(prefix="splitfuse-")  # mode 0700: other users cannot connect
         self.address = f"ipc://{self._dir}/workers"
         self.socket.bind(self.address)
@@ -171,19 +174,29 @@ class Router:
         self._token = read_token_file(remote.token_file)
         self.model_dir = resolve_model_dir(self.config)
         self._model_hash = model_fingerprint(self.model_dir)
-        self.remote_socket = self._worker_socket()
+        # A context of its own: a CURVE authenticator serves a whole context, and the clients' socket may have one.
+        self.remote_socket = self._worker_socket(zmq.Context())
         self.remote_socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)  # open to the network
         try:
+            if remote.curve is not None:
+                self._authenticator = curve_server(self.remote_socket, remote.curve)
             self.remote_socket.bind(remote.address)
-        except zmq.ZMQError as e:
-            self.remote_socket.close()
+        except (zmq.ZMQError, ValueError) as e:
+            self._close_remote()
             raise ValueError(f"cannot listen for workers at {remote.address!r}: {e}") from None
         self.remote_address = self.remote_socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._next_index = replicas
         self._next_beat = 0.0
 
-    def _worker_socket(self) -> zmq.Socket:
-        socket = self.context.socket(zmq.ROUTER)
+    def _close_remote(self, linger: int = 0) -> None:
+        self.remote_socket.close(linger=linger)
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        self.remote_socket.context.term()
+
+    @staticmethod
+    def _worker_socket(context: zmq.Context) -> zmq.Socket:
+        socket = context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a dead worker fails instead of vanishing
         socket.setsockopt(zmq.SNDHWM, 0)            # an internal link: never drop a request or output
         socket.setsockopt(zmq.RCVHWM, 0)
@@ -336,7 +349,7 @@ class Router:
                 r.process.wait()
         self.socket.close()
         if self.remote_socket is not None:
-            self.remote_socket.close(linger=1000)  # time for those messages to leave
+            self._close_remote(linger=1000)  # time for those messages to leave
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def _spawn(self, replica: Replica) -> None:

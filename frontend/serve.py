@@ -47,6 +47,7 @@ def serve(model: str | None = None, replicas: int = 1, port: int | str | None = 
           max_queued_requests: int | None = None, max_queued_tokens: int | None = None,
           shutdown_timeout: float = 30.0, heartbeat_timeout: float = 30.0, ready_timeout: float = 900.0,
           worker_address: str | None = None, worker_token_file: str | None = None,
+          worker_curve_secret: str | None = None, worker_curve_clients: str | None = None,
           **engine_options) -> Deployment:
     """Start a frontend server and `replicas` worker processes, each with its own copy of `model`
     (on GPU each on its own device; on CPU they share the cores). Returns once every replica is ready.
@@ -61,7 +62,9 @@ def serve(model: str | None = None, replicas: int = 1, port: int | str | None = 
     max_queued_tokens: requests (prompt tokens) waiting for their first token beyond which new ones
     are refused (HTTP 429). worker_address, worker_token_file: where workers started on other machines
     (`splitfuse worker --connect`) join, e.g. "tcp://0.0.0.0:5601", and the file of the token they must
-    present; with them `replicas` may be 0, and then this returns once the first worker has joined."""
+    present; with them `replicas` may be 0, and then this returns once the first worker has joined.
+    worker_curve_secret, worker_curve_clients: encrypt that link too, and admit only the workers whose
+    public certificates are in that directory (this server's certificate may be the clients' one)."""
     config = EngineConfig.from_kwargs(model=model, **engine_options)  # bad options fail here, not in a child
     if (worker_address is None) != (worker_token_file is None):
         raise ValueError("workers that join from elsewhere need both worker_address and worker_token_file")
@@ -77,7 +80,9 @@ def serve(model: str | None = None, replicas: int = 1, port: int | str | None = 
     if curve_secret is not None or curve_clients is not None:
         cmd += ["--curve", json.dumps({"server_secret_file": curve_secret, "clients_dir": curve_clients})]
     if worker_address is not None:
-        cmd += ["--remote", json.dumps({"address": worker_address, "token_file": worker_token_file})]
+        curve = ({"server_secret_file": worker_curve_secret, "clients_dir": worker_curve_clients}
+                 if worker_curve_secret is not None or worker_curve_clients is not None else None)
+        cmd += ["--remote", json.dumps({"address": worker_address, "token_file": worker_token_file, "curve": curve})]
     if http_port is not None:
         cmd += ["--http", json.dumps({"host": host, "port": http_port, "api_key": api_key,
                                       "model_name": served_model_name})]

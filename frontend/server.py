@@ -13,37 +13,21 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.frontend.core import TICK, Core, Overloaded, Unavailable
+from splitfuse.frontend.curve import CurveOptions, curve_server
 from splitfuse.frontend.http_server import HttpOptions, HttpServer
 from splitfuse.frontend.response import Delta
 from splitfuse.frontend.router import RemoteWorkers
 
 MAX_BATCH = 1000         # client messages handled per loop turn, so worker outputs keep flowing
 CLIENT_SNDHWM = 100_000  # messages queued for one client before it counts as not reading
-
-
-@dataclass(slots=True)
-class CurveOptions:
-    """ZeroMQ CURVE on the client socket: encrypted, and only clients whose public key is in
-    `clients_dir` (certificates written by zmq.auth.create_certificates) may connect."""
-    server_secret_file: str   # this server's certificate with its secret key
-    clients_dir: str          # the public certificates of the allowed clients
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.server_secret_file, str) or not Path(self.server_secret_file).is_file():
-            raise ValueError(f"CURVE needs the server's secret certificate file, got {self.server_secret_file!r}")
-        if not isinstance(self.clients_dir, str) or not Path(self.clients_dir).is_dir():
-            raise ValueError(f"CURVE needs a directory of the clients' public certificates, got {self.clients_dir!r}")
 
 
 class ZmqFrontend:
@@ -55,7 +39,7 @@ class ZmqFrontend:
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone client raises: abort its requests
         self.socket.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
         self.socket.setsockopt(zmq.LINGER, 1000)
-        self._authenticator = _curve_server(self.socket, curve) if curve is not None else None
+        self._authenticator = curve_server(self.socket, curve) if curve is not None else None
         self.socket.bind(address)
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.keys: dict[tuple[bytes, str], str] = {}   # (client, its request id) -> the core's key
@@ -124,18 +108,6 @@ class ZmqFrontend:
         except zmq.ZMQError:  # gone (EHOSTUNREACH) or not reading (EAGAIN): nobody to stream to
             for request in [k for k in self.keys if k[0] == client]:
                 self.core.abort(self.keys.pop(request))
-
-
-def _curve_server(socket: zmq.Socket, curve: CurveOptions) -> ThreadAuthenticator:
-    """Encrypt the socket with this server's keys; the authenticator admits only the listed clients."""
-    authenticator = ThreadAuthenticator(socket.context)
-    authenticator.start()
-    authenticator.configure_curve(domain="*", location=str(Path(curve.clients_dir)))
-    public, secret = zmq.auth.load_certificate(curve.server_secret_file)
-    if secret is None:
-        raise ValueError(f"{curve.server_secret_file} holds no secret key: give the server's secret certificate")
-    socket.curve_secretkey, socket.curve_publickey, socket.curve_server = secret, public, True
-    return authenticator
 
 
 class Server:
@@ -219,9 +191,14 @@ def main(argv: list[str] | None = None) -> None:
         None if args.address == "none" else args.address,
         http=HttpOptions(**json.loads(args.http)) if args.http else None,
         curve=CurveOptions(**json.loads(args.curve)) if args.curve else None,
-        remote=RemoteWorkers(**json.loads(args.remote)) if args.remote else None,
+        remote=_remote_workers(json.loads(args.remote)) if args.remote else None,
         announce=lambda where: print(f"ready {json.dumps(where)}", flush=True), watch_parent=args.watch_parent,
         **json.loads(args.options))
+
+
+def _remote_workers(fields: dict) -> RemoteWorkers:
+    curve = fields.pop("curve", None)
+    return RemoteWorkers(**fields, curve=CurveOptions(**curve) if curve else None)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import zmq
+import zmq.auth
 
 from splitfuse import protocol
 from splitfuse.compiled.bundled import bundled_model_dir
@@ -223,3 +225,59 @@ def test_a_frontend_without_replicas_serves_once_a_worker_joins_and_refuses_whil
 
 async def _no_replicas(client: AsyncClient) -> bool:
     return not (await client.stats())["replicas"]
+
+
+def test_with_curve_only_a_worker_whose_key_is_listed_joins_and_gets_requests(model, token_file, tmp_path):
+    keys, listed = tmp_path / "keys", tmp_path / "listed"
+    keys.mkdir(), listed.mkdir()
+    server_public, server_secret = zmq.auth.create_certificates(keys, "server")
+    worker_public, worker_secret = zmq.auth.create_certificates(keys, "worker")
+    shutil.copy(worker_public, listed)
+    _, other_secret = zmq.auth.create_certificates(keys, "other")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    # Raw joining workers, all with the token: one with the listed key, one with another key, one without CURVE.
+    sockets = {name: _joining(address, token_file, model, name, server_public, secret)
+               for name, secret in (("listed", worker_secret), ("unlisted", other_secret), ("plain", None))}
+    try:
+        with serve(model=model, replicas=0, worker_address=address, worker_token_file=token_file,
+                   worker_curve_secret=server_secret, worker_curve_clients=str(listed), ready_timeout=300,
+                   heartbeat_timeout=HEARTBEAT_TIMEOUT, **ENGINE) as deployment, Client(deployment.address) as client:
+            assert isinstance(_next(sockets["listed"], protocol.Welcome), protocol.Welcome)
+            assert [r["name"] for r in client.stats()["replicas"]] == ["listed"]
+            answers = []
+            asking = threading.Thread(target=lambda: answers.append(client.complete(PROMPT, max_new_tokens=2)))
+            asking.start()
+            request = _next(sockets["listed"], protocol.Generate)
+            assert request.prompt_ids == PROMPT
+            sockets["listed"].send(protocol.encode(protocol.Step([protocol.Output(request.id, [7, 8], "length",
+                                                                                  num_cached_tokens=0)])))
+            asking.join(60)
+            assert answers[0].token_ids == [7, 8]
+            assert not sockets["unlisted"].poll(1000) and not sockets["plain"].poll(0)  # their handshakes failed
+    finally:
+        for sock in sockets.values():
+            sock.close()
+
+
+def _joining(address: str, token_file: str, model: str, name: str, server_public: str,
+             secret_cert: str | None) -> zmq.Socket:
+    """A DEALER that says ready as a joining worker would (sent once connected)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVTIMEO, 60_000)
+    sock.setsockopt(zmq.LINGER, 0)
+    if secret_cert is not None:
+        sock.curve_serverkey = zmq.auth.load_certificate(server_public)[0]
+        sock.curve_publickey, sock.curve_secretkey = zmq.auth.load_certificate(secret_cert)
+    sock.connect(address)
+    sock.send(protocol.encode(protocol.Ready(-1, os.getpid(), model, 256, [2], Path(token_file).read_text(), name,
+                                             model_fingerprint(model), 16)))
+    return sock
+
+
+def _next(sock: zmq.Socket, kind: type):
+    """The next message of this kind to a joined worker, past the frontend's heartbeats."""
+    while not isinstance(msg := protocol.decode(sock.recv(), protocol.WORKER_REQUESTS), kind):
+        assert isinstance(msg, protocol.Heartbeat), msg
+    return msg
