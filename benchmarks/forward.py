@@ -1,18 +1,26 @@
 """One forward pass of the bundled model at fixed token counts, eager vs compiled, on this machine.
 
     python -m benchmarks.forward [--dtype bf16] [--tokens 1 8 32 128 256 512] [--no-compile]
+                                 [--tensor-parallel-size N]
 
 Prints tokens/s and model FLOPs utilisation against the bf16 (or fp32) matmul peak measured in
 the same run, then the engine's per-step overhead (scheduling + input preparation) on a
-decode-heavy load."""
+decode-heavy load. With --tensor-parallel-size N, N processes (gloo) split the cores and each holds
+its shard of the model; they run the same steps and rank 0 reports (FLOPs and peak are a rank's)."""
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
+import torch.distributed as dist
 
 from splitfuse.compiled.bundled import bundled_model_dir
 from splitfuse.compiled.loader import load_model, resolve_dtype
+from splitfuse.compiled.parallel import Shard
 from splitfuse.compiled.runner import ModelRunner, SequenceChunk
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.worker.engine import Engine
@@ -99,6 +107,21 @@ def step_overhead(dtype: str, eager: bool) -> dict:
             "prep_fraction": prep / total}
 
 
+def join_group(args: argparse.Namespace) -> Shard:
+    """Rank 0 starts ranks 1..N-1 (this command again) and all join one gloo group; each takes its share of the cores."""
+    size = args.tensor_parallel_size
+    if size == 1:
+        return Shard()
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // size))
+    if args.rank == 0:
+        args.store = tempfile.mkdtemp() + "/store"
+        for rank in range(1, size):
+            subprocess.Popen([sys.executable, "-m", "benchmarks.forward", *sys.argv[1:], "--rank", str(rank),
+                              "--store", args.store])
+    dist.init_process_group("gloo", store=dist.FileStore(args.store, size), rank=args.rank, world_size=size)
+    return Shard(args.rank, size, dist.group.WORLD)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="auto")
@@ -106,19 +129,25 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="eager only (compiling takes ~30 s per shape)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks (processes) the model is sharded over")
+    ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)  # given to the ranks rank 0 starts
+    ap.add_argument("--store", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    shard = join_group(args)
+    report = print if shard.rank == 0 else lambda *a, **k: None
     torch.manual_seed(0)
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
-    model = load_model(bundled_model_dir(), dtype, torch.device("cpu"))
+    model = load_model(bundled_model_dir(), dtype, torch.device("cpu"), shard)
     peak = matmul_peak(dtype)
-    print(f"# bundled SmolLM2-135M, {dtype}, {torch.get_num_threads()} threads; matmul peak {peak / 1e9:.0f} GFLOP/s")
+    report(f"# bundled SmolLM2-135M, {dtype}, {shard.size} rank(s) of {torch.get_num_threads()} threads; "
+           f"matmul peak {peak / 1e9:.0f} GFLOP/s per rank")
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     runners = {mode: ModelRunner(model, num_blocks=4096, block_size=BLOCK, max_num_seqs=64, max_model_len=2048,
                                  buckets=sorted(args.tokens), compile=mode == "compiled") for mode in modes}
     for runner in runners.values():
         runner.compile(background=False)
     rows = []
-    print(f"{'tokens':>6} {'mix':>12} " + " ".join(f"{m + ' ms':>12} {m + ' tok/s':>13} {m + ' MFU':>12}" for m in modes)
+    report(f"{'tokens':>6} {'mix':>12} " + " ".join(f"{m + ' ms':>12} {m + ' tok/s':>13} {m + ' MFU':>12}" for m in modes)
           + ("  compiled/eager" if len(modes) == 2 else ""))
     for tokens in args.tokens:
         for mix, chunks in mixes(tokens, 64).items():
@@ -130,15 +159,17 @@ def main() -> None:
             rows.append(row)
             cells = " ".join(f"{row[m]['ms']:12.1f} {row[m]['tok_s']:13.0f} {100 * row[m]['mfu']:11.1f}%" for m in modes)
             speed = f"  {row['eager']['ms'] / row['compiled']['ms']:.2f}x" if len(modes) == 2 else ""
-            print(f"{tokens:>6} {mix:>12} {cells}{speed}", flush=True)
-    overhead = {mode: step_overhead(args.dtype, mode == "eager") for mode in modes}
+            report(f"{tokens:>6} {mix:>12} {cells}{speed}", flush=True)
+    # The engine's own overhead is a rank 0 matter, the same with any number of ranks: measured with one.
+    overhead = {mode: step_overhead(args.dtype, mode == "eager") for mode in modes} if shard.size == 1 else {}
     for mode, o in overhead.items():
         print(f"# {mode} decode-heavy step (32 decodes, bucket 64): {o['step_ms']:.1f} ms = model {o['model_ms']:.1f}"
               f" + sampler {o['sampler_ms']:.1f} + scheduling/input prep {o['prep_ms']:.2f} ms "
               f"({100 * o['prep_fraction']:.1f}%)")
-    if args.json:
+    if args.json and shard.rank == 0:
         with open(args.json, "w") as f:
-            json.dump({"dtype": str(dtype), "peak_flops": peak, "rows": rows, "overhead": overhead}, f, indent=1)
+            json.dump({"dtype": str(dtype), "tensor_parallel_size": shard.size, "peak_flops": peak, "rows": rows,
+                       "overhead": overhead}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bf16", help="for every backend")
     parser.add_argument("--token-budget", type=int, default=None, help="engine token budget (default: the engine's)")
     parser.add_argument("--eager", action="store_true", help="no torch.compile (saves its warm-up per server)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="shard the served model over this many ranks (processes, on GPU devices)")
     parser.add_argument("--sla-prompt-slowdown", type=float, default=report.SLA_PROMPT_SLOWDOWN,
                         help="S_prompt = single-request prompt tokens/s divided by this")
     parser.add_argument("--sla-gen-slowdown", type=float, default=report.SLA_GEN_SLOWDOWN,
@@ -83,7 +85,8 @@ def machine() -> dict:
 
 
 def engine_options(args: argparse.Namespace) -> dict:
-    options = {"dtype": args.dtype, "eager": args.eager, "background_compile": False}  # measure compiled speed
+    options = {"dtype": args.dtype, "eager": args.eager, "background_compile": False,  # measure compiled speed
+               "tensor_parallel_size": args.tensor_parallel_size}
     if args.token_budget is not None:
         options["token_budget"] = args.token_budget
     return options
