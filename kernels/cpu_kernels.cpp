@@ -9,6 +9,7 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#include <omp.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -70,6 +71,7 @@ constexpr int MAX_ROWS = 32;
 
 struct Item {
     int seq, kv_head;
+    int heads;  // KV heads from kv_head on: 1, or all of them for a decode (a block holds their rows contiguously)
     int row;    // flat row of the item's first token
     int pos;    // its position in the sequence
     int count;  // consecutive new tokens
@@ -136,18 +138,21 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
     // Items of several row groups transpose each block's keys once for them all (scores as vector loops
     // over keys); a decode's single group takes dot products rather than pay for that.
     const bool transposed = padded > ROWS;
-    scratch.assign(size_t(padded) * (2 * dim + 2) + size_t(bs) * 2 * dim, 0.f);
-    float* qf = scratch.data();        // [padded][dim], padding rows stay 0
-    float* acc = qf + padded * dim;    // [padded][dim]
-    float* m = acc + padded * dim;     // running max per row
-    float* l = m + padded;             // running sum per row
-    float* kf = l + padded;            // the block's keys: transposed [dim][bs] (past n: finite, masked),
-    float* vf = kf + bs * dim;         // or as they are [bs][dim], with the values
-    for (int r = 0; r < rows; ++r) {
-        const T* src = q + (int64_t(it.row + r / group) * sh.hq + it.kv_head * group + r % group) * dim;
-        for (int d = 0; d < dim; ++d) qf[r * dim + d] = widen(src[d]) * sh.scale;
-    }
-    std::fill(m, m + padded, MASKED);
+    // The heads' rows are stacked: head hh's are [hh * padded, hh * padded + rows).
+    const int width = it.heads * dim, total = it.heads * padded;
+    scratch.assign(size_t(total) * (2 * dim + 2) + size_t(bs) * 2 * width, 0.f);
+    float* qf = scratch.data();        // [total][dim], padding rows stay 0
+    float* acc = qf + total * dim;     // [total][dim]
+    float* m = acc + total * dim;      // running max per row
+    float* l = m + total;              // running sum per row
+    float* kf = l + total;             // the block's keys: transposed [dim][bs] (past n: finite, masked),
+    float* vf = kf + bs * width;       // or as they are [bs][width], with the values
+    for (int hh = 0; hh < it.heads; ++hh)
+        for (int r = 0; r < rows; ++r) {
+            const T* src = q + (int64_t(it.row + r / group) * sh.hq + (it.kv_head + hh) * group + r % group) * dim;
+            for (int d = 0; d < dim; ++d) qf[(hh * padded + r) * dim + d] = widen(src[d]) * sh.scale;
+        }
+    std::fill(m, m + total, MASKED);
     const int last = it.pos + it.count - 1;
     const int lo = sh.window > 0 ? std::max(0, it.pos - sh.window + 1) : 0;
     const int32_t* table = block_tables + int64_t(it.seq) * sh.max_blocks;
@@ -162,12 +167,13 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
                 for (int d = 0; d < dim; ++d) kf[d * bs + j] = widen(kb[j * stride + d]);
         } else {
             for (int j = 0; j < n; ++j)
-                for (int d = 0; d < dim; ++d) {
-                    kf[j * dim + d] = widen(kb[j * stride + d]);
-                    vf[j * dim + d] = widen(vb[j * stride + d]);
+                for (int d = 0; d < width; ++d) {
+                    kf[j * width + d] = widen(kb[j * stride + d]);
+                    vf[j * width + d] = widen(vb[j * stride + d]);
                 }
         }
-        for (int r0 = 0; r0 < padded; r0 += ROWS) {
+        for (int r0 = 0; r0 < total; r0 += ROWS) {
+            const int hh = r0 / padded;  // the head of these rows
             float w[ROWS][bs] = {};  // past the block's n keys: masked
             if (transposed) {  // scores as vector loops over the block's keys
                 for (int d = 0; d < dim; ++d)
@@ -182,7 +188,7 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
                 for (int j = 0; j < n; ++j) {  // each key is loaded once for the ROWS rows
                     v8f s[ROWS] = {};
                     for (int d0 = 0; d0 < dim; d0 += 8) {  // dim is a multiple of 8 (cpu.py checks)
-                        const v8f k = load8(kf + j * dim + d0);
+                        const v8f k = load8(kf + j * width + hh * dim + d0);
                         for (int i = 0; i < ROWS; ++i) s[i] += load8(qf + (r0 + i) * dim + d0) * k;
                     }
                     for (int i = 0; i < ROWS; ++i) w[i][j] = hsum(s[i]);
@@ -190,7 +196,7 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
             }
             float rescale[ROWS];
             for (int i = 0; i < ROWS; ++i) {
-                const int r = std::min(r0 + i, rows - 1);
+                const int r = std::min(r0 - hh * padded + i, rows - 1);
                 const int p = it.pos + r / group;  // this row's position: it sees keys in (p - window, p]
                 const int from = sh.window > 0 ? p - sh.window + 1 - j0 : 0, to = std::min(n, p + 1 - j0);
                 v8f top = v8f{} + m[r0 + i];
@@ -229,14 +235,16 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
             if (transposed)
                 weigh(vb, stride);
             else
-                weigh(vf, dim);
+                weigh(vf + hh * dim, width);
         }
     }
-    for (int r = 0; r < rows; ++r) {
-        T* dst = out + (int64_t(it.row + r / group) * sh.hq + it.kv_head * group + r % group) * dim;
-        const float inv = 1.f / l[r];
-        for (int d = 0; d < dim; ++d) narrow(acc[r * dim + d] * inv, dst + d);
-    }
+    for (int hh = 0; hh < it.heads; ++hh)
+        for (int r = 0; r < rows; ++r) {
+            T* dst = out + (int64_t(it.row + r / group) * sh.hq + (it.kv_head + hh) * group + r % group) * dim;
+            const int row = hh * padded + r;
+            const float inv = 1.f / l[row];
+            for (int d = 0; d < dim; ++d) narrow(acc[row * dim + d] * inv, dst + d);
+        }
 }
 
 template <typename T>
@@ -245,12 +253,17 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
                      const Shape& sh, T* out) {
     const int group = sh.hq / sh.hkv;
     const int tile = std::max(1, MAX_ROWS / group);  // tokens per item
+    // With sequences enough to share out, a decode is one item for all its KV heads: it copies each block
+    // whole, one contiguous run that streams from memory, where one head's rows are strided.
+    const bool whole = num_seqs >= 2 * omp_get_max_threads();
     std::vector<Item> items;
     for (int seq = 0; seq < num_seqs; ++seq) {
         const int start = query_start_loc[seq], n = query_start_loc[seq + 1] - start;
-        for (int t = 0; t < n; t += tile)
-            for (int h = 0; h < sh.hkv; ++h)
-                items.push_back({seq, h, start + t, seq_lens[seq] - n + t, std::min(tile, n - t)});
+        for (int t = 0; t < n; t += tile) {
+            const int count = std::min(tile, n - t), heads = whole && count * group <= ROWS ? sh.hkv : 1;
+            for (int h = 0; h < sh.hkv; h += heads)
+                items.push_back({seq, h, heads, start + t, seq_lens[seq] - n + t, count});
+        }
     }
     const int used = query_start_loc[num_seqs];
     std::memset(static_cast<void*>(out + int64_t(used) * sh.hq * sh.dim), 0,

@@ -9,12 +9,13 @@ from splitfuse.kernels import cpu, reference
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
-def ragged_batch(seed: int, *, hq: int, hkv: int, dim: int, block_size: int, dtype: torch.dtype):
+def ragged_batch(seed: int, *, hq: int, hkv: int, dim: int, block_size: int, dtype: torch.dtype,
+                 num_seqs: int | None = None):
     """Decodes and prompt chunks of random lengths over a shuffled block pool, plus padding: a padded
     sequence (query length 0) and padded rows past the last sequence."""
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
-    q_lens = [rng.choice([1, 1, 1, rng.randint(2, 70)]) for _ in range(rng.randint(1, 7))] + [0]
+    q_lens = [rng.choice([1, 1, 1, rng.randint(2, 70)]) for _ in range(num_seqs or rng.randint(1, 7))] + [0]
     ctx_lens = [q + rng.choice([0, rng.randint(1, 150)]) for q in q_lens]
     max_blocks = max(1, max(-(-c // block_size) for c in ctx_lens))
     num_blocks = len(q_lens) * max_blocks + 2
@@ -34,6 +35,16 @@ def test_attention_matches_reference(seed, window, dtype):
               dict(hq=8, hkv=1, dim=16, block_size=128)][seed % 3]
     batch = ragged_batch(seed, dtype=dtype, **shapes)
     assert cpu.supports(*batch[:3])
+    expected = reference.paged_attention(*batch, 0.3, window)
+    got = cpu.paged_attention(*batch, 0.3, window)
+    torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 9])
+def test_attention_of_many_sequences_matches_reference(window, dtype):
+    """Enough sequences for the kernel to take each decode as one item over all its KV heads."""
+    batch = ragged_batch(7, dtype=dtype, hq=9, hkv=3, dim=64, block_size=16, num_seqs=2 * torch.get_num_threads() + 9)
     expected = reference.paged_attention(*batch, 0.3, window)
     got = cpu.paged_attention(*batch, 0.3, window)
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])

@@ -34,6 +34,9 @@ from splitfuse.worker.request import Request, RequestOutput
 
 HEARTBEAT_INTERVAL = 1.0  # seconds; the frontend's heartbeat timeout is many of these
 MAX_FAILED_STEPS = 3      # failed steps in a row after which the worker exits to be restarted
+# The process that started this one, read at start: taken once the model had loaded, it would already be
+# init's if the frontend died meanwhile, and the worker would never notice the frontend is gone.
+STARTED_BY = os.getppid()
 JOIN_WAIT = (2.0, 30.0)   # seconds a joining worker waits for an answer: at first, and at most (doubling)
 
 
@@ -45,7 +48,7 @@ class Worker:
         self.socket = socket
         self.replica = replica
         self.frontend_timeout = frontend_timeout
-        self.parent = os.getppid()
+        self.parent = STARTED_BY
         self.running = True
         self._last_heartbeat = 0.0
         self._heard = time.monotonic()  # the frontend's latest message
