@@ -27,7 +27,7 @@ def test_the_replicas_device_is_current_before_the_model_loads(make_checkpoint, 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
 
-    def load(path, dtype, on):
+    def load(path, dtype, on, shard):
         calls.append(("load", on))
         raise Loaded
     monkeypatch.setattr(engine_module, "load_model", load)

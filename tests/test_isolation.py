@@ -250,6 +250,37 @@ def test_a_foreign_process_cannot_take_a_replica_nor_receive_prompts(make_checkp
     assert not os.path.exists(link_dir)
 
 
+def test_a_worker_whose_frontend_died_while_it_loaded_exits(make_checkpoint, tmp_path):
+    """A stand-in frontend starts a worker and dies at once, before the worker's model is loaded:
+    the worker must still notice that nobody is left to serve, and exit."""
+    config = EngineConfig(model=str(make_checkpoint("llama")), dtype="float32", device="cpu", eager=True,
+                          num_blocks=64)
+    start = ("import subprocess, sys; worker = subprocess.Popen([sys.executable, '-m', 'splitfuse.worker.main', "
+             f"'--address', 'ipc://{tmp_path}/workers', '--config', sys.argv[1]], stdin=subprocess.PIPE, "
+             "stdout=subprocess.DEVNULL); "
+             "worker.stdin.write(b'secret\\n'); worker.stdin.close(); print(worker.pid)")
+    # Only the stand-in's stdout is read (the worker's goes elsewhere): reading a pipe the worker holds would wait for it.
+    pid = int(subprocess.run([sys.executable, "-c", start, json.dumps(config.to_dict())], stdout=subprocess.PIPE,
+                             text=True, check=True).stdout)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.5)
+        assert not _alive(pid), "the worker outlived its frontend"
+    finally:
+        if _alive(pid):
+            os.kill(pid, 9)
+
+
+def _alive(pid: int) -> bool:
+    """Running (not exited, nor exited and waiting for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 # --- through a real server ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
