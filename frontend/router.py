@@ -355,7 +355,7 @@ class Router:
     def _spawn(self, replica: Replica) -> None:
         cmd = [sys.executable, "-m", "splitfuse.worker.main", "--address", self.address,
                "--replica", str(replica.index), "--replicas", str(self.local_replicas), "--threads", str(self._threads),
-               "--config", json.dumps(self.config.to_dict())]
+               "--config", json.dumps(self.config.to_dict()), "--parent-pid", str(os.getpid())]
         # Its own session: a terminal's Ctrl-C reaches only the frontend, which then stops the workers.
         replica.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, start_new_session=True)
         replica.pid, replica.started = replica.process.pid, time.monotonic()

@@ -255,8 +255,9 @@ def test_a_worker_whose_frontend_died_while_it_loaded_exits(make_checkpoint, tmp
     the worker must still notice that nobody is left to serve, and exit."""
     config = EngineConfig(model=str(make_checkpoint("llama")), dtype="float32", device="cpu", eager=True,
                           num_blocks=64)
-    start = ("import subprocess, sys; worker = subprocess.Popen([sys.executable, '-m', 'splitfuse.worker.main', "
-             f"'--address', 'ipc://{tmp_path}/workers', '--config', sys.argv[1]], stdin=subprocess.PIPE, "
+    start = ("import os, subprocess, sys; worker = subprocess.Popen([sys.executable, '-m', 'splitfuse.worker.main', "
+             f"'--address', 'ipc://{tmp_path}/workers', '--config', sys.argv[1], '--parent-pid', str(os.getpid())], "
+             "stdin=subprocess.PIPE, "
              "stdout=subprocess.DEVNULL); "
              "worker.stdin.write(b'secret\\n'); worker.stdin.close(); print(worker.pid)")
     # Only the stand-in's stdout is read (the worker's goes elsewhere): reading a pipe the worker holds would wait for it.

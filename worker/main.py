@@ -34,21 +34,19 @@ from splitfuse.worker.request import Request, RequestOutput
 
 HEARTBEAT_INTERVAL = 1.0  # seconds; the frontend's heartbeat timeout is many of these
 MAX_FAILED_STEPS = 3      # failed steps in a row after which the worker exits to be restarted
-# The process that started this one, read at start: taken once the model had loaded, it would already be
-# init's if the frontend died meanwhile, and the worker would never notice the frontend is gone.
-STARTED_BY = os.getppid()
 JOIN_WAIT = (2.0, 30.0)   # seconds a joining worker waits for an answer: at first, and at most (doubling)
 
 
 class Worker:
-    def __init__(self, engine: Engine, socket: zmq.Socket, replica: int, frontend_timeout: float | None = None):
+    def __init__(self, engine: Engine, socket: zmq.Socket, replica: int, frontend_timeout: float | None = None,
+                 parent: int | None = None):
         """frontend_timeout: for a worker that joined by itself, seconds without a word from the frontend
         after which it counts as gone; None: the frontend is the parent process, watched instead."""
         self.engine = engine
         self.socket = socket
         self.replica = replica
         self.frontend_timeout = frontend_timeout
-        self.parent = STARTED_BY
+        self.parent = parent if parent is not None else os.getppid()
         self.running = True
         self._last_heartbeat = 0.0
         self._heard = time.monotonic()  # the frontend's latest message
@@ -231,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--curve-server-cert", help="with --connect: the frontend's public CURVE certificate")
     parser.add_argument("--curve-secret", help="with --curve-server-cert: this worker's secret CURVE certificate")
     parser.add_argument("--replica", type=int, default=0)
+    parser.add_argument("--parent-pid", type=int, help="the frontend that started this worker, which exits when it "
+                        "is gone (read at start, it could already be gone: the model loads first)")
     parser.add_argument("--replicas", type=int, default=1, help="replicas in the deployment")
     parser.add_argument("--config", required=True, help="EngineConfig fields as JSON")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0: torch's default")
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
             join(context, engine, args.connect, ready, args.frontend_timeout, curve)
         else:
             socket.send(protocol.encode(ready))
-            Worker(engine, socket, args.replica).run()
+            Worker(engine, socket, args.replica, parent=args.parent_pid).run()
     finally:
         if socket is not None:
             socket.close()
