@@ -67,7 +67,7 @@ inline float hsum(v8f v) {
 }
 
 // Query rows (new tokens x the query heads of one KV head) that one work item carries.
-constexpr int MAX_ROWS = 32;
+constexpr int MAX_ROWS = 48;
 
 struct Item {
     int seq, kv_head;
@@ -125,32 +125,50 @@ constexpr float MASKED = -1e30f;  // finite, so masked scores never make inf - i
 // Rows are processed four at a time, so each key and value loaded is used four times from registers.
 constexpr int ROWS = 4;
 
-// One item, flash style: keys are visited a cache block at a time with an online softmax. A decode
-// copies (widens) each block's keys and values into contiguous fp32 scratch first: from memory, that
-// streams faster than reading the head's strided rows in place (measured). Items of several row groups
-// transpose the keys instead and read the values in place. The block size is a template argument:
-// fixed-length loops that the compiler keeps in registers.
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+
+// Widens (or copies) one cache row of dim values, dim a multiple of 8 (cpu.py checks).
+template <typename T>
+inline void copy_row(const T* src, float* dst, int dim) {
+    for (int d = 0; d < dim; d += 8) store8(dst + d, load8(src + d));
+}
+
+// Calls f(std::integral_constant<int, n>()) for n in 1..6: the row counts of the register tiles below.
+template <typename F>
+inline void with_count(int n, F f) {
+    switch (n) {
+        case 1: f(std::integral_constant<int, 1>()); break;
+        case 2: f(std::integral_constant<int, 2>()); break;
+        case 3: f(std::integral_constant<int, 3>()); break;
+        case 4: f(std::integral_constant<int, 4>()); break;
+        case 5: f(std::integral_constant<int, 5>()); break;
+        default: f(std::integral_constant<int, 6>()); break;
+    }
+}
+constexpr int TILE = 6;  // 6 x 2 accumulators + 2 loaded vectors + a broadcast fit 16 vector registers
+
+// A decode item (at most ROWS rows per KV head), flash style: keys are visited a cache block at a time
+// with an online softmax. Each block's keys and values are copied (widened) into contiguous fp32 scratch
+// first: from memory, that streams faster than reading the head's strided rows in place (measured).
+// The block size is a template argument: fixed-length loops that the compiler keeps in registers.
 template <typename T, int bs>
-void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const T* v_cache,
-            const int32_t* block_tables, T* out, std::vector<float>& scratch) {
+void attend_decode(const Item& it, const Shape& sh, const T* q, const T* k_cache, const T* v_cache,
+                   const int32_t* block_tables, T* out, std::vector<float>& scratch) {
     const int group = sh.hq / sh.hkv, dim = sh.dim;
-    const int rows = it.count * group, padded = (rows + ROWS - 1) / ROWS * ROWS;
-    // Items of several row groups transpose each block's keys once for them all (scores as vector loops
-    // over keys); a decode's single group takes dot products rather than pay for that.
-    const bool transposed = padded > ROWS;
-    // The heads' rows are stacked: head hh's are [hh * padded, hh * padded + rows).
-    const int width = it.heads * dim, total = it.heads * padded;
+    const int rows = it.count * group;
+    // The heads' rows are stacked: head hh's are [hh * ROWS, hh * ROWS + rows).
+    const int width = it.heads * dim, total = it.heads * ROWS;
     scratch.assign(size_t(total) * (2 * dim + 2) + size_t(bs) * 2 * width, 0.f);
     float* qf = scratch.data();        // [total][dim], padding rows stay 0
     float* acc = qf + total * dim;     // [total][dim]
     float* m = acc + total * dim;      // running max per row
     float* l = m + total;              // running sum per row
-    float* kf = l + total;             // the block's keys: transposed [dim][bs] (past n: finite, masked),
-    float* vf = kf + bs * width;       // or as they are [bs][width], with the values
+    float* kf = l + total;             // the block's keys [bs][width]
+    float* vf = kf + bs * width;       // and values
     for (int hh = 0; hh < it.heads; ++hh)
         for (int r = 0; r < rows; ++r) {
             const T* src = q + (int64_t(it.row + r / group) * sh.hq + (it.kv_head + hh) * group + r % group) * dim;
-            for (int d = 0; d < dim; ++d) qf[(hh * padded + r) * dim + d] = widen(src[d]) * sh.scale;
+            for (int d = 0; d < dim; ++d) qf[(hh * ROWS + r) * dim + d] = widen(src[d]) * sh.scale;
         }
     std::fill(m, m + total, MASKED);
     const int last = it.pos + it.count - 1;
@@ -160,43 +178,24 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
     for (int blk = lo / bs; blk <= last / bs; ++blk) {
         const int j0 = blk * bs, n = std::min(last + 1 - j0, bs);  // keys j0 .. j0 + n - 1
         const int64_t first = (int64_t(table[blk]) * bs * sh.hkv + it.kv_head) * dim;
-        const T* kb = k_cache + first;  // key j of the block at kb + j * stride
-        const T* vb = v_cache + first;
-        if (transposed) {
-            for (int j = 0; j < n; ++j)
-                for (int d = 0; d < dim; ++d) kf[d * bs + j] = widen(kb[j * stride + d]);
-        } else {
-            for (int j = 0; j < n; ++j)
-                for (int d = 0; d < width; ++d) {
-                    kf[j * width + d] = widen(kb[j * stride + d]);
-                    vf[j * width + d] = widen(vb[j * stride + d]);
-                }
+        for (int j = 0; j < n; ++j) {
+            copy_row(k_cache + first + j * stride, kf + j * width, width);
+            copy_row(v_cache + first + j * stride, vf + j * width, width);
         }
         for (int r0 = 0; r0 < total; r0 += ROWS) {
-            const int hh = r0 / padded;  // the head of these rows
+            const int hh = r0 / ROWS;  // the head of these rows
             float w[ROWS][bs] = {};  // past the block's n keys: masked
-            if (transposed) {  // scores as vector loops over the block's keys
-                for (int d = 0; d < dim; ++d)
-                    for (int i = 0; i < ROWS; ++i) {
-                        const float qd = qf[(r0 + i) * dim + d];
-                        for (int j = 0; j < bs; j += 8) {
-                            v8f acc8 = load8(w[i] + j) + qd * load8(kf + d * bs + j);
-                            std::memcpy(w[i] + j, &acc8, sizeof acc8);
-                        }
-                    }
-            } else {
-                for (int j = 0; j < n; ++j) {  // each key is loaded once for the ROWS rows
-                    v8f s[ROWS] = {};
-                    for (int d0 = 0; d0 < dim; d0 += 8) {  // dim is a multiple of 8 (cpu.py checks)
-                        const v8f k = load8(kf + j * width + hh * dim + d0);
-                        for (int i = 0; i < ROWS; ++i) s[i] += load8(qf + (r0 + i) * dim + d0) * k;
-                    }
-                    for (int i = 0; i < ROWS; ++i) w[i][j] = hsum(s[i]);
+            for (int j = 0; j < n; ++j) {  // each key is loaded once for the ROWS rows
+                v8f s[ROWS] = {};
+                for (int d0 = 0; d0 < dim; d0 += 8) {
+                    const v8f k = load8(kf + j * width + hh * dim + d0);
+                    for (int i = 0; i < ROWS; ++i) s[i] += load8(qf + (r0 + i) * dim + d0) * k;
                 }
+                for (int i = 0; i < ROWS; ++i) w[i][j] = hsum(s[i]);
             }
             float rescale[ROWS];
             for (int i = 0; i < ROWS; ++i) {
-                const int r = std::min(r0 - hh * padded + i, rows - 1);
+                const int r = std::min(r0 - hh * ROWS + i, rows - 1);
                 const int p = it.pos + r / group;  // this row's position: it sees keys in (p - window, p]
                 const int from = sh.window > 0 ? p - sh.window + 1 - j0 : 0, to = std::min(n, p + 1 - j0);
                 v8f top = v8f{} + m[r0 + i];
@@ -204,7 +203,7 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
                     const v8i key = v8i{0, 1, 2, 3, 4, 5, 6, 7} + j;
                     v8f s = load8(w[i] + j);
                     s = (key >= from) & (key < to) ? s : v8f{} + MASKED;
-                    std::memcpy(w[i] + j, &s, sizeof s);
+                    store8(w[i] + j, s);
                     top = s > top ? s : top;
                 }
                 float best = top[0];
@@ -213,7 +212,7 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
                 for (int j = 0; j < bs; j += 8) {
                     const v8f s = load8(w[i] + j);
                     const v8f p = s == MASKED ? v8f{} : exp8(s - best);
-                    std::memcpy(w[i] + j, &p, sizeof p);
+                    store8(w[i] + j, p);
                     total += p;
                 }
                 const float sum = hsum(total);
@@ -221,30 +220,148 @@ void attend(const Item& it, const Shape& sh, const T* q, const T* k_cache, const
                 m[r0 + i] = best;
                 l[r0 + i] = l[r0 + i] * rescale[i] + sum;
             }
-            auto weigh = [&](const auto* values, int64_t vstride) {  // acc = acc * rescale + w @ values
-                for (int d0 = 0; d0 < dim; d0 += 8) {
-                    v8f a[ROWS];
-                    for (int i = 0; i < ROWS; ++i) a[i] = load8(acc + (r0 + i) * dim + d0) * rescale[i];
-                    for (int j = 0; j < n; ++j) {
-                        const v8f v = load8(values + j * vstride + d0);
-                        for (int i = 0; i < ROWS; ++i) a[i] += w[i][j] * v;
-                    }
-                    for (int i = 0; i < ROWS; ++i) std::memcpy(acc + (r0 + i) * dim + d0, &a[i], sizeof(v8f));
+            for (int d0 = 0; d0 < dim; d0 += 8) {  // acc = acc * rescale + w @ values
+                v8f a[ROWS];
+                for (int i = 0; i < ROWS; ++i) a[i] = load8(acc + (r0 + i) * dim + d0) * rescale[i];
+                for (int j = 0; j < n; ++j) {
+                    const v8f v = load8(vf + j * width + hh * dim + d0);
+                    for (int i = 0; i < ROWS; ++i) a[i] += w[i][j] * v;
                 }
-            };
-            if (transposed)
-                weigh(vb, stride);
-            else
-                weigh(vf + hh * dim, width);
+                for (int i = 0; i < ROWS; ++i) store8(acc + (r0 + i) * dim + d0, a[i]);
+            }
         }
     }
     for (int hh = 0; hh < it.heads; ++hh)
         for (int r = 0; r < rows; ++r) {
             T* dst = out + (int64_t(it.row + r / group) * sh.hq + (it.kv_head + hh) * group + r % group) * dim;
-            const int row = hh * padded + r;
+            const int row = hh * ROWS + r;
             const float inv = 1.f / l[row];
             for (int d = 0; d < dim; ++d) narrow(acc[row * dim + d] * inv, dst + d);
         }
+}
+
+// Keys per step of a prompt item's online softmax: its scores and its weighted values are two small
+// matrix products over register tiles, and the softmax's bookkeeping is paid once per CHUNK keys.
+constexpr int CHUNK = 32;
+constexpr int LANES = 16;  // query rows per score tile: two vectors
+
+// acc[i] += x[i][.] @ b: NR rows of x (row stride ldx) times b's 16 columns (row stride ldb) over K: the
+// register tile of the matrix products here, scores and linear layers alike.
+template <int NR, typename W>
+inline void tile_product(const float* x, int64_t ldx, const W* b, int64_t ldb, int64_t K, v8f (&acc)[NR][2]) {
+    for (int64_t k = 0; k < K; ++k) {
+        const v8f b0 = load8(b + k * ldb), b1 = load8(b + k * ldb + 8);
+        for (int i = 0; i < NR; ++i) {
+            const v8f xi = splat(x + i * ldx + k);
+            acc[i][0] += xi * b0;
+            acc[i][1] += xi * b1;
+        }
+    }
+}
+
+// acc[i][0 .. 8 NV) = acc[i] * rescale[i] + sum over n keys of p[j][i] * values[j][0 .. 8 NV), NR rows.
+template <int NR, int NV>
+inline void value_tile(const float* p, const float* values, int n, const float* rescale, float* acc, int dim,
+                       int padded) {
+    v8f a[NR][NV];
+    for (int i = 0; i < NR; ++i)
+        for (int v = 0; v < NV; ++v) a[i][v] = load8(acc + i * dim + 8 * v) * rescale[i];
+    for (int j = 0; j < n; ++j) {
+        v8f x[NV];
+        for (int v = 0; v < NV; ++v) x[v] = load8(values + j * dim + 8 * v);
+        for (int i = 0; i < NR; ++i) {
+            const v8f w = splat(p + j * padded + i);
+            for (int v = 0; v < NV; ++v) a[i][v] += w * x[v];
+        }
+    }
+    for (int i = 0; i < NR; ++i)
+        for (int v = 0; v < NV; ++v) store8(acc + i * dim + 8 * v, a[i][v]);
+}
+
+// An item of several row groups (a prompt's tokens x the query heads of one KV head), flash style over
+// chunks of CHUNK keys gathered from their blocks into fp32 scratch.
+template <typename T>
+void attend_rows(const Item& it, const Shape& sh, const T* q, const T* k_cache, const T* v_cache,
+                 const int32_t* block_tables, T* out, std::vector<float>& scratch) {
+    const int group = sh.hq / sh.hkv, dim = sh.dim, bs = sh.block_size;
+    const int rows = it.count * group, padded = (rows + LANES - 1) / LANES * LANES;
+    scratch.assign(size_t(padded) * (2 * dim + CHUNK + 3) + size_t(CHUNK) * 2 * dim, 0.f);
+    float* qt = scratch.data();          // [dim][padded] queries transposed and scaled; padding rows 0
+    float* acc = qt + padded * dim;      // [padded][dim]
+    float* s = acc + padded * dim;       // [CHUNK][padded] scores, then softmax weights
+    float* m = s + CHUNK * padded;       // running max per row
+    float* l = m + padded;               // running sum per row
+    float* rescale = l + padded;         // this chunk's factor on the earlier rows' sums
+    float* kf = rescale + padded;        // the chunk's keys [CHUNK][dim]
+    float* vf = kf + CHUNK * dim;        // and values
+    for (int r = 0; r < rows; ++r) {
+        const T* src = q + (int64_t(it.row + r / group) * sh.hq + it.kv_head * group + r % group) * dim;
+        for (int d = 0; d < dim; ++d) qt[d * padded + r] = widen(src[d]) * sh.scale;
+    }
+    std::fill(m, m + padded, MASKED);
+    const int last = it.pos + it.count - 1;
+    const int lo = sh.window > 0 ? std::max(0, it.pos - sh.window + 1) : 0;
+    const int32_t* table = block_tables + int64_t(it.seq) * sh.max_blocks;
+    const int64_t stride = int64_t(sh.hkv) * dim;  // between consecutive keys of a block
+    for (int c0 = lo; c0 <= last; c0 += CHUNK) {
+        const int n = std::min(CHUNK, last + 1 - c0);  // keys c0 .. c0 + n - 1
+        for (int j = 0; j < n; ++j) {
+            const int key = c0 + j;
+            const int64_t at = (int64_t(table[key / bs]) * bs + key % bs) * stride + int64_t(it.kv_head) * dim;
+            copy_row(k_cache + at, kf + j * dim, dim);
+            copy_row(v_cache + at, vf + j * dim, dim);
+        }
+        for (int j0 = 0; j0 < n; j0 += TILE)
+            with_count(std::min(TILE, n - j0), [&](auto nk) {  // scores [key][row], 16 rows at a time
+                constexpr int NK = decltype(nk)::value;
+                for (int r0 = 0; r0 < padded; r0 += LANES) {
+                    v8f a[NK][2] = {};
+                    tile_product(kf + j0 * dim, dim, qt + r0, padded, dim, a);
+                    for (int j = 0; j < NK; ++j) {
+                        store8(s + (j0 + j) * padded + r0, a[j][0]);
+                        store8(s + (j0 + j) * padded + r0 + 8, a[j][1]);
+                    }
+                }
+            });
+        for (int r = 0; r < padded; r += 8) {  // the online softmax, eight rows per vector
+            v8i pos;  // each row's position: it sees keys in (pos - window, pos]; padding rows repeat the last
+            for (int e = 0; e < 8; ++e) pos[e] = it.pos + std::min(r + e, rows - 1) / group;
+            const v8i from = sh.window > 0 ? pos - (sh.window - 1) : v8i{} + lo;
+            const v8f before = load8(m + r);
+            v8f top = before;
+            for (int j = 0; j < n; ++j) {
+                const v8i key = v8i{} + (c0 + j);
+                v8f x = load8(s + j * padded + r);
+                x = (key >= from) & (key <= pos) ? x : v8f{} + MASKED;
+                store8(s + j * padded + r, x);
+                top = x > top ? x : top;
+            }
+            v8f sum = {};
+            for (int j = 0; j < n; ++j) {
+                const v8f x = load8(s + j * padded + r);
+                const v8f p = x == MASKED ? v8f{} : exp8(x - top);
+                store8(s + j * padded + r, p);
+                sum += p;
+            }
+            const v8f factor = exp8(before - top);
+            store8(rescale + r, factor);
+            store8(m + r, top);
+            store8(l + r, load8(l + r) * factor + sum);
+        }
+        for (int r0 = 0; r0 < rows; r0 += TILE)
+            with_count(std::min(TILE, rows - r0), [&](auto nr) {
+                constexpr int NR = decltype(nr)::value;
+                int d0 = 0;
+                for (; d0 + 16 <= dim; d0 += 16)
+                    value_tile<NR, 2>(s + r0, vf + d0, n, rescale + r0, acc + r0 * dim + d0, dim, padded);
+                if (d0 < dim) value_tile<NR, 1>(s + r0, vf + d0, n, rescale + r0, acc + r0 * dim + d0, dim, padded);
+            });
+    }
+    for (int r = 0; r < rows; ++r) {
+        T* dst = out + (int64_t(it.row + r / group) * sh.hq + it.kv_head * group + r % group) * dim;
+        const float inv = 1.f / l[r];
+        for (int d = 0; d < dim; ++d) narrow(acc[r * dim + d] * inv, dst + d);
+    }
 }
 
 template <typename T>
@@ -273,8 +390,13 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
         {
             std::vector<float> scratch;
 #pragma omp for schedule(dynamic)
-            for (size_t i = 0; i < items.size(); ++i)
-                attend<T, decltype(block_size)::value>(items[i], sh, q, k_cache, v_cache, block_tables, out, scratch);
+            for (size_t i = 0; i < items.size(); ++i) {
+                if (items[i].count * group > ROWS)
+                    attend_rows(items[i], sh, q, k_cache, v_cache, block_tables, out, scratch);
+                else
+                    attend_decode<T, decltype(block_size)::value>(items[i], sh, q, k_cache, v_cache, block_tables,
+                                                                  out, scratch);
+            }
         }
     };
     switch (sh.block_size) {  // the block sizes EngineConfig allows
@@ -295,14 +417,7 @@ template <int ROWS, typename W>
 inline void linear_tile(const float* x, const W* panel, const float* bias, float* out, int64_t N, int64_t K,
                         int cols) {
     v8f acc[ROWS][2] = {};
-    for (int64_t k = 0; k < K; ++k) {
-        const v8f w0 = load8(panel + k * PANEL), w1 = load8(panel + k * PANEL + 8);
-        for (int m = 0; m < ROWS; ++m) {
-            const v8f xm = splat(x + m * K + k);
-            acc[m][0] += xm * w0;
-            acc[m][1] += xm * w1;
-        }
-    }
+    tile_product(x, K, panel, PANEL, K, acc);
     for (int m = 0; m < ROWS; ++m) {
         float row[PANEL];
         std::memcpy(row, &acc[m][0], sizeof(v8f));
@@ -313,7 +428,6 @@ inline void linear_tile(const float* x, const W* panel, const float* bias, float
 
 template <typename W>
 void packed_linear(const float* x, const W* w, const float* bias, float* out, int64_t M, int64_t N, int64_t K) {
-    constexpr int TILE = 6;  // rows: 12 accumulators + 2 weight vectors + a broadcast fit 16 vector registers
     const int64_t panels = (N + PANEL - 1) / PANEL;
 #pragma omp parallel for schedule(static) if (M * N * K > (1 << 18))
     for (int64_t p = 0; p < panels; ++p) {
@@ -321,17 +435,10 @@ void packed_linear(const float* x, const W* w, const float* bias, float* out, in
         const int64_t n0 = p * PANEL;
         const int cols = int(std::min<int64_t>(PANEL, N - n0));
         const float* b = bias ? bias + n0 : nullptr;
-        int64_t m = 0;
-        for (; m + TILE <= M; m += TILE) linear_tile<TILE>(x + m * K, panel, b, out + m * N + n0, N, K, cols);
-        const float* xm = x + m * K;
-        float* om = out + m * N + n0;
-        switch (M - m) {
-            case 1: linear_tile<1>(xm, panel, b, om, N, K, cols); break;
-            case 2: linear_tile<2>(xm, panel, b, om, N, K, cols); break;
-            case 3: linear_tile<3>(xm, panel, b, om, N, K, cols); break;
-            case 4: linear_tile<4>(xm, panel, b, om, N, K, cols); break;
-            case 5: linear_tile<5>(xm, panel, b, om, N, K, cols); break;
-        }
+        for (int64_t m = 0; m < M; m += TILE)
+            with_count(int(std::min<int64_t>(TILE, M - m)), [&](auto rows) {
+                linear_tile<decltype(rows)::value>(x + m * K, panel, b, out + m * N + n0, N, K, cols);
+            });
     }
 }
 
