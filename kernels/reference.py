@@ -91,8 +91,10 @@ def _chunk_attention(q, k_cache, v_cache, block_table, start, n, ctx, scale, win
 
 # Packed linear weights: [N / PANEL, K, PANEL], output features in panels of 16 (zero rows pad N), each
 # panel stored input-feature-major so a kernel streams it once. bf16 when every weight is exactly a bf16
-# (half the bytes to read, the same products), fp32 otherwise.
+# (half the bytes to read, the same products), fp32 otherwise. A bf16 panel row holds its columns in the
+# order c, 8 + c (c = 0..7): each 32-bit lane carries two, which a shift and a mask widen to fp32.
 PANEL = 16
+_BF16_ORDER = torch.arange(PANEL).view(2, PANEL // 2).t().flatten()  # 0, 8, 1, 9, ..., 7, 15
 
 
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -102,10 +104,13 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
         weight.dtype == torch.float32 and not (weight.view(torch.int32) & 0xFFFF).any())
     padded = torch.zeros(-(-n // PANEL) * PANEL, k, dtype=torch.bfloat16 if exact else torch.float32)
     padded[:n] = weight
-    return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
+    panels = padded.view(-1, PANEL, k).transpose(1, 2)
+    return (panels[..., _BF16_ORDER] if exact else panels).contiguous()
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """x [M, K] fp32 times the packed weight, plus bias: fp32 [M, out_features]."""
+    if packed.dtype == torch.bfloat16:
+        packed = packed[..., _BF16_ORDER.argsort()]
     weight = packed.transpose(1, 2).reshape(-1, packed.shape[1])[:out_features].float()
     return F.linear(x, weight, None if bias is None else bias.float())
