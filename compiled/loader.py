@@ -8,7 +8,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from splitfuse.compiled.bundled import BUNDLED_NAME, bundled_model_dir
-from splitfuse.compiled.models.layers import Linear
+from splitfuse.compiled.models.layers import Linear, Projections
 from splitfuse.compiled.models.llama import LlamaForCausalLM
 from splitfuse.compiled.models.opt import OPTForCausalLM
 from splitfuse.compiled.parallel import SINGLE, Shard
@@ -73,9 +73,10 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, shard:
         setattr(model.get_submodule(module), attr, model.get_parameter(name))
     # Only non-persistent buffers (rotary tables) are still fp32 here; they stay fp32.
     model = model.to(device).eval().requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.pack_for_cpu()
+    for kind in (Linear, Projections):  # projections put their members' packs side by side
+        for module in model.modules():
+            if isinstance(module, kind):
+                module.pack_for_cpu()
     return model
 
 

@@ -57,7 +57,7 @@ def library() -> ctypes.CDLL | None:
                 getattr(lib, f"splitfuse_store_kv_{suffix}").argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2
                 getattr(lib, f"splitfuse_attention_{suffix}").argtypes = (
                     [ctypes.c_void_p] * 6 + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p])
-                getattr(lib, f"splitfuse_linear_{suffix}").argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+                getattr(lib, f"splitfuse_linear_{suffix}").argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
             _library = lib
     return _library
 
@@ -92,11 +92,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """See reference.packed_linear; x fp32 and contiguous."""
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                  gated: bool = False) -> torch.Tensor:
+    """See reference.packed_linear (gated: reference.packed_gated_linear); x fp32 and contiguous."""
     out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
     bias = None if bias is None else bias.float().contiguous()
     fn = getattr(library(), f"splitfuse_linear_{_SUFFIX[packed.dtype]}")
     fn(x.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-       x.shape[0], out_features, x.shape[1])
+       x.shape[0], out_features, x.shape[1], gated)
     return out

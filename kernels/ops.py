@@ -31,12 +31,15 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                      scale, sliding_window)
 
 
-def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-                   out_features: int) -> torch.Tensor:
-    """fp32 x [M, K] times a weight packed by reference.pack_linear_weight (CPU only): fp32 [M, out_features]."""
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                   gated: bool = False) -> torch.Tensor:
+    """fp32 x [M, K] times a weight packed by reference.pack_linear_weight (CPU only): fp32 [M, out_features].
+    Gated: the silu-gated product over two packs interleaved (reference.packed_gated_linear)."""
     x = x.contiguous()
     if cpu.library() is not None:
-        return cpu.packed_linear(x, packed, bias, out_features)
+        return cpu.packed_linear(x, packed, bias, out_features, gated)
+    if gated:
+        return reference.packed_gated_linear(x, packed, bias, out_features)
     return reference.packed_linear(x, packed, bias, out_features)
 
 
@@ -46,7 +49,7 @@ _lib = torch.library.Library("splitfuse", "DEF")
 _lib.define("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()")
 _lib.define("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
             "Tensor query_start_loc, float scale, int sliding_window) -> Tensor")
-_lib.define("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor")
+_lib.define("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features, bool gated=False) -> Tensor")
 for _name, _fn in (("store_kv", _store_kv), ("paged_attention", _paged_attention), ("packed_linear", _packed_linear)):
     _lib.impl(_name, _fn, "CPU")
     _lib.impl(_name, _fn, "CUDA")
@@ -63,7 +66,7 @@ def _(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, slidi
 
 
 @torch.library.register_fake("splitfuse::packed_linear")
-def _(x, packed, bias, out_features):
+def _(x, packed, bias, out_features, gated=False):
     return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
 
 

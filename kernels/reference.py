@@ -114,3 +114,16 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
         packed = packed[..., _BF16_ORDER.argsort()]
     weight = packed.transpose(1, 2).reshape(-1, packed.shape[1])[:out_features].float()
     return F.linear(x, weight, None if bias is None else bias.float())
+
+
+def interleave_panels(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Two packed weights of one shape, panel by panel (gate, up, gate, ...): the gated kernel's operand."""
+    return torch.stack([gate, up], dim=1).flatten(0, 1)
+
+
+def packed_gated_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                        out_features: int) -> torch.Tensor:
+    """silu(x @ gate^T + bias[:N]) * (x @ up^T + bias[N:]), N = out_features, over interleave_panels' layout."""
+    n = out_features
+    gate = packed_linear(x, packed[0::2], None if bias is None else bias[:n], n)
+    return F.silu(gate) * packed_linear(x, packed[1::2], None if bias is None else bias[n:], n)

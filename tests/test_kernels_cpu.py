@@ -4,6 +4,7 @@ import random
 import pytest
 import torch
 
+from splitfuse.compiled.models.layers import Linear, Projections
 from splitfuse.kernels import cpu, reference
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -85,3 +86,37 @@ def test_packed_linear_matches_an_fp64_linear(rows, features, bf16_exact):
     expected = torch.nn.functional.linear(x.double(), weight.double(), bias.double()).float()
     torch.testing.assert_close(cpu.packed_linear(x, packed, bias, n), expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(reference.packed_linear(x, packed, None, n), expected - bias, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bf16_exact", [True, False])
+@pytest.mark.parametrize("rows", [1, 7, 40])
+@pytest.mark.parametrize("features", [(96, 64), (40, 24)])
+def test_gated_linear_matches_silu_of_gate_times_up_in_fp64(rows, features, bf16_exact):
+    """The gated kernel over gate and up packs interleaved panel by panel, with biases, against fp64."""
+    n, k = features
+    g = torch.Generator().manual_seed(rows + n)
+    gate, up = torch.randn(n, k, generator=g), torch.randn(n, k, generator=g)
+    if bf16_exact:
+        gate, up = gate.to(torch.bfloat16).float(), up.to(torch.bfloat16).float()
+    bias, x = torch.randn(2 * n, generator=g), torch.randn(rows, k, generator=g)
+    packed = reference.interleave_panels(reference.pack_linear_weight(gate), reference.pack_linear_weight(up))
+    xd = x.double()
+    expected = (torch.nn.functional.silu(xd @ gate.double().T + bias[:n].double())
+                * (xd @ up.double().T + bias[n:].double())).float()
+    torch.testing.assert_close(cpu.packed_linear(x, packed, bias, n, gated=True), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reference.packed_gated_linear(x, packed, bias, n), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sizes", [(32, 16, 16), (20, 16)])
+def test_projections_side_by_side_match_each_member(sizes):
+    """q, k, v in one kernel call where every member but the last fills whole panels; else each on its own."""
+    torch.manual_seed(len(sizes))
+    members = [Linear(24, n, bias=True) for n in sizes]
+    for m in members:
+        m.pack_for_cpu()
+    group = Projections(*members)
+    group.pack_for_cpu()
+    assert (group.packed is not None) == all(n % reference.PANEL == 0 for n in sizes[:-1])
+    x = torch.randn(5, 24)
+    for got, m in zip(group(x), members):
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, m.weight, m.bias), atol=1e-5, rtol=1e-5)

@@ -2,10 +2,9 @@
 (Mistral's sliding window, Qwen2's q/k/v bias). Parameter names follow Hugging Face's."""
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from splitfuse.compiled.batch import Batch
-from splitfuse.compiled.models.layers import RMSNorm, Rotary, blocked_attention
+from splitfuse.compiled.models.layers import GatedProjection, Projections, RMSNorm, Rotary, blocked_attention
 from splitfuse.compiled.parallel import SINGLE, ColumnLinear, RowLinear, Shard, VocabEmbedding, VocabLMHead, \
     attention_heads
 
@@ -29,14 +28,16 @@ class Attention(nn.Module):
         self.k_proj = ColumnLinear(h, self.num_kv_heads * head_dim, qkv_bias, kv)
         self.v_proj = ColumnLinear(h, self.num_kv_heads * head_dim, qkv_bias, kv)
         self.o_proj = RowLinear(self.num_heads * head_dim, h, o_bias, q, shard)
+        self.qkv = Projections(self.q_proj, self.k_proj, self.v_proj)
         self.scale = head_dim ** -0.5
         self.sliding_window = _sliding_window(config)
 
     def forward(self, x, batch: Batch, rotary: Rotary, kv_cache):
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rotary(batch.positions, q, k)
         return self.o_proj(blocked_attention(q, k, v, kv_cache, batch, self.scale, self.sliding_window))
 
@@ -51,9 +52,10 @@ class MLP(nn.Module):
         self.gate_proj = ColumnLinear(h, i, bias, start)
         self.up_proj = ColumnLinear(h, i, bias, start)
         self.down_proj = RowLinear(i, h, bias, start, shard)
+        self.gate_up = GatedProjection(self.gate_proj, self.up_proj)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.gate_up(x))
 
 
 class DecoderLayer(nn.Module):
