@@ -85,7 +85,10 @@ class ModelRunner:
         if compile:
             # One compiled graph per bucket; lift dynamo's per-function cache limit to cover them.
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(buckets))
-            self._compiled = torch.compile(model.forward, dynamic=False)
+            # Without guards on the modules' attributes: the model is not changed once loaded, and checking
+            # them took 1.3 ms of every step (0.17 ms left, for the inputs' guards that pick the bucket).
+            self._compiled = torch.compile(model.forward, dynamic=False, options={
+                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         else:
             self.compiled.set()
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
