@@ -50,7 +50,8 @@ def certificates(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def small(certificates):
     with serve(http_port=0, curve_secret=certificates["server_secret"], curve_clients=certificates["allowed"],
-               max_queued_requests=2, max_queued_tokens=300, shutdown_timeout=20.0, ready_timeout=300, **ENGINE) as d:
+               # A drain short enough that LONG is still running at its end: with 20 s, LONG had finished first.
+               max_queued_requests=2, max_queued_tokens=300, shutdown_timeout=4.0, ready_timeout=300, **ENGINE) as d:
         yield d
 
 
