@@ -135,9 +135,6 @@ inline float fast_exp(float x) { return exp8(v8f{} + x)[0]; }
 
 constexpr float MASKED = -1e30f;  // finite, so masked scores never make inf - inf
 
-// Rows are processed four at a time, so each key and value loaded is used four times from registers.
-constexpr int ROWS = 4;
-
 inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
 
 // Widens (or copies) one cache row of dim values, dim a multiple of 8 (cpu.py checks).
@@ -160,99 +157,6 @@ inline void with_count(int n, F f) {
 }
 constexpr int TILE = 6;  // 6 x 2 accumulators + 2 loaded vectors + a broadcast fit 16 vector registers
 
-// A decode item (at most ROWS rows per KV head), flash style: keys are visited a cache block at a time
-// with an online softmax. Each block's keys and values are copied (widened) into contiguous fp32 scratch
-// first: from memory, that streams faster than reading the head's strided rows in place (measured).
-// The block size is a template argument: fixed-length loops that the compiler keeps in registers.
-template <typename T, int bs>
-void attend_decode(const Item& it, const Shape& sh, const T* q, const T* k_cache, const T* v_cache,
-                   const int32_t* block_tables, T* out, std::vector<float>& scratch) {
-    const int group = sh.hq / sh.hkv, dim = sh.dim;
-    const int rows = it.count * group;
-    // The heads' rows are stacked: head hh's are [hh * ROWS, hh * ROWS + rows).
-    const int width = it.heads * dim, total = it.heads * ROWS;
-    scratch.assign(size_t(total) * (2 * dim + 2) + size_t(bs) * 2 * width, 0.f);
-    float* qf = scratch.data();        // [total][dim], padding rows stay 0
-    float* acc = qf + total * dim;     // [total][dim]
-    float* m = acc + total * dim;      // running max per row
-    float* l = m + total;              // running sum per row
-    float* kf = l + total;             // the block's keys [bs][width]
-    float* vf = kf + bs * width;       // and values
-    for (int hh = 0; hh < it.heads; ++hh)
-        for (int r = 0; r < rows; ++r) {
-            const T* src = q + (int64_t(it.row + r / group) * sh.hq + (it.kv_head + hh) * group + r % group) * dim;
-            for (int d = 0; d < dim; ++d) qf[(hh * ROWS + r) * dim + d] = widen(src[d]) * sh.scale;
-        }
-    std::fill(m, m + total, MASKED);
-    const int last = it.pos + it.count - 1;
-    const int lo = sh.window > 0 ? std::max(0, it.pos - sh.window + 1) : 0;
-    const int32_t* table = block_tables + int64_t(it.seq) * sh.max_blocks;
-    const int64_t stride = int64_t(sh.hkv) * dim;  // between a head's consecutive keys in a block
-    for (int blk = lo / bs; blk <= last / bs; ++blk) {
-        const int j0 = blk * bs, n = std::min(last + 1 - j0, bs);  // keys j0 .. j0 + n - 1
-        const int64_t first = (int64_t(table[blk]) * bs * sh.hkv + it.kv_head) * dim;
-        for (int j = 0; j < n; ++j) {
-            copy_row(k_cache + first + j * stride, kf + j * width, width);
-            copy_row(v_cache + first + j * stride, vf + j * width, width);
-        }
-        for (int r0 = 0; r0 < total; r0 += ROWS) {
-            const int hh = r0 / ROWS;  // the head of these rows
-            float w[ROWS][bs] = {};  // past the block's n keys: masked
-            for (int j = 0; j < n; ++j) {  // each key is loaded once for the ROWS rows
-                v8f s[ROWS] = {};
-                for (int d0 = 0; d0 < dim; d0 += 8) {
-                    const v8f k = load8(kf + j * width + hh * dim + d0);
-                    for (int i = 0; i < ROWS; ++i) s[i] += load8(qf + (r0 + i) * dim + d0) * k;
-                }
-                for (int i = 0; i < ROWS; ++i) w[i][j] = hsum(s[i]);
-            }
-            float rescale[ROWS];
-            for (int i = 0; i < ROWS; ++i) {
-                const int r = std::min(r0 - hh * ROWS + i, rows - 1);
-                const int p = it.pos + r / group;  // this row's position: it sees keys in (p - window, p]
-                const int from = sh.window > 0 ? p - sh.window + 1 - j0 : 0, to = std::min(n, p + 1 - j0);
-                v8f top = v8f{} + m[r0 + i];
-                for (int j = 0; j < bs; j += 8) {
-                    const v8i key = v8i{0, 1, 2, 3, 4, 5, 6, 7} + j;
-                    v8f s = load8(w[i] + j);
-                    s = (key >= from) & (key < to) ? s : v8f{} + MASKED;
-                    store8(w[i] + j, s);
-                    top = s > top ? s : top;
-                }
-                float best = top[0];
-                for (int e = 1; e < 8; ++e) best = std::max(best, top[e]);
-                v8f total = {};
-                for (int j = 0; j < bs; j += 8) {
-                    const v8f s = load8(w[i] + j);
-                    const v8f p = s == MASKED ? v8f{} : exp8(s - best);
-                    store8(w[i] + j, p);
-                    total += p;
-                }
-                const float sum = hsum(total);
-                rescale[i] = fast_exp(m[r0 + i] - best);
-                m[r0 + i] = best;
-                l[r0 + i] = l[r0 + i] * rescale[i] + sum;
-            }
-            for (int d0 = 0; d0 < dim; d0 += 8) {  // acc = acc * rescale + w @ values
-                v8f a[ROWS];
-                for (int i = 0; i < ROWS; ++i) a[i] = load8(acc + (r0 + i) * dim + d0) * rescale[i];
-                for (int j = 0; j < n; ++j) {
-                    const v8f v = load8(vf + j * width + hh * dim + d0);
-                    for (int i = 0; i < ROWS; ++i) a[i] += w[i][j] * v;
-                }
-                for (int i = 0; i < ROWS; ++i) store8(acc + (r0 + i) * dim + d0, a[i]);
-            }
-        }
-    }
-    for (int hh = 0; hh < it.heads; ++hh)
-        for (int r = 0; r < rows; ++r) {
-            T* dst = out + (int64_t(it.row + r / group) * sh.hq + (it.kv_head + hh) * group + r % group) * dim;
-            const int row = hh * ROWS + r;
-            const float inv = 1.f / l[row];
-            for (int d = 0; d < dim; ++d) narrow(acc[row * dim + d] * inv, dst + d);
-        }
-}
-
 // Keys per step of a prompt item's online softmax: its scores and its weighted values are two small
 // matrix products over register tiles, and the softmax's bookkeeping is paid once per CHUNK keys.
 constexpr int CHUNK = 32;
@@ -274,23 +178,33 @@ inline void tile_product(const float* x, int64_t ldx, const W* b, int64_t ldb, i
     }
 }
 
-// acc[i][0 .. 8 NV) = acc[i] * rescale[i] + sum over n keys of p[j][i] * values[j][0 .. 8 NV), NR rows.
+// acc[i][0 .. 8 NV) = acc[i] * rescale[i] + sum over n keys j of p[j * pj + i * pi] * values[j * ldv][0 .. 8 NV),
+// NR rows of acc (row stride lda).
 template <int NR, int NV>
-inline void value_tile(const float* p, const float* values, int n, const float* rescale, float* acc, int dim,
-                       int padded) {
+inline void value_tile(const float* p, int pj, int pi, const float* values, int64_t ldv, int n, const float* rescale,
+                       float* acc, int lda) {
     v8f a[NR][NV];
     for (int i = 0; i < NR; ++i)
-        for (int v = 0; v < NV; ++v) a[i][v] = load8(acc + i * dim + 8 * v) * rescale[i];
+        for (int v = 0; v < NV; ++v) a[i][v] = load8(acc + i * lda + 8 * v) * rescale[i];
     for (int j = 0; j < n; ++j) {
         v8f x[NV];
-        for (int v = 0; v < NV; ++v) x[v] = load8(values + j * dim + 8 * v);
+        for (int v = 0; v < NV; ++v) x[v] = load8(values + j * ldv + 8 * v);
         for (int i = 0; i < NR; ++i) {
-            const v8f w = splat(p + j * padded + i);
+            const v8f w = splat(p + j * pj + i * pi);
             for (int v = 0; v < NV; ++v) a[i][v] += w * x[v];
         }
     }
     for (int i = 0; i < NR; ++i)
-        for (int v = 0; v < NV; ++v) store8(acc + i * dim + 8 * v, a[i][v]);
+        for (int v = 0; v < NV; ++v) store8(acc + i * lda + 8 * v, a[i][v]);
+}
+
+// acc (NR rows of dim) = acc * rescale + p @ values over n keys, 16 columns at a time (then 8).
+template <int NR>
+inline void weighted_values(const float* p, int pj, int pi, const float* values, int64_t ldv, int n,
+                            const float* rescale, float* acc, int dim) {
+    int d0 = 0;
+    for (; d0 + 16 <= dim; d0 += 16) value_tile<NR, 2>(p, pj, pi, values + d0, ldv, n, rescale, acc + d0, dim);
+    if (d0 < dim) value_tile<NR, 1>(p, pj, pi, values + d0, ldv, n, rescale, acc + d0, dim);
 }
 
 // An item of several row groups (a prompt's tokens x the query heads of one KV head), flash style over
@@ -365,15 +279,117 @@ void attend_rows(const Item& it, const Shape& sh, const T* q, const T* k_cache, 
         }
         for (int r0 = 0; r0 < rows; r0 += TILE)
             with_count(std::min(TILE, rows - r0), [&](auto nr) {
-                constexpr int NR = decltype(nr)::value;
-                int d0 = 0;
-                for (; d0 + 16 <= dim; d0 += 16)
-                    value_tile<NR, 2>(s + r0, vf + d0, n, rescale + r0, acc + r0 * dim + d0, dim, padded);
-                if (d0 < dim) value_tile<NR, 1>(s + r0, vf + d0, n, rescale + r0, acc + r0 * dim + d0, dim, padded);
+                weighted_values<decltype(nr)::value>(s + r0, padded, 1, vf, dim, n, rescale + r0, acc + r0 * dim, dim);
             });
     }
     for (int r = 0; r < rows; ++r) {
         T* dst = out + (int64_t(it.row + r / group) * sh.hq + it.kv_head * group + r % group) * dim;
+        const float inv = 1.f / l[r];
+        for (int d = 0; d < dim; ++d) narrow(acc[r * dim + d] * inv, dst + d);
+    }
+}
+
+// Eight rows of eight become eight columns: the classic three rounds of shuffles.
+inline void transpose8(v8f (&r)[8]) {
+    v8f t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = __builtin_shuffle(r[i], r[i + 1], v8i{0, 8, 1, 9, 4, 12, 5, 13});
+        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], v8i{2, 10, 3, 11, 6, 14, 7, 15});
+    }
+    for (int i = 0; i < 8; i += 4)
+        for (int h = 0; h < 2; ++h) {
+            u[i + 2 * h] = __builtin_shuffle(t[i + h], t[i + h + 2], v8i{0, 1, 8, 9, 4, 5, 12, 13});
+            u[i + 2 * h + 1] = __builtin_shuffle(t[i + h], t[i + h + 2], v8i{2, 3, 10, 11, 6, 7, 14, 15});
+        }
+    for (int i = 0; i < 4; ++i) {
+        r[i] = __builtin_shuffle(u[i], u[i + 4], v8i{0, 1, 2, 3, 8, 9, 10, 11});
+        r[i + 4] = __builtin_shuffle(u[i], u[i + 4], v8i{4, 5, 6, 7, 12, 13, 14, 15});
+    }
+}
+
+inline float hmax(v8f v) {
+    float best = v[0];
+    for (int e = 1; e < 8; ++e) best = std::max(best, v[e]);
+    return best;
+}
+
+// A decode item: NR rows per KV head (a token or two times the query heads of one KV head) against
+// LANES keys at a time, one key per vector lane. The keys' and values' rows are first copied (widened)
+// into fp32 scratch, in turn: from memory that streams faster than computing on the cache in place
+// (measured). Each head's keys are then transposed into kt [dim][LANES], so the scores are a register
+// tile_product of the rows against them (no horizontal sum per key), and the online softmax runs on
+// those registers.
+template <typename T, int NR>
+void attend_decode(const Item& it, const Shape& sh, const T* q, const T* k_cache, const T* v_cache,
+                   const int32_t* block_tables, T* out, std::vector<float>& scratch) {
+    const int group = sh.hq / sh.hkv, dim = sh.dim, bs = sh.block_size, total = it.heads * NR;
+    const int width = it.heads * dim;  // of a key's (and a value's) row in kf (vf)
+    scratch.assign(size_t(total) * (2 * dim + 2) + size_t(dim + NR) * LANES + size_t(2 * LANES) * width, 0.f);
+    float* qf = scratch.data();       // [heads][NR][dim] scaled queries
+    float* acc = qf + total * dim;    // [heads][NR][dim]
+    float* m = acc + total * dim;     // running max per row
+    float* l = m + total;             // running sum per row
+    float* kt = l + total;            // one head's keys [dim][LANES]
+    float* p = kt + dim * LANES;      // their softmax weights [NR][LANES]
+    float* kf = p + NR * LANES;       // the keys' rows [LANES][width]
+    float* vf = kf + LANES * width;   // and the values'
+    for (int r = 0; r < total; ++r) {  // row r: head r / NR, token (r % NR) / group
+        const int hh = r / NR, i = r % NR;
+        const T* src = q + (int64_t(it.row + i / group) * sh.hq + (it.kv_head + hh) * group + i % group) * dim;
+        for (int d = 0; d < dim; ++d) qf[r * dim + d] = widen(src[d]) * sh.scale;
+    }
+    std::fill(m, m + total, MASKED);
+    const int last = it.pos + it.count - 1;
+    const int lo = sh.window > 0 ? std::max(0, it.pos - sh.window + 1) : 0;
+    const int32_t* table = block_tables + int64_t(it.seq) * sh.max_blocks;
+    const int64_t stride = int64_t(sh.hkv) * dim;  // between consecutive keys of a block
+    for (int j0 = lo / LANES * LANES; j0 <= last; j0 += LANES) {
+        const int n = std::min(LANES, last + 1 - j0);  // keys j0 .. j0 + n - 1, all in one block
+        const int64_t first = (int64_t(table[j0 / bs]) * bs + j0 % bs) * stride + int64_t(it.kv_head) * dim;
+        for (int j = 0; j < n; ++j) {
+            copy_row(k_cache + first + j * stride, kf + j * width, width);
+            copy_row(v_cache + first + j * stride, vf + j * width, width);
+        }
+        for (int hh = 0; hh < it.heads; ++hh) {
+            const float* keys = kf + hh * dim;
+            for (int j = 0; j < n; j += 8)
+                for (int d0 = 0; d0 < dim; d0 += 8) {
+                    v8f r[8];
+                    for (int e = 0; e < 8; ++e) r[e] = j + e < n ? load8(keys + (j + e) * width + d0) : v8f{};
+                    transpose8(r);
+                    for (int e = 0; e < 8; ++e) store8(kt + (d0 + e) * LANES + j, r[e]);
+                }
+            v8f s[NR][2] = {};
+            const float* rows = qf + hh * NR * dim;
+            tile_product(rows, dim, kt, LANES, dim, s);
+            float rescale[NR];
+            for (int i = 0; i < NR; ++i) {
+                const int pos = it.pos + i / group;  // this row sees keys in (pos - window, pos]
+                const int from = sh.window > 0 ? pos - sh.window + 1 : 0;
+                float* mi = m + hh * NR + i;
+                v8f top = v8f{} + *mi;
+                for (int h = 0; h < 2; ++h) {
+                    const v8i key = v8i{0, 1, 2, 3, 4, 5, 6, 7} + (j0 + 8 * h);
+                    s[i][h] = (key >= from) & (key <= pos) ? s[i][h] : v8f{} + MASKED;
+                    top = s[i][h] > top ? s[i][h] : top;
+                }
+                const float best = hmax(top);
+                v8f sum = {};
+                for (int h = 0; h < 2; ++h) {
+                    const v8f e = s[i][h] == MASKED ? v8f{} : exp8(s[i][h] - best);
+                    store8(p + i * LANES + 8 * h, e);
+                    sum += e;
+                }
+                rescale[i] = fast_exp(*mi - best);
+                *mi = best;
+                l[hh * NR + i] = l[hh * NR + i] * rescale[i] + hsum(sum);
+            }
+            weighted_values<NR>(p, 1, LANES, vf + hh * dim, width, n, rescale, acc + hh * NR * dim, dim);
+        }
+    }
+    for (int r = 0; r < total; ++r) {
+        const int hh = r / NR, i = r % NR;
+        T* dst = out + (int64_t(it.row + i / group) * sh.hq + (it.kv_head + hh) * group + i % group) * dim;
         const float inv = 1.f / l[r];
         for (int d = 0; d < dim; ++d) narrow(acc[r * dim + d] * inv, dst + d);
     }
@@ -392,7 +408,7 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
     for (int seq = 0; seq < num_seqs; ++seq) {
         const int start = query_start_loc[seq], n = query_start_loc[seq + 1] - start;
         for (int t = 0; t < n; t += tile) {
-            const int count = std::min(tile, n - t), heads = whole && count * group <= ROWS ? sh.hkv : 1;
+            const int count = std::min(tile, n - t), heads = whole && count * group <= TILE ? sh.hkv : 1;
             for (int h = 0; h < sh.hkv; h += heads)
                 items.push_back({seq, h, heads, start + t, seq_lens[seq] - n + t, count});
         }
@@ -400,25 +416,20 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
     const int used = query_start_loc[num_seqs];
     std::memset(static_cast<void*>(out + int64_t(used) * sh.hq * sh.dim), 0,
                 size_t(num_rows - used) * sh.hq * sh.dim * sizeof(T));  // padding rows
-    auto run = [&](auto block_size) {
 #pragma omp parallel
-        {
-            std::vector<float> scratch;
+    {
+        std::vector<float> scratch;
 #pragma omp for schedule(dynamic)
-            for (size_t i = 0; i < items.size(); ++i) {
-                if (items[i].count * group > ROWS)
-                    attend_rows(items[i], sh, q, k_cache, v_cache, block_tables, out, scratch);
-                else
-                    attend_decode<T, decltype(block_size)::value>(items[i], sh, q, k_cache, v_cache, block_tables,
-                                                                  out, scratch);
-            }
+        for (size_t i = 0; i < items.size(); ++i) {
+            const int rows = items[i].count * group;
+            if (rows > TILE)
+                attend_rows(items[i], sh, q, k_cache, v_cache, block_tables, out, scratch);
+            else
+                with_count(rows, [&](auto nr) {
+                    attend_decode<T, decltype(nr)::value>(items[i], sh, q, k_cache, v_cache, block_tables, out,
+                                                          scratch);
+                });
         }
-    };
-    switch (sh.block_size) {  // the block sizes EngineConfig allows
-        case 16: run(std::integral_constant<int, 16>()); break;
-        case 32: run(std::integral_constant<int, 32>()); break;
-        case 64: run(std::integral_constant<int, 64>()); break;
-        default: run(std::integral_constant<int, 128>()); break;
     }
 }
 
