@@ -96,6 +96,13 @@ struct Shape {
     int window;
 };
 
+// Where row r of an item's KV head kv_head starts in q (and out): rows run over its tokens, then the
+// query heads of that KV head.
+inline int64_t query_row(const Item& it, const Shape& sh, int kv_head, int r) {
+    const int group = sh.hq / sh.hkv;
+    return (int64_t(it.row + r / group) * sh.hq + kv_head * group + r % group) * sh.dim;
+}
+
 template <typename T>
 void store_kv(const T* key, const T* value, T* k_cache, T* v_cache, const int32_t* slots, int64_t num_tokens,
               int64_t row) {
@@ -224,7 +231,7 @@ void attend_rows(const Item& it, const Shape& sh, const T* q, const T* k_cache, 
     float* kf = rescale + padded;        // the chunk's keys [CHUNK][dim]
     float* vf = kf + CHUNK * dim;        // and values
     for (int r = 0; r < rows; ++r) {
-        const T* src = q + (int64_t(it.row + r / group) * sh.hq + it.kv_head * group + r % group) * dim;
+        const T* src = q + query_row(it, sh, it.kv_head, r);
         for (int d = 0; d < dim; ++d) qt[d * padded + r] = widen(src[d]) * sh.scale;
     }
     std::fill(m, m + padded, MASKED);
@@ -283,7 +290,7 @@ void attend_rows(const Item& it, const Shape& sh, const T* q, const T* k_cache, 
             });
     }
     for (int r = 0; r < rows; ++r) {
-        T* dst = out + (int64_t(it.row + r / group) * sh.hq + it.kv_head * group + r % group) * dim;
+        T* dst = out + query_row(it, sh, it.kv_head, r);
         const float inv = 1.f / l[r];
         for (int d = 0; d < dim; ++d) narrow(acc[r * dim + d] * inv, dst + d);
     }
@@ -335,7 +342,7 @@ void attend_decode(const Item& it, const Shape& sh, const T* q, const T* k_cache
     float* vf = kf + LANES * width;   // and the values'
     for (int r = 0; r < total; ++r) {  // row r: head r / NR, token (r % NR) / group
         const int hh = r / NR, i = r % NR;
-        const T* src = q + (int64_t(it.row + i / group) * sh.hq + (it.kv_head + hh) * group + i % group) * dim;
+        const T* src = q + query_row(it, sh, it.kv_head + hh, i);
         for (int d = 0; d < dim; ++d) qf[r * dim + d] = widen(src[d]) * sh.scale;
     }
     std::fill(m, m + total, MASKED);
@@ -389,7 +396,7 @@ void attend_decode(const Item& it, const Shape& sh, const T* q, const T* k_cache
     }
     for (int r = 0; r < total; ++r) {
         const int hh = r / NR, i = r % NR;
-        T* dst = out + (int64_t(it.row + i / group) * sh.hq + (it.kv_head + hh) * group + i % group) * dim;
+        T* dst = out + query_row(it, sh, it.kv_head + hh, i);
         const float inv = 1.f / l[r];
         for (int d = 0; d < dim; ++d) narrow(acc[r * dim + d] * inv, dst + d);
     }
