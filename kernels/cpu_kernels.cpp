@@ -447,6 +447,7 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
 // vectors kept in registers. Gated: out = silu(x @ gate^T + bias[:N]) * (x @ up^T + bias[N:]) over gate
 // and up panels in turn ([2 N / 16][K][16]), the MLP's first half in one pass that writes neither product.
 constexpr int PANEL = 16;
+constexpr int64_t DYNAMIC_ROWS = 64;
 
 template <int ROWS, typename W>
 inline void linear_tile(const float* x, const W* panel, const float* bias, float* out, int64_t N, int64_t K,
@@ -481,8 +482,7 @@ template <typename W>
 void packed_linear(const float* x, const W* w, const float* bias, float* out, int64_t M, int64_t N, int64_t K,
                    bool gated) {
     const int64_t panels = (N + PANEL - 1) / PANEL, panel_size = K * PANEL;
-#pragma omp parallel for schedule(static) if (M * N * K > (1 << 18))
-    for (int64_t p = 0; p < panels; ++p) {
+    auto panel = [&](int64_t p) {
         const int64_t n0 = p * PANEL;
         const int cols = int(std::min<int64_t>(PANEL, N - n0));
         const float* b = bias ? bias + n0 : nullptr;
@@ -495,6 +495,16 @@ void packed_linear(const float* x, const W* w, const float* bias, float* out, in
                 else
                     linear_tile<R>(x + m * K, w + p * panel_size, b, out + m * N + n0, N, K, cols);
             });
+    };
+    // Panels of many rows are handed out one at a time: the two halves of a static split finished up to a
+    // tenth apart on a shared machine (one core slowed by others' work), and the first then waited. Panels
+    // of few rows are too short for that, and a static split streams each thread's weights in order.
+    if (M >= DYNAMIC_ROWS) {
+#pragma omp parallel for schedule(dynamic)
+        for (int64_t p = 0; p < panels; ++p) panel(p);
+    } else {
+#pragma omp parallel for schedule(static) if (M * N * K > (1 << 18))
+        for (int64_t p = 0; p < panels; ++p) panel(p);
     }
 }
 
