@@ -22,6 +22,7 @@ setup: $(STAMP)
 
 model: setup
 	$(PY) -m splitfuse.compiled.bundled
+	$(PY) -m splitfuse.kernels.cpu
 
 demo: model
 	$(PY) -m splitfuse.cli demo

@@ -12,6 +12,7 @@ from splitfuse.compiled.models.layers import Linear, Projections
 from splitfuse.compiled.models.llama import LlamaForCausalLM
 from splitfuse.compiled.models.opt import OPTForCausalLM
 from splitfuse.compiled.parallel import SINGLE, Shard
+from splitfuse.kernels import cpu
 
 MODEL_CLASSES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM,
                  "opt": OPTForCausalLM}
@@ -73,6 +74,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, shard:
         setattr(model.get_submodule(module), attr, model.get_parameter(name))
     # Only non-persistent buffers (rotary tables) are still fp32 here; they stay fp32.
     model = model.to(device).eval().requires_grad_(False)
+    if device.type == "cpu":
+        cpu.library()  # built and loaded before a step is traced: tracing then only reads the result
     for kind in (Linear, Projections):  # projections put their members' packs side by side
         for module in model.modules():
             if isinstance(module, kind):

@@ -1,7 +1,7 @@
 // CPU kernels of the blocked KV cache: the store, and a ragged attention that reads the blocks in
-// place (no per-layer copy of anyone's context); and a linear layer over
-// weights packed in panels. A plain C ABI called through ctypes (kernels/cpu.py),
-// built with -fopenmp so that it shares the OpenMP runtime torch has already loaded.
+// place (no per-layer copy of anyone's context); and a linear layer over weights packed in panels.
+// Registered as torch operators (the end of this file), built by kernels/cpu.py with -fopenmp so that
+// they share the OpenMP runtime torch has already loaded.
 // Shapes and the batch contract are those of kernels/reference.py.
 #include <algorithm>
 #include <cmath>
@@ -10,6 +10,10 @@
 #include <type_traits>
 #include <vector>
 #include <omp.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -510,32 +514,64 @@ void packed_linear(const float* x, const W* w, const float* bias, float* out, in
 
 }  // namespace
 
-#define SPLITFUSE_EXPORT(NAME, T)                                                                          \
-    extern "C" void splitfuse_store_kv_##NAME(const void* key, const void* value, void* k_cache,           \
-                                              void* v_cache, const int32_t* slots, int64_t num_tokens,     \
-                                              int64_t row) {                                               \
-        store_kv(static_cast<const T*>(key), static_cast<const T*>(value), static_cast<T*>(k_cache),      \
-                 static_cast<T*>(v_cache), slots, num_tokens, row);                                        \
-    }                                                                                                      \
-    extern "C" void splitfuse_attention_##NAME(const void* q, const void* k_cache, const void* v_cache,   \
-                                               const int32_t* block_tables, const int32_t* seq_lens,       \
-                                               const int32_t* query_start_loc, int num_seqs, int num_rows, \
-                                               int hq, int hkv, int dim, int block_size, int max_blocks,   \
-                                               float scale, int window, void* out) {                       \
-        paged_attention(static_cast<const T*>(q), static_cast<const T*>(k_cache),                         \
-                        static_cast<const T*>(v_cache), block_tables, seq_lens, query_start_loc, num_seqs, \
-                        num_rows, Shape{hq, hkv, dim, block_size, max_blocks, scale, window},             \
-                        static_cast<T*>(out));                                                             \
-    }
+// The torch operators splitfuse_cpu::* (schemas in kernels/ops.py): a compiled step reaches them through
+// the dispatcher without entering Python, which cost about 25 us a call.
+namespace {
 
-SPLITFUSE_EXPORT(f32, float)
-SPLITFUSE_EXPORT(bf16, bf16)
+// f(float()) or f(bf16()): the element type of t (the two cpu.py lets through).
+template <typename F>
+void with_type(const at::Tensor& t, F f) {
+    if (t.scalar_type() == at::kBFloat16)
+        f(bf16());
+    else
+        f(float());
+}
 
-#define SPLITFUSE_EXPORT_LINEAR(NAME, W)                                                                  \
-    extern "C" void splitfuse_linear_##NAME(const float* x, const void* w, const float* bias, float* out, \
-                                            int64_t m, int64_t n, int64_t k, int gated) {                \
-        packed_linear(x, static_cast<const W*>(w), bias, out, m, n, k, gated != 0);                       \
-    }
+template <typename T>
+T* data(const at::Tensor& t) { return static_cast<T*>(t.data_ptr()); }
 
-SPLITFUSE_EXPORT_LINEAR(f32, float)
-SPLITFUSE_EXPORT_LINEAR(bf16, bf16)
+void store_kv_op(const at::Tensor& key, const at::Tensor& value, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+    const at::Tensor k = key.contiguous(), v = value.contiguous(), slots = slot_mapping.to(at::kInt).contiguous();
+    with_type(k, [&](auto t) {
+        using T = decltype(t);
+        store_kv(data<T>(k), data<T>(v), data<T>(k_cache), data<T>(v_cache), data<int32_t>(slots), k.size(0),
+                 k[0].numel());
+    });
+}
+
+at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                              const at::Tensor& query_start_loc, double scale, int64_t sliding_window) {
+    const at::Tensor qc = q.contiguous(), tables = block_tables.to(at::kInt).contiguous();
+    const at::Tensor lens = seq_lens.to(at::kInt).contiguous(), starts = query_start_loc.to(at::kInt).contiguous();
+    at::Tensor out = at::empty_like(qc);
+    const Shape sh{int(q.size(1)), int(k_cache.size(2)), int(q.size(2)), int(k_cache.size(1)), int(tables.size(1)),
+                   float(scale), int(sliding_window)};
+    with_type(qc, [&](auto t) {
+        using T = decltype(t);
+        paged_attention(data<T>(qc), data<T>(k_cache), data<T>(v_cache), data<int32_t>(tables), data<int32_t>(lens),
+                        data<int32_t>(starts), int(lens.size(0)), int(q.size(0)), sh, data<T>(out));
+    });
+    return out;
+}
+
+at::Tensor packed_linear_op(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                            int64_t out_features, bool gated) {
+    const at::Tensor xc = x.contiguous();
+    const at::Tensor b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    at::Tensor out = at::empty({x.size(0), out_features}, xc.options());
+    with_type(packed, [&](auto t) {
+        packed_linear(data<float>(xc), data<decltype(t)>(packed), b.defined() ? data<float>(b) : nullptr,
+                      data<float>(out), x.size(0), out_features, x.size(1), gated);
+    });
+    return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(splitfuse_cpu, CPU, m) {
+    m.impl("store_kv", &store_kv_op);
+    m.impl("paged_attention", &paged_attention_op);
+    m.impl("packed_linear", &packed_linear_op);
+}

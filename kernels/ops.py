@@ -1,5 +1,6 @@
-"""The kernels as torch.library operators, opaque to torch.compile, one signature each, dispatched to
-Triton on CUDA, to the C++ kernels on CPU, and to the torch reference where neither fits."""
+"""The kernels as torch.library operators, opaque to torch.compile. Each has one schema in two namespaces:
+splitfuse::* dispatches to Triton on CUDA and to the torch reference elsewhere; splitfuse_cpu::* are the
+C++ CPU kernels (kernels/cpu.py builds and loads them). The functions at the end pick one per call."""
 import torch
 
 from splitfuse.kernels import cpu, reference
@@ -11,8 +12,6 @@ def _store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_c
     if key.is_cuda:
         from splitfuse.kernels.kv_store import store_kv_triton
         store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
-    elif cpu.supports(key, value, k_cache, v_cache):
-        cpu.store_kv(key, value, k_cache, v_cache, slot_mapping)
     else:
         reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
 
@@ -25,8 +24,6 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         from splitfuse.kernels.attention import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                       scale, sliding_window)
-    if cpu.supports(q, k_cache, v_cache):
-        return cpu.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window)
     return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                      scale, sliding_window)
 
@@ -35,41 +32,60 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
                    gated: bool = False) -> torch.Tensor:
     """fp32 x [M, K] times a weight packed by reference.pack_linear_weight (CPU only): fp32 [M, out_features].
     Gated: the silu-gated product over two packs interleaved (reference.packed_gated_linear)."""
-    x = x.contiguous()
-    if cpu.library() is not None:
-        return cpu.packed_linear(x, packed, bias, out_features, gated)
     if gated:
         return reference.packed_gated_linear(x, packed, bias, out_features)
     return reference.packed_linear(x, packed, bias, out_features)
 
 
+SCHEMAS = {
+    "store_kv": "(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
+    "paged_attention": "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+                       "Tensor query_start_loc, float scale, int sliding_window) -> Tensor",
+    "packed_linear": "(Tensor x, Tensor packed, Tensor? bias, int out_features, bool gated=False) -> Tensor",
+}
 # Declared with torch.library's schema API rather than the custom_op decorator: its wrappers cost more
 # per call than a small step's kernel (about 50 us against 15 us for the store, measured here).
-_lib = torch.library.Library("splitfuse", "DEF")
-_lib.define("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()")
-_lib.define("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-            "Tensor query_start_loc, float scale, int sliding_window) -> Tensor")
-_lib.define("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features, bool gated=False) -> Tensor")
+_libs = {ns: torch.library.Library(ns, "DEF") for ns in ("splitfuse", "splitfuse_cpu")}
+for _name, _schema in SCHEMAS.items():
+    for _lib in _libs.values():
+        _lib.define(_name + _schema)
 for _name, _fn in (("store_kv", _store_kv), ("paged_attention", _paged_attention), ("packed_linear", _packed_linear)):
-    _lib.impl(_name, _fn, "CPU")
-    _lib.impl(_name, _fn, "CUDA")
+    _libs["splitfuse"].impl(_name, _fn, "CPU")
+    _libs["splitfuse"].impl(_name, _fn, "CUDA")
 
 
-@torch.library.register_fake("splitfuse::store_kv")
-def _(key, value, k_cache, v_cache, slot_mapping):
+def _fake_store_kv(key, value, k_cache, v_cache, slot_mapping):
     return None
 
 
-@torch.library.register_fake("splitfuse::paged_attention")
-def _(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window):
+def _fake_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window):
     return torch.empty_like(q)
 
 
-@torch.library.register_fake("splitfuse::packed_linear")
-def _(x, packed, bias, out_features, gated=False):
+def _fake_packed_linear(x, packed, bias, out_features, gated=False):
     return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
 
 
-store_kv = torch.ops.splitfuse.store_kv
-paged_attention = torch.ops.splitfuse.paged_attention
-packed_linear = torch.ops.splitfuse.packed_linear
+for _ns in _libs:
+    for _name, _fake in (("store_kv", _fake_store_kv), ("paged_attention", _fake_paged_attention),
+                         ("packed_linear", _fake_packed_linear)):
+        torch.library.register_fake(f"{_ns}::{_name}", _fake)
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    ops = torch.ops.splitfuse_cpu if cpu.supports(key, value, k_cache, v_cache) else torch.ops.splitfuse
+    ops.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                    sliding_window: int) -> torch.Tensor:
+    ops = torch.ops.splitfuse_cpu if cpu.supports(q, k_cache, v_cache) else torch.ops.splitfuse
+    return ops.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                  gated: bool = False) -> torch.Tensor:
+    ops = torch.ops.splitfuse_cpu if cpu.library() is not None else torch.ops.splitfuse
+    return ops.packed_linear(x, packed, bias, out_features, gated)

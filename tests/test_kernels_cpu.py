@@ -37,7 +37,7 @@ def test_attention_matches_reference(seed, window, dtype):
     batch = ragged_batch(seed, dtype=dtype, **shapes)
     assert cpu.supports(*batch[:3])
     expected = reference.paged_attention(*batch, 0.3, window)
-    got = cpu.paged_attention(*batch, 0.3, window)
+    got = torch.ops.splitfuse_cpu.paged_attention(*batch, 0.3, window)
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
@@ -47,7 +47,7 @@ def test_attention_of_many_sequences_matches_reference(window, dtype):
     """Enough sequences for the kernel to take each decode as one item over all its KV heads."""
     batch = ragged_batch(7, dtype=dtype, hq=9, hkv=3, dim=64, block_size=16, num_seqs=2 * torch.get_num_threads() + 9)
     expected = reference.paged_attention(*batch, 0.3, window)
-    got = cpu.paged_attention(*batch, 0.3, window)
+    got = torch.ops.splitfuse_cpu.paged_attention(*batch, 0.3, window)
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
@@ -59,7 +59,7 @@ def test_store_matches_reference(dtype):
     slots[[3, 17, 39]] = -1  # padded tokens
     caches = [torch.zeros(8, 16, 3, 64, dtype=dtype) for _ in range(4)]
     reference.store_kv(key, value, caches[0], caches[1], slots)
-    cpu.store_kv(key, value, caches[2], caches[3], slots)
+    torch.ops.splitfuse_cpu.store_kv(key, value, caches[2], caches[3], slots)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
 
 
@@ -84,7 +84,7 @@ def test_packed_linear_matches_an_fp64_linear(rows, features, bf16_exact):
     packed = reference.pack_linear_weight(weight)
     assert packed.dtype == (torch.bfloat16 if bf16_exact else torch.float32)
     expected = torch.nn.functional.linear(x.double(), weight.double(), bias.double()).float()
-    torch.testing.assert_close(cpu.packed_linear(x, packed, bias, n), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.ops.splitfuse_cpu.packed_linear(x, packed, bias, n), expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(reference.packed_linear(x, packed, None, n), expected - bias, atol=1e-4, rtol=1e-4)
 
 
@@ -103,7 +103,7 @@ def test_gated_linear_matches_silu_of_gate_times_up_in_fp64(rows, features, bf16
     xd = x.double()
     expected = (torch.nn.functional.silu(xd @ gate.double().T + bias[:n].double())
                 * (xd @ up.double().T + bias[n:].double())).float()
-    torch.testing.assert_close(cpu.packed_linear(x, packed, bias, n, gated=True), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.ops.splitfuse_cpu.packed_linear(x, packed, bias, n, gated=True), expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(reference.packed_gated_linear(x, packed, bias, n), expected, atol=1e-4, rtol=1e-4)
 
 
