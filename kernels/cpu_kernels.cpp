@@ -107,6 +107,12 @@ inline int64_t query_row(const Item& it, const Shape& sh, int kv_head, int r) {
     return (int64_t(it.row + r / group) * sh.hq + kv_head * group + r % group) * sh.dim;
 }
 
+// Where the item's KV head's row of a key (a position in its sequence) starts in the caches.
+inline int64_t key_row(const Item& it, const Shape& sh, const int32_t* block_tables, int key) {
+    const int32_t block = block_tables[int64_t(it.seq) * sh.max_blocks + key / sh.block_size];
+    return ((int64_t(block) * sh.block_size + key % sh.block_size) * sh.hkv + it.kv_head) * sh.dim;
+}
+
 template <typename T>
 void store_kv(const T* key, const T* value, T* k_cache, T* v_cache, const int32_t* slots, int64_t num_tokens,
               int64_t row) {
@@ -223,7 +229,7 @@ inline void weighted_values(const float* p, int pj, int pi, const float* values,
 template <typename T>
 void attend_rows(const Item& it, const Shape& sh, const T* q, const T* k_cache, const T* v_cache,
                  const int32_t* block_tables, T* out, std::vector<float>& scratch) {
-    const int group = sh.hq / sh.hkv, dim = sh.dim, bs = sh.block_size;
+    const int group = sh.hq / sh.hkv, dim = sh.dim;
     const int rows = it.count * group, padded = (rows + LANES - 1) / LANES * LANES;
     scratch.assign(size_t(padded) * (2 * dim + CHUNK + 3) + size_t(CHUNK) * 2 * dim, 0.f);
     float* qt = scratch.data();          // [dim][padded] queries transposed and scaled; padding rows 0
@@ -241,13 +247,10 @@ void attend_rows(const Item& it, const Shape& sh, const T* q, const T* k_cache, 
     std::fill(m, m + padded, MASKED);
     const int last = it.pos + it.count - 1;
     const int lo = sh.window > 0 ? std::max(0, it.pos - sh.window + 1) : 0;
-    const int32_t* table = block_tables + int64_t(it.seq) * sh.max_blocks;
-    const int64_t stride = int64_t(sh.hkv) * dim;  // between consecutive keys of a block
     for (int c0 = lo; c0 <= last; c0 += CHUNK) {
         const int n = std::min(CHUNK, last + 1 - c0);  // keys c0 .. c0 + n - 1
         for (int j = 0; j < n; ++j) {
-            const int key = c0 + j;
-            const int64_t at = (int64_t(table[key / bs]) * bs + key % bs) * stride + int64_t(it.kv_head) * dim;
+            const int64_t at = key_row(it, sh, block_tables, c0 + j);
             copy_row(k_cache + at, kf + j * dim, dim);
             copy_row(v_cache + at, vf + j * dim, dim);
         }
@@ -333,7 +336,7 @@ inline float hmax(v8f v) {
 template <typename T, int NR>
 void attend_decode(const Item& it, const Shape& sh, const T* q, const T* k_cache, const T* v_cache,
                    const int32_t* block_tables, T* out, std::vector<float>& scratch) {
-    const int group = sh.hq / sh.hkv, dim = sh.dim, bs = sh.block_size, total = it.heads * NR;
+    const int group = sh.hq / sh.hkv, dim = sh.dim, total = it.heads * NR;
     const int width = it.heads * dim;  // of a key's (and a value's) row in kf (vf)
     scratch.assign(size_t(total) * (2 * dim + 2) + size_t(dim + NR) * LANES + size_t(2 * LANES) * width, 0.f);
     float* qf = scratch.data();       // [heads][NR][dim] scaled queries
@@ -352,11 +355,10 @@ void attend_decode(const Item& it, const Shape& sh, const T* q, const T* k_cache
     std::fill(m, m + total, MASKED);
     const int last = it.pos + it.count - 1;
     const int lo = sh.window > 0 ? std::max(0, it.pos - sh.window + 1) : 0;
-    const int32_t* table = block_tables + int64_t(it.seq) * sh.max_blocks;
     const int64_t stride = int64_t(sh.hkv) * dim;  // between consecutive keys of a block
     for (int j0 = lo / LANES * LANES; j0 <= last; j0 += LANES) {
         const int n = std::min(LANES, last + 1 - j0);  // keys j0 .. j0 + n - 1, all in one block
-        const int64_t first = (int64_t(table[j0 / bs]) * bs + j0 % bs) * stride + int64_t(it.kv_head) * dim;
+        const int64_t first = key_row(it, sh, block_tables, j0);
         for (int j = 0; j < n; ++j) {
             copy_row(k_cache + first + j * stride, kf + j * width, width);
             copy_row(v_cache + first + j * stride, vf + j * width, width);
