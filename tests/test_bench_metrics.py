@@ -1,4 +1,4 @@
-"""The benchmark's metric definitions (benchmarks/metrics.py) on hand-built request timelines."""
+"""The benchmark's metric definitions (splitfuse/benchmarks/metrics.py) on hand-built request timelines."""
 import math
 
 import pytest

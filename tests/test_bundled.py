@@ -69,7 +69,7 @@ def expected(hf_model, tokenizer):
 @pytest.mark.parametrize("scheduler", ["splitfuse", "prefill-first"])
 @pytest.mark.parametrize("budget", [16, 64, 256])
 def test_greedy_equals_transformers_generate(expected, tokenizer, scheduler, budget):
-    with splitfuse.pipeline(dtype="float32", eager=True, token_budget=budget, max_num_seqs=min(budget, 16),
+    with splitfuse.pipeline(device="cpu", dtype="float32", eager=True, token_budget=budget, max_num_seqs=min(budget, 16),
                             num_blocks=256, scheduler=scheduler) as pipe:
         responses = pipe(prompt_ids(tokenizer), max_new_tokens=NEW_TOKENS)
     for response, want in zip(responses, expected):
@@ -82,7 +82,7 @@ def test_batch_invariance_fp32(tokenizer):
     g = torch.Generator().manual_seed(0)
     others = [torch.randint(3, 40000, (int(n),), generator=g).tolist()
               for n in torch.randint(1, 200, (40,), generator=g)]
-    with splitfuse.pipeline(dtype="float32", eager=True, token_budget=64, max_num_seqs=48, num_blocks=1024) as pipe:
+    with splitfuse.pipeline(device="cpu", dtype="float32", eager=True, token_budget=64, max_num_seqs=48, num_blocks=1024) as pipe:
         alone = pipe(target, max_new_tokens=16, ignore_eos=True)[0].token_ids
         crowd = pipe(others[:20] + [target] + others[20:], max_new_tokens=16, ignore_eos=True)[20].token_ids
     assert crowd == alone

@@ -31,7 +31,7 @@ from splitfuse.frontend.tokenizer import Tokenizer
 from splitfuse.worker.engine import Engine
 from splitfuse.worker.main import Worker
 
-ENGINE = dict(eager=True, num_blocks=256, max_model_len=512)
+ENGINE = dict(device="cpu", eager=True, num_blocks=256, max_model_len=512)
 VOCAB = 49152  # the bundled model's
 SLOW = "tokenize me slowly"
 PROBE = "probe"
@@ -255,13 +255,13 @@ def test_a_worker_whose_frontend_died_while_it_loaded_exits(make_checkpoint, tmp
     the worker must still notice that nobody is left to serve, and exit."""
     config = EngineConfig(model=str(make_checkpoint("llama")), dtype="float32", device="cpu", eager=True,
                           num_blocks=64)
-    start = ("import os, subprocess, sys; worker = subprocess.Popen([sys.executable, '-m', 'splitfuse.worker.main', "
+    start = ("import os, subprocess, sys; worker = subprocess.Popen([sys.executable, '-P', '-m', 'splitfuse.worker.main', "
              f"'--address', 'ipc://{tmp_path}/workers', '--config', sys.argv[1], '--parent-pid', str(os.getpid())], "
              "stdin=subprocess.PIPE, "
              "stdout=subprocess.DEVNULL); "
              "worker.stdin.write(b'secret\\n'); worker.stdin.close(); print(worker.pid)")
     # Only the stand-in's stdout is read (the worker's goes elsewhere): reading a pipe the worker holds would wait for it.
-    pid = int(subprocess.run([sys.executable, "-c", start, json.dumps(config.to_dict())], stdout=subprocess.PIPE,
+    pid = int(subprocess.run([sys.executable, "-P", "-c", start, json.dumps(config.to_dict())], stdout=subprocess.PIPE,
                              text=True, check=True).stdout)
     deadline = time.monotonic() + 120
     try:
@@ -288,7 +288,7 @@ def _alive(pid: int) -> bool:
 def deployment():
     """The frontend of `splitfuse.serve`, started by hand so that SLOW takes 5 s to tokenize."""
     options = {"request_timeout": 600.0, "heartbeat_timeout": 30.0, "startup_timeout": 300.0}
-    process = subprocess.Popen([sys.executable, "-c", FRONTEND, "--replicas", "1",
+    process = subprocess.Popen([sys.executable, "-P", "-c", FRONTEND, "--replicas", "1",
                                 "--config", json.dumps(EngineConfig(**ENGINE).to_dict()),
                                 "--options", json.dumps(options), "--watch-parent"],
                                stdout=subprocess.PIPE, text=True, start_new_session=True)

@@ -120,3 +120,16 @@ def test_auto_dtype_on_cuda_wants_native_bf16(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                             lambda including_emulation=True, native=native: native or including_emulation)
         assert resolve_dtype("auto", torch.device("cuda")) == expected
+
+
+def test_auto_dtype_can_be_named_for_the_whole_run(monkeypatch):
+    """`make test-bf16`: SPLITFUSE_AUTO_DTYPE decides what "auto" means; a dtype asked for by name stays."""
+    monkeypatch.delenv("SPLITFUSE_AUTO_DTYPE", raising=False)
+    native = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) == native
+    monkeypatch.setenv("SPLITFUSE_AUTO_DTYPE", "bfloat16")
+    assert resolve_dtype("auto", torch.device("cpu")) == resolve_dtype(None, torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32
+    monkeypatch.setenv("SPLITFUSE_AUTO_DTYPE", "float64")
+    with pytest.raises(ValueError, match="unknown dtype 'float64'"):
+        resolve_dtype("auto", torch.device("cpu"))

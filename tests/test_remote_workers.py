@@ -25,7 +25,7 @@ from splitfuse.config import model_fingerprint
 from splitfuse.frontend.client import AsyncClient, Client
 from splitfuse.frontend.serve import serve
 
-ENGINE = dict(eager=True, dtype="float32", num_blocks=64)
+ENGINE = dict(device="cpu", eager=True, dtype="float32", num_blocks=64)
 PROMPT = [1, 5, 9, 20, 33]  # shorter than a block: routed by load alone, not by prefix
 LONG = dict(max_new_tokens=240, ignore_eos=True)  # seconds of steps, as the model's length allows
 # Both sides' heartbeat timeouts, long: this machine may pause the tests' processes for a while. A killed
@@ -58,8 +58,8 @@ class Workers:
 
     def start(self, address: str, token_file: str, model: str, name: str, *options: str) -> subprocess.Popen:
         with open(self.logs / f"{name}-{len(self.processes)}.log", "w") as log:
-            process = subprocess.Popen([sys.executable, "-m", "splitfuse.cli", "worker", "--connect", address,
-                                        "--token-file", token_file, "--name", name, "--model", model, "--eager",
+            process = subprocess.Popen([sys.executable, "-P", "-m", "splitfuse.cli", "worker", "--connect", address,
+                                        "--token-file", token_file, "--name", name, "--model", model, "--device", "cpu", "--eager",
                                         "--dtype", "float32", "--num-blocks", "64",
                                         "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT), *options],
                                        stdout=subprocess.DEVNULL, stderr=log)

@@ -30,7 +30,7 @@ from splitfuse.worker.engine import Engine
 
 # A small budget: prompts are split over several steps and share them with decodes; prefill-first
 # steps exceed it (the runner's oversized path).
-ENGINE = dict(dtype="fp32", eager=True, num_blocks=128, max_model_len=256, token_budget=32)
+ENGINE = dict(device="cpu", dtype="fp32", eager=True, num_blocks=128, max_model_len=256, token_budget=32)
 SAMPLING = dict(max_new_tokens=12, ignore_eos=True, logprobs=0)
 LOGPROB_TOLERANCE = 1e-3  # of the chosen tokens' log-probabilities, TP=2 against TP=1 (measured: about 1e-4)
 LOGITS_TOLERANCE = 1e-5   # tiny models' logits, two ranks against one (measured: about 1e-7)
@@ -216,9 +216,9 @@ def test_a_group_over_two_hosts_answers_as_one_rank(one_rank):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    flags = ["--tensor-parallel-size", "2", "--nnodes", "2", "--master-port", str(port), "--dtype", "fp32", "--eager",
+    flags = ["--tensor-parallel-size", "2", "--nnodes", "2", "--master-port", str(port), "--device", "cpu", "--dtype", "fp32", "--eager",
              "--num-blocks", "128", "--max-model-len", "256", "--token-budget", "32"]
-    node = subprocess.Popen([sys.executable, "-m", "splitfuse.cli", "serve", "--node-rank", "1", *flags])
+    node = subprocess.Popen([sys.executable, "-P", "-m", "splitfuse.cli", "serve", "--node-rank", "1", *flags])
     try:
         with serve(tensor_parallel_size=2, nnodes=2, master_port=port, ready_timeout=300, **ENGINE) as deployment:
             assert_same_answers(run(complete_all(deployment.address)), one_rank)

@@ -1,7 +1,7 @@
 """Prefix caching and prefix-aware routing on a shared-prefix chat workload, all setups in one run.
 
-    python -m benchmarks.prefix_cache            # 64 chats + 8 conversations of 4 turns, 16 clients
-    python -m benchmarks.prefix_cache --quick    # smoke run: a few short requests, eager
+    python -P -m splitfuse.benchmarks.prefix_cache            # 64 chats + 8 conversations of 4 turns, 16 clients
+    python -P -m splitfuse.benchmarks.prefix_cache --quick    # smoke run: a few short requests, eager
 
 The workload: one system prompt of ~1,000 tokens; 64 chats, each the system prompt and one short
 distinct question; and conversations that start the same way, each later turn's prompt being the
@@ -11,7 +11,7 @@ Every setup is a fresh `splitfuse serve` (an empty cache) with the same requests
 with the cache off and on, and two replicas with the cache on, routed by least outstanding work
 alone and prefix-aware. Reported: throughput (requests/s, prompt+generated tokens/s), time to
 first token, and the hit rate (prompt tokens served from the cache over prompt tokens looked up,
-from the replicas' stats). Writes benchmarks/results/prefix_cache.json and prefix_cache.md."""
+from the replicas' stats). Writes splitfuse/benchmarks/results/prefix_cache.json and prefix_cache.md."""
 import argparse
 import asyncio
 import json
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     corpus = workload.corpus_ids(args.model or bundled_model_dir())
     system, mixed = sessions(corpus, size, args.seed)
     results = [run_setup(name, args, system, mixed, corpus, size) for name in args.setups]
-    command = "python -m benchmarks.prefix_cache " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -P -m splitfuse.benchmarks.prefix_cache " + " ".join(argv if argv is not None else sys.argv[1:])
     host = machine()
     text = markdown(results, size, command.strip(), host)
     args.out.mkdir(parents=True, exist_ok=True)

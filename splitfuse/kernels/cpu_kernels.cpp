@@ -529,11 +529,26 @@ void with_type(const at::Tensor& t, F f) {
         f(float());
 }
 
+// The two element types with_type dispatches on; anything else would be read as fp32.
+void check_type(const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
+                name, " must be an fp32 or bf16 CPU tensor, not ", t.scalar_type(), " on ", t.device());
+}
+
 template <typename T>
 T* data(const at::Tensor& t) { return static_cast<T*>(t.data_ptr()); }
 
 void store_kv_op(const at::Tensor& key, const at::Tensor& value, const at::Tensor& k_cache,
                  const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+    check_type(key, "key");
+    TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes(), "store_kv: key and value must be [T, Hkv, D] alike");
+    TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.is_contiguous()
+                && v_cache.is_contiguous(), "store_kv: the caches must be contiguous [blocks, block_size, Hkv, D]");
+    TORCH_CHECK(value.scalar_type() == key.scalar_type() && k_cache.scalar_type() == key.scalar_type()
+                && v_cache.scalar_type() == key.scalar_type(), "store_kv: keys, values and caches must share a dtype");
+    TORCH_CHECK(key.size(1) == k_cache.size(2) && key.size(2) == k_cache.size(3),
+                "store_kv: key rows [Hkv, D] must match the cache's");
+    TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0), "store_kv: one slot per key row");
     const at::Tensor k = key.contiguous(), v = value.contiguous(), slots = slot_mapping.to(at::kInt).contiguous();
     with_type(k, [&](auto t) {
         using T = decltype(t);
@@ -545,6 +560,17 @@ void store_kv_op(const at::Tensor& key, const at::Tensor& value, const at::Tenso
 at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                               const at::Tensor& block_tables, const at::Tensor& seq_lens,
                               const at::Tensor& query_start_loc, double scale, int64_t sliding_window) {
+    check_type(q, "q");
+    TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.is_contiguous()
+                && v_cache.is_contiguous(), "paged_attention: q [T, Hq, D] over contiguous [blocks, block_size, Hkv, D] caches");
+    TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+                "paged_attention: q and the caches must share a dtype");
+    TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(2) % 8 == 0 && k_cache.size(2) > 0
+                && q.size(1) % k_cache.size(2) == 0, "paged_attention: head sizes must match (a multiple of 8), "
+                "and the query heads must be a multiple of the key heads");
+    TORCH_CHECK(block_tables.dim() == 2 && seq_lens.dim() == 1 && block_tables.size(0) == seq_lens.size(0)
+                && query_start_loc.dim() == 1 && query_start_loc.size(0) == seq_lens.size(0) + 1,
+                "paged_attention: one block table row and one length per sequence, and sequences + 1 query starts");
     const at::Tensor qc = q.contiguous(), tables = block_tables.to(at::kInt).contiguous();
     const at::Tensor lens = seq_lens.to(at::kInt).contiguous(), starts = query_start_loc.to(at::kInt).contiguous();
     at::Tensor out = at::empty_like(qc);
@@ -560,6 +586,14 @@ at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& k_cache, co
 
 at::Tensor packed_linear_op(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                             int64_t out_features, bool gated) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "packed_linear: x must be fp32 [M, K]");
+    check_type(packed, "packed");
+    TORCH_CHECK(packed.is_contiguous() && out_features > 0
+                && packed.numel() == (gated ? 2 : 1) * ((out_features + PANEL - 1) / PANEL) * PANEL * x.size(1),
+                "packed_linear: the packed weight must be contiguous and hold ", out_features, " x ", x.size(1),
+                " weights in panels of ", PANEL, gated ? ", twice (gated)" : "");
+    TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == (gated ? 2 : 1) * out_features),
+                "packed_linear: the bias must hold one value per output", gated ? " of each half" : "");
     const at::Tensor xc = x.contiguous();
     const at::Tensor b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
     at::Tensor out = at::empty({x.size(0), out_features}, xc.options());

@@ -74,7 +74,7 @@ def serve(model: str | None = None, replicas: int = 1, port: int | str | None = 
     options = {"request_timeout": request_timeout, "heartbeat_timeout": heartbeat_timeout,
                "startup_timeout": ready_timeout, "max_queued_requests": max_queued_requests,
                "max_queued_tokens": max_queued_tokens, "shutdown_timeout": shutdown_timeout}
-    cmd = [sys.executable, "-m", "splitfuse.frontend.server", "--address", address if zmq else "none",
+    cmd = [sys.executable, "-P", "-m", "splitfuse.frontend.server", "--address", address if zmq else "none",
            "--replicas", str(replicas), "--config", json.dumps(config.to_dict()), "--options", json.dumps(options),
            "--watch-parent"]
     if curve_secret is not None or curve_clients is not None:

@@ -1,5 +1,6 @@
 """Load a Hugging Face checkpoint directory (safetensors, single file or sharded) into our models."""
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -32,9 +33,13 @@ def resolve_model_dir(model: str | None, cache_dir: str | None = None) -> Path:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """`None`/"auto": bf16 where the hardware computes it natively, else fp16 on GPU and fp32 on CPU."""
+    """`None`/"auto": bf16 where the hardware computes it natively, else fp16 on GPU and fp32 on CPU.
+    SPLITFUSE_AUTO_DTYPE names what "auto" means instead (`make test-bf16` runs the suite in bf16 on a CPU
+    that computes fp32)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype in (None, "auto") and os.environ.get("SPLITFUSE_AUTO_DTYPE", "auto") != "auto":
+        dtype = os.environ["SPLITFUSE_AUTO_DTYPE"]
     if dtype in (None, "auto"):
         if device.type == "cuda":
             # Native only: GPUs before Ampere emulate bf16, which the Triton kernel's tl.dot cannot use.

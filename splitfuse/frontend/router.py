@@ -353,7 +353,7 @@ class Router:
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def _spawn(self, replica: Replica) -> None:
-        cmd = [sys.executable, "-m", "splitfuse.worker.main", "--address", self.address,
+        cmd = [sys.executable, "-P", "-m", "splitfuse.worker.main", "--address", self.address,
                "--replica", str(replica.index), "--replicas", str(self.local_replicas), "--threads", str(self._threads),
                "--config", json.dumps(self.config.to_dict()), "--parent-pid", str(os.getpid())]
         # Its own session: a terminal's Ctrl-C reaches only the frontend, which then stops the workers.
@@ -480,7 +480,7 @@ def resolve_model_dir(config: EngineConfig) -> str:
         return str(Path(config.model).expanduser())
     code = ("import sys\nfrom splitfuse.compiled.loader import resolve_model_dir\n"
             "print(resolve_model_dir(sys.argv[1] or None, sys.argv[2] or None))")
-    result = subprocess.run([sys.executable, "-c", code, config.model or "", config.cache_dir or ""],
+    result = subprocess.run([sys.executable, "-P", "-c", code, config.model or "", config.cache_dir or ""],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise ValueError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else

@@ -5,7 +5,7 @@ token arrived (one clock, seconds); everything here is computed from those recor
 the definitions can be unit-tested on hand-built timelines and re-applied to saved results.
 
 Definitions (FastGen: arXiv 2401.08671 and its benchmark script, DeepSpeedExamples
-benchmarks/inference/mii/src/plot_effective_throughput.py):
+splitfuse/benchmarks/inference/mii/src/plot_effective_throughput.py):
 
 - TTFT: first token arrival - send time.
 - End-to-end latency: last token arrival - send time.

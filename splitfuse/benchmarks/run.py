@@ -1,8 +1,8 @@
 """`make bench`: FastGen's serving benchmark on this machine, all backends in one run.
 
-    python -m benchmarks.run            # reduced sweep, about 10 minutes on 2 CPU cores
-    python -m benchmarks.run --quick    # smoke run: two workloads, 1 and 4 clients, a few requests
-    python -m benchmarks.run --from-json benchmarks/results/results.json --sla-gen-slowdown 4
+    python -P -m splitfuse.benchmarks.run            # reduced sweep, about 10 minutes on 2 CPU cores
+    python -P -m splitfuse.benchmarks.run --quick    # smoke run: two workloads, 1 and 4 clients, a few requests
+    python -P -m splitfuse.benchmarks.run --from-json splitfuse/benchmarks/results/results.json --sla-gen-slowdown 4
                                         # re-derive SLA, tables and plots from a saved run
 
 For each scheduler ("splitfuse", "prefill-first") a `splitfuse serve` deployment is started in
@@ -10,7 +10,7 @@ turn with the same engine options; for each workload it runs a closed-loop sweep
 streaming clients, then an offline batch (every request at once). Hugging Face transformers runs
 the same offline batches in this process at the same dtype. The SLA of each workload is the
 single-request speed measured in this run divided by stated slowdown factors. Writes
-results.json, summary.md and three PNG plots under benchmarks/results/, and prints the markdown."""
+results.json, summary.md and three PNG plots under splitfuse/benchmarks/results/, and prints the markdown."""
 import argparse
 import os
 import platform

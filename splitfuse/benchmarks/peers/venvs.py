@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .harness import progress
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 MARKER = ".peer-installed.json"
 TORCH = "torch==2.13.0"  # the Makefile's pin: its CPU wheel (an unpinned torch pulls a CUDA build)
 

@@ -11,7 +11,7 @@ from importlib.metadata import version
 
 import splitfuse
 
-from benchmarks.peers import harness
+from splitfuse.benchmarks.peers import harness
 
 COMPILED = re.compile(r"compiled (\d+)/\1\b")  # the worker's line for the last bucket
 SETTLE_TIMEOUT_S = 1200

@@ -5,8 +5,8 @@ from contextlib import contextmanager
 import torch
 import transformers
 
-from benchmarks import hf_baseline
-from benchmarks.peers import harness
+from splitfuse.benchmarks import hf_baseline
+from splitfuse.benchmarks.peers import harness
 
 
 @contextmanager

@@ -1,16 +1,16 @@
 """Load generator: N concurrent streaming clients driving a running `splitfuse serve`, or any
 OpenAI-compatible server (`splitfuse serve --http-port`, `vllm serve`, ...).
 
-    python -m benchmarks.serving --address tcp://127.0.0.1:5555 --preset p2600-g128 --clients 1 4 16
-    python -m benchmarks.serving --address http://127.0.0.1:8000/v1 --preset p2600-g128 --clients 1 4 16
+    python -P -m splitfuse.benchmarks.serving --address tcp://127.0.0.1:5555 --preset p2600-g128 --clients 1 4 16
+    python -P -m splitfuse.benchmarks.serving --address http://127.0.0.1:8000/v1 --preset p2600-g128 --clients 1 4 16
 
 Each client sends its next request as soon as its previous one finished (a closed loop, as in
 FastGen's benchmark), all through one connection (ZeroMQ `AsyncClient`, or one `openai.AsyncOpenAI`
 for an http:// address) with streaming, and records the send time and the arrival time of every
-generated token; benchmarks/metrics.py turns those into throughput, latency percentiles and
+generated token; splitfuse/benchmarks/metrics.py turns those into throughput, latency percentiles and
 effective throughput. Over HTTP the prompts go as token ids to /v1/completions, greedy, with vLLM's
 `ignore_eos`; each streamed chunk counts as one token, checked against the final usage. Workloads:
-benchmarks/workload.py."""
+splitfuse/benchmarks/workload.py."""
 import argparse
 import asyncio
 import time

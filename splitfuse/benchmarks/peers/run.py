@@ -1,15 +1,15 @@
 """`make bench-peers`: splitfuse side by side with the serving engines a user could pick instead,
 on the same token ids, at the same precision, on this machine.
 
-    python -m benchmarks.peers.run                          # everything: installs missing peers first
-    python -m benchmarks.peers.run --quick --only splitfuse,llamacpp
+    python -P -m splitfuse.benchmarks.peers.run                          # everything: installs missing peers first
+    python -P -m splitfuse.benchmarks.peers.run --quick --only splitfuse,llamacpp
 
 Each system runs in a fresh process (its runner, in its own virtual environment: .venv for
 splitfuse and transformers, .venv-vllm, .venv-openvino, .venv-llamacpp for the peers), so "ready
 after" is measured cold from process start and splitfuse is measured as its code is now. The
 runners read one workload file (token ids and settings) and write one result file; harness.py
 says what is timed. Prints the markdown table; writes peers.json and peers.md under
-benchmarks/results/."""
+splitfuse/benchmarks/results/."""
 import argparse
 import collections
 import json
@@ -36,7 +36,7 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 class System:
     key: str           # what --only names
     label: str         # the table's row
-    runner: str        # module under benchmarks/peers
+    runner: str        # module under splitfuse/benchmarks/peers
     venv: str | None = None  # a key of venvs.VENVS; None: the project's venv (this interpreter)
     env: dict[str, str] = field(default_factory=dict)
 
@@ -101,8 +101,8 @@ def machine() -> dict:
 
 def run_system(system: System, workload_file: Path, result_file: Path, timeout: float) -> dict:
     """Run one runner to completion; its result, or {"error": one line, "log_tail": [...]}."""
-    if system.venv is None:  # the project's venv, from the repository root (as benchmarks.run)
-        command, cwd = [sys.executable, "-m", f"benchmarks.peers.{system.runner}"], venvs.REPO
+    if system.venv is None:  # the project's venv, with the repository root kept off sys.path
+        command, cwd = [sys.executable, "-P", "-m", f"splitfuse.benchmarks.peers.{system.runner}"], venvs.REPO
     else:  # by path from elsewhere: the repository root on sys.path would shadow packages (e.g. `kernels`)
         command, cwd = [str(venvs.VENVS[system.venv].python), str(PEERS / f"{system.runner}.py")], result_file.parent
     progress(f"{system.label}: starting")
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             "settings": {"dtype": dtype, "auto_dtype": auto, "threads": work["settings"]["threads"],
                          "seed": args.seed, "quick": args.quick, "hf_batch": args.hf_batch,
                          "workload": describe(work)},
-            "command": " ".join(["python -m benchmarks.peers.run"] + (argv if argv is not None else sys.argv[1:])),
+            "command": " ".join(["python -P -m splitfuse.benchmarks.peers.run"] + (argv if argv is not None else sys.argv[1:])),
             "commit": git_commit()}
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as scratch:

@@ -1,6 +1,6 @@
 """The C++ CPU kernels (cpu_kernels.cpp): built once per machine with the system C++ compiler (the one
-torch.compile's CPU backend uses too) against torch's headers, cached by source, compiler and torch
-version, and loaded as the torch operators splitfuse_cpu::* (kernels/ops.py declares their schemas).
+torch.compile's CPU backend uses too) against torch's headers for this CPU's named instruction set,
+cached by source, compiler, flags and torch version, and loaded as the torch operators splitfuse_cpu::* (kernels/ops.py declares their schemas).
 
 If they cannot be built here the torch reference serves instead, with one warning."""
 import hashlib
@@ -22,27 +22,43 @@ _library: Path | None = None
 _failed = False
 
 
+# A named instruction set per capability that torch's own kernels detected at run time, never -march=native
+# alone: a build is cached per target, so a cache shared between machines cannot hand one an instruction
+# it lacks. -mtune=native only schedules.
+_TARGETS = {"AVX512": ["-march=x86-64-v4", "-mtune=native"], "AVX2": ["-march=x86-64-v3", "-mtune=native"]}
+
+
+def target() -> list[str]:
+    """The compiler's instruction-set flags for this CPU (the compiler's default where none is named)."""
+    return _TARGETS.get(torch.backends.cpu.get_cpu_capability(), [])
+
+
 def _flags() -> list[str]:
     from torch.utils import cpp_extension  # imported only to build: it is slow to import
     libs = cpp_extension.library_paths()
-    return (["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-w",
+    return (["-O3", *target(), "-fopenmp", "-shared", "-fPIC", "-std=c++20",
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"]
-            + [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-L{p}" for p in libs]
+            + [f"-isystem{p}" for p in cpp_extension.include_paths()] + [f"-L{p}" for p in libs]
             + [f"-Wl,-rpath,{p}" for p in libs] + ["-lc10", "-ltorch_cpu", "-ltorch"])
 
 
 def _build() -> Path:
     compiler = os.environ.get("CXX", "g++")
-    key = hashlib.sha256(_SOURCE.read_bytes() + f"{compiler} {torch.__version__}".encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
+    flags = _flags()
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([compiler, torch.__version__, *flags]).encode())
+    target_file = cache_root() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if not target_file.is_file():
+        target_file.parent.mkdir(parents=True, exist_ok=True)
         # Built under a temporary name and renamed: replicas starting together never load half a file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target_file.parent)
         os.close(fd)
-        subprocess.run([compiler, str(_SOURCE), *_flags(), "-o", tmp], check=True, capture_output=True, text=True)
-        os.replace(tmp, target)
-    return target
+        try:
+            subprocess.run([compiler, str(_SOURCE), *flags, "-o", tmp], check=True, capture_output=True, text=True)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        os.replace(tmp, target_file)
+    return target_file
 
 
 def library() -> Path | None:
@@ -60,10 +76,15 @@ def library() -> Path | None:
                 _library = path
             except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
                 _failed = True
-                detail = getattr(e, "stderr", "") or str(e)
-                print(f"splitfuse: CPU kernels unavailable, using the slower torch reference: {detail}",
-                      file=sys.stderr)
+                print(f"splitfuse: the CPU kernels could not be built or loaded here ({_first_error(e)}); "
+                      "the slower torch reference serves instead.", file=sys.stderr)
     return _library
+
+
+def _first_error(e: Exception) -> str:
+    """The compiler's first error line, or the exception's own message."""
+    lines = (getattr(e, "stderr", None) or str(e)).splitlines()
+    return next((line.strip() for line in lines if "error" in line), lines[0].strip() if lines else type(e).__name__)
 
 
 def supports(*tensors: torch.Tensor) -> bool:

@@ -80,7 +80,7 @@ def _join(config: EngineConfig, rank: int, store: dist.Store) -> Shard:
 
 def _spawn(config: EngineConfig, rank: int, device_index: int, replicas_on_device: int,
            threads: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "splitfuse.worker.tp_group", "--rank", str(rank), "--device-index", str(device_index),
+    cmd = [sys.executable, "-P", "-m", "splitfuse.worker.tp_group", "--rank", str(rank), "--device-index", str(device_index),
            "--replicas-on-device", str(replicas_on_device), "--threads", str(threads),
            "--config", json.dumps(config.to_dict())]
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)

@@ -1,7 +1,7 @@
 """One forward pass of the bundled model at fixed token counts, eager vs compiled, on this machine.
 
-    python -m benchmarks.forward [--dtype bf16] [--tokens 1 8 32 128 256 512] [--no-compile]
-                                 [--tensor-parallel-size N]
+    python -P -m splitfuse.benchmarks.forward [--device cuda] [--dtype bf16] [--tokens 1 8 32 128 256 512]
+                                              [--no-compile] [--tensor-parallel-size N]
 
 Prints tokens/s and model FLOPs utilisation against the bf16 (or fp32) matmul peak measured in
 the same run, then the engine's per-step overhead (scheduling + input preparation) on a
@@ -36,8 +36,8 @@ def clock() -> float:
     return time.perf_counter()
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     start = clock()
     for _ in range(reps):
@@ -77,9 +77,9 @@ def time_step(runner: ModelRunner, chunks: list[SequenceChunk], reps: int) -> fl
     return (clock() - start) / reps
 
 
-def step_overhead(dtype: str, eager: bool) -> dict:
+def step_overhead(dtype: str, device: torch.device, eager: bool) -> dict:
     """Share of a decode-heavy engine step spent outside the model forward and the sampler."""
-    engine = Engine(EngineConfig(dtype=dtype, eager=eager, background_compile=False, token_budget=64, max_num_seqs=32,
+    engine = Engine(EngineConfig(dtype=dtype, device=str(device), eager=eager, background_compile=False, token_budget=64, max_num_seqs=32,
                                  num_blocks=1024,
                                  buckets=[64]), progress=False)
     spent = {"model": 0.0, "sampler": 0.0}
@@ -116,7 +116,7 @@ def join_group(args: argparse.Namespace) -> Shard:
     if args.rank == 0:
         args.store = tempfile.mkdtemp() + "/store"
         for rank in range(1, size):
-            subprocess.Popen([sys.executable, "-m", "benchmarks.forward", *sys.argv[1:], "--rank", str(rank),
+            subprocess.Popen([sys.executable, "-P", "-m", "splitfuse.benchmarks.forward", *sys.argv[1:], "--rank", str(rank),
                               "--store", args.store])
     dist.init_process_group("gloo", store=dist.FileStore(args.store, size), rank=args.rank, world_size=size)
     return Shard(args.rank, size, dist.group.WORLD)
@@ -124,6 +124,7 @@ def join_group(args: argparse.Namespace) -> Shard:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (auto: cuda where there is one)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 256, 512])
     ap.add_argument("--reps", type=int, default=5)
@@ -136,14 +137,16 @@ def main() -> None:
     shard = join_group(args)
     report = print if shard.rank == 0 else lambda *a, **k: None
     torch.manual_seed(0)
-    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
-    model = load_model(bundled_model_dir(), dtype, torch.device("cpu"), shard)
-    peak = matmul_peak(dtype)
-    report(f"# bundled SmolLM2-135M, {dtype}, {shard.size} rank(s) of {torch.get_num_threads()} threads; "
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model = load_model(bundled_model_dir(), dtype, device, shard)
+    peak = matmul_peak(dtype, device)
+    report(f"# bundled SmolLM2-135M on {device}, {dtype}, {shard.size} rank(s) of {torch.get_num_threads()} threads; "
            f"matmul peak {peak / 1e9:.0f} GFLOP/s per rank")
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     runners = {mode: ModelRunner(model, num_blocks=4096, block_size=BLOCK, max_num_seqs=64, max_model_len=2048,
-                                 buckets=sorted(args.tokens), compile=mode == "compiled") for mode in modes}
+                                 buckets=sorted(args.tokens), compile=mode == "compiled", cuda_graphs=mode == "compiled")
+               for mode in modes}
     for runner in runners.values():
         runner.compile(background=False)
     rows = []
@@ -161,7 +164,7 @@ def main() -> None:
             speed = f"  {row['eager']['ms'] / row['compiled']['ms']:.2f}x" if len(modes) == 2 else ""
             report(f"{tokens:>6} {mix:>12} {cells}{speed}", flush=True)
     # The engine's own overhead is a rank 0 matter, the same with any number of ranks: measured with one.
-    overhead = {mode: step_overhead(args.dtype, mode == "eager") for mode in modes} if shard.size == 1 else {}
+    overhead = {mode: step_overhead(args.dtype, device, mode == "eager") for mode in modes} if shard.size == 1 else {}
     for mode, o in overhead.items():
         print(f"# {mode} decode-heavy step (32 decodes, bucket 64): {o['step_ms']:.1f} ms = model {o['model_ms']:.1f}"
               f" + sampler {o['sampler_ms']:.1f} + scheduling/input prep {o['prep_ms']:.2f} ms "
