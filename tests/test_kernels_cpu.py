@@ -1,5 +1,8 @@
 """The C++ CPU kernels against the torch reference (kernels/reference.py), on seeded ragged batches."""
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -120,3 +123,19 @@ def test_projections_side_by_side_match_each_member(sizes):
     x = torch.randn(5, 24)
     for got, m in zip(group(x), members):
         torch.testing.assert_close(got, torch.nn.functional.linear(x, m.weight, m.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiler_that_fails_leaves_one_sentence_and_the_reference(tmp_path):
+    """A build that fails (a compiler without a builtin we use, say) is one line on stderr naming the
+    compiler's first error, and the torch reference serves."""
+    compiler = tmp_path / "cxx"
+    compiler.write_text("#!/bin/sh\necho 'cpu_kernels.cpp:60:1: error: unknown builtin' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    code = ("import torch; from splitfuse.kernels import cpu; x = torch.zeros(1, 8)\n"
+            "print(cpu.library(), cpu.supports(x))")
+    env = {**os.environ, "CXX": str(compiler), "SPLITFUSE_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.split() == ["None", "False"], result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("splitfuse:")]
+    assert lines == ["splitfuse: the CPU kernels could not be built or loaded here (cpu_kernels.cpp:60:1: error: "
+                     "unknown builtin); the slower torch reference serves instead."], result.stderr

@@ -82,9 +82,11 @@ def library() -> Path | None:
 
 
 def _first_error(e: Exception) -> str:
-    """The compiler's first error line, or the exception's own message."""
-    lines = (getattr(e, "stderr", None) or str(e)).splitlines()
-    return next((line.strip() for line in lines if "error" in line), lines[0].strip() if lines else type(e).__name__)
+    """The compiler's first error line, or what failed in a few words."""
+    if isinstance(e, subprocess.CalledProcessError):
+        errors = [line.strip() for line in (e.stderr or "").splitlines() if "error" in line]
+        return errors[0] if errors else f"{e.cmd[0]} exited with status {e.returncode}"
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def supports(*tensors: torch.Tensor) -> bool:

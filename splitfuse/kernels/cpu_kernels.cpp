@@ -275,7 +275,7 @@ void attend_rows(const Item& it, const Shape& sh, const T* q, const T* k_cache, 
             for (int j = 0; j < n; ++j) {
                 const v8i key = v8i{} + (c0 + j);
                 v8f x = load8(s + j * padded + r);
-                x = (key >= from) & (key <= pos) ? x : v8f{} + MASKED;
+                x = ((key >= from) & (key <= pos)) ? x : v8f{} + MASKED;
                 store8(s + j * padded + r, x);
                 top = x > top ? x : top;
             }
@@ -307,17 +307,17 @@ void attend_rows(const Item& it, const Shape& sh, const T* q, const T* k_cache, 
 inline void transpose8(v8f (&r)[8]) {
     v8f t[8], u[8];
     for (int i = 0; i < 8; i += 2) {
-        t[i] = __builtin_shuffle(r[i], r[i + 1], v8i{0, 8, 1, 9, 4, 12, 5, 13});
-        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], v8i{2, 10, 3, 11, 6, 14, 7, 15});
+        t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
     }
     for (int i = 0; i < 8; i += 4)
         for (int h = 0; h < 2; ++h) {
-            u[i + 2 * h] = __builtin_shuffle(t[i + h], t[i + h + 2], v8i{0, 1, 8, 9, 4, 5, 12, 13});
-            u[i + 2 * h + 1] = __builtin_shuffle(t[i + h], t[i + h + 2], v8i{2, 3, 10, 11, 6, 7, 14, 15});
+            u[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            u[i + 2 * h + 1] = __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
         }
     for (int i = 0; i < 4; ++i) {
-        r[i] = __builtin_shuffle(u[i], u[i + 4], v8i{0, 1, 2, 3, 8, 9, 10, 11});
-        r[i + 4] = __builtin_shuffle(u[i], u[i + 4], v8i{4, 5, 6, 7, 12, 13, 14, 15});
+        r[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        r[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
     }
 }
 
@@ -383,7 +383,7 @@ void attend_decode(const Item& it, const Shape& sh, const T* q, const T* k_cache
                 v8f top = v8f{} + *mi;
                 for (int h = 0; h < 2; ++h) {
                     const v8i key = v8i{0, 1, 2, 3, 4, 5, 6, 7} + (j0 + 8 * h);
-                    s[i][h] = (key >= from) & (key <= pos) ? s[i][h] : v8f{} + MASKED;
+                    s[i][h] = ((key >= from) & (key <= pos)) ? s[i][h] : v8f{} + MASKED;
                     top = s[i][h] > top ? s[i][h] : top;
                 }
                 const float best = hmax(top);
