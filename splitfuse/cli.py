@@ -1,4 +1,4 @@
-"""The `splitfuse` command: serve, worker, generate, chat, demo.
+"""The `splitfuse` command: serve, worker, compile, generate, chat, demo.
 
 Engine options (--token-budget, --eager, ...) and sampling options (--max-new-tokens,
 --temperature, ...) are made from the fields of EngineConfig and SamplingParams, so every
@@ -150,6 +150,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(run=_worker)
 
+    p = commands.add_parser("compile", help="compile a model's buckets once, into the on-disk cache",
+                            description="Compile every bucket of a configuration into the compile cache "
+                                        "(~/.cache/splitfuse/compiled, or $SPLITFUSE_CACHE), so that a server or "
+                                        "pipeline started later with the same model and engine options serves "
+                                        "compiled from its first request. `make model` does this for the bundled "
+                                        "model. Nothing is compiled again for a configuration already there.")
+    _add_model_options(p)
+    p.set_defaults(run=_compile)
+
     p = commands.add_parser("generate", help="stream one answer to stdout",
                             description="Generate from a prompt, streaming the text to stdout. Uses a running "
                                         "server with --address, else starts the model for this one prompt.")
@@ -264,6 +273,15 @@ def _worker(args: argparse.Namespace) -> None:
                 "--frontend-timeout", str(args.heartbeat_timeout)] + (["--name", args.name] if args.name else [])
                + (["--curve-server-cert", args.curve_server_cert] if args.curve_server_cert else [])
                + (["--curve-secret", args.curve_secret] if args.curve_secret else []))
+
+
+def _compile(args: argparse.Namespace) -> None:
+    config = EngineConfig.from_kwargs(**_engine_options(args))  # bad options fail here, before torch loads
+    from splitfuse.compiled import precompile  # this command compiles: torch is wanted here
+    start = time.perf_counter()
+    precompile.compile_config(config)
+    print(f"splitfuse compile: ready in {precompile.cache_dir()} after {time.perf_counter() - start:.1f}s",
+          file=sys.stderr)
 
 
 def _serve_node(args: argparse.Namespace) -> None:

@@ -125,6 +125,67 @@ def test_projections_side_by_side_match_each_member(sizes):
         torch.testing.assert_close(got, torch.nn.functional.linear(x, m.weight, m.bias), atol=1e-5, rtol=1e-5)
 
 
+needs_bf16_gemm = pytest.mark.skipif(not cpu.has_bf16_gemm(), reason="needs AVX-512 BF16 or AMX")
+
+
+def bf16_case(rows: int, n: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, k, generator=g).bfloat16(), (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16(),
+            torch.randn(2 * n, generator=g).bfloat16())
+
+
+@pytest.mark.parametrize("fp32_out", [True, False])
+@pytest.mark.parametrize("rows", [1, 5, 64, 65, 130])
+@pytest.mark.parametrize("features", [(576, 576), (40, 24), (1000, 96)])
+def test_brgemm_linear_matches_an_fp64_linear_of_its_bf16_operands(rows, features, fp32_out):
+    """Output counts across the column chunks, row counts across the 64-row tiles; the kernel where the
+    CPU has it and the torch reference everywhere, each within an fp32 rounding (or a bf16 one) of fp64."""
+    n, k = features
+    x, weight, bias = bf16_case(rows, n, k, rows * n)
+    packed = reference.pack_brgemm_weight(weight)
+    expected = torch.nn.functional.linear(x.double(), weight.double(), bias[:n].double())
+    expected = expected.float() if fp32_out else expected.bfloat16()
+    tol = dict(atol=1e-4, rtol=1e-4) if fp32_out else {}
+    implementations = [torch.ops.splitfuse.brgemm_linear] + ([torch.ops.splitfuse_cpu.brgemm_linear]
+                                                             if cpu.has_bf16_gemm() else [])
+    for brgemm_linear in implementations:
+        torch.testing.assert_close(brgemm_linear(x, packed, bias[:n], n, False, fp32_out), expected, **tol)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 40])
+@pytest.mark.parametrize("features", [(96, 64), (40, 24)])
+def test_gated_brgemm_linear_matches_silu_of_gate_times_up_in_fp64(rows, features):
+    n, k = features
+    x, gate, bias = bf16_case(rows, n, k, rows + n)
+    up = bf16_case(rows, n, k, rows + n + 1)[1]
+    packed = torch.cat([reference.pack_brgemm_weight(gate), reference.pack_brgemm_weight(up)], dim=1)
+    xd = x.double()
+    expected = (torch.nn.functional.silu(xd @ gate.double().T + bias[:n].double())
+                * (xd @ up.double().T + bias[n:].double())).float()
+    implementations = [torch.ops.splitfuse.brgemm_linear] + ([torch.ops.splitfuse_cpu.brgemm_linear]
+                                                             if cpu.has_bf16_gemm() else [])
+    for brgemm_linear in implementations:
+        torch.testing.assert_close(brgemm_linear(x, packed, bias, n, True, True), expected, atol=1e-4, rtol=1e-4)
+
+
+@needs_bf16_gemm
+@pytest.mark.parametrize("sizes", [(64, 32, 32), (20, 12)])
+def test_bf16_projections_side_by_side_match_each_member(sizes):
+    """bf16 members pack for the brgemm kernel, side by side whatever their sizes."""
+    torch.manual_seed(len(sizes))
+    members = [Linear(24, n, bias=True).bfloat16() for n in sizes]
+    for m in members:
+        m.pack_for_cpu()
+        assert m.packed.shape == (12, m.out_features, 2)
+    group = Projections(*members)
+    group.pack_for_cpu()
+    assert group.packed is not None
+    x = torch.randn(5, 24).bfloat16()
+    for got, m in zip(group(x), members):
+        want = torch.nn.functional.linear(x.double(), m.weight.double(), m.bias.double()).bfloat16()
+        torch.testing.assert_close(got, want)
+
+
 def test_a_compiler_that_fails_leaves_one_sentence_and_the_reference(tmp_path):
     """A build that fails (a compiler without a builtin we use, say) is one line on stderr naming the
     compiler's first error, and the torch reference serves."""

@@ -18,15 +18,17 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch._inductor.config
 import torch.fx._symbolic_trace
 from torch import nn
 
+from splitfuse.compiled import precompile
 from splitfuse.compiled.batch import Batch
+from splitfuse.compiled.precompile import CompileSpec
 
 
 @dataclass(slots=True)
@@ -61,8 +63,14 @@ COMPILE_START_S = 10.0  # a background compile waits at most this long for its s
 
 class ModelRunner:
     def __init__(self, model: nn.Module, *, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_model_len: int, buckets: list[int], compile: bool = True, cuda_graphs: bool = True):
+                 max_model_len: int, buckets: list[int], compile: bool = True, cuda_graphs: bool = True,
+                 spec: CompileSpec | None = None):
+        """`spec`: the configuration as the on-disk compile cache knows it (precompile.py); with it, a
+        background compile that finds no mark for it compiles in a process of its own first."""
+        if compile:
+            precompile.use_cache_dir()
         self.model = model
+        self.spec = spec
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.block_size = block_size
@@ -74,6 +82,9 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(model.num_layers)]
+        for cache in self.kv_caches:  # the block count follows memory: no graph depends on it
+            for t in cache:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         self._buffers = _StepBuffers(self.buckets[-1], max_num_seqs, self.max_blocks_per_seq, self.device)
         self._static = self._buffers.batch
         self._views = {t: self._bucket_view(t) for t in self.buckets}
@@ -181,18 +192,26 @@ class ModelRunner:
         """Compile every bucket, largest first, on all-padding batches of its own (they write no KV),
         then serve compiled. In the background, steps run eagerly meanwhile; `compiled` tells when.
         A background compile begins once `start` is set, or COMPILE_START_S after this call at the
-        latest: the compiler would otherwise slow the first answers several times over."""
+        latest: the compiler would otherwise slow the first answers several times over. A configuration
+        the on-disk cache has not seen compiles first in a process of the lowest priority, so that the
+        interpreter and the cores stay with the eager steps (precompile.py)."""
         if self._compiled is None:
             return
         if background:
             _confine_fx_patches_to_their_thread()
-            threading.Thread(target=self._compile_all, args=(progress, start), name="compile", daemon=True).start()
+            threading.Thread(target=self._compile_in_background, args=(progress, start), name="compile",
+                             daemon=True).start()
         else:
             self._compile_all(progress)
 
-    def _compile_all(self, progress: bool, start: threading.Event | None = None) -> None:
+    def _compile_in_background(self, progress: bool, start: threading.Event | None) -> None:
         if start is not None:
             start.wait(COMPILE_START_S)
+        if self.spec is not None and not precompile.is_warm(self.spec):
+            precompile.compile_elsewhere(self.spec, progress)
+        self._compile_all(progress)
+
+    def _compile_all(self, progress: bool) -> None:
         # Laid out as the static buffers (each field a view of one flat buffer), and made outside inference
         # mode like them: dynamo's guards tell the two kinds apart.
         buffers = _StepBuffers(self.buckets[-1], self.max_num_seqs, self.max_blocks_per_seq, self.device)
@@ -200,17 +219,24 @@ class ModelRunner:
             start = time.perf_counter()
             buffers.fill([], bucket, self.seqs_in_bucket(bucket), self.block_size)
             buffers.copy(0)
-            # Freezing makes the weights constants of the graph, which on CPU lets Inductor prepack them
-            # for the GEMM library (read where torch.compile's `options` do not reach, hence the patch).
-            # This thread's current CUDA device is not the serving thread's: Triton launches on the current one.
-            with torch.inference_mode(), torch._inductor.config.patch(freezing=self.device.type == "cpu"), \
-                    (torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()):
-                self._compiled(_bucket_slice(buffers.batch, bucket, self.seqs_in_bucket(bucket)), self.kv_caches)
+            try:
+                self._compile_bucket(buffers, bucket)
+            except Exception as e:  # a corrupt or unreadable cache: once more from nothing
+                precompile.discard(f"{type(e).__name__}: {e}".splitlines()[0])
+                torch._dynamo.reset()
+                self._compile_bucket(buffers, bucket)
             if progress:
                 print(f"compiled {i + 1}/{len(self.buckets)}: bucket {bucket} tokens "
                       f"in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+        if self.spec is not None:
+            precompile.mark_warm(self.spec)
         self._forward = self._compiled
         self.compiled.set()
+
+    def _compile_bucket(self, buffers: "_StepBuffers", bucket: int) -> None:
+        # This thread's current CUDA device is not the serving thread's: Triton launches on the current one.
+        with torch.inference_mode(), (torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()):
+            self._compiled(_bucket_slice(buffers.batch, bucket, self.seqs_in_bucket(bucket)), self.kv_caches)
 
 
 def _confine_fx_patches_to_their_thread() -> None:
@@ -235,11 +261,16 @@ def _confine_fx_patches_to_their_thread() -> None:
 
 
 def _bucket_slice(batch: Batch, tokens: int, seqs: int) -> Batch:
-    """The leading `tokens` rows and `seqs` sequences of a batch laid out for a larger bucket."""
-    return Batch(input_ids=batch.input_ids[:tokens], positions=batch.positions[:tokens],
+    """The leading `tokens` rows and `seqs` sequences of a batch laid out for a larger bucket. Their sizes
+    are dynamic to the compiler, so that one graph serves every bucket of more than one token (a lone
+    decode gets a graph of its own: size 1 is always specialized)."""
+    view = Batch(input_ids=batch.input_ids[:tokens], positions=batch.positions[:tokens],
                  slot_mapping=batch.slot_mapping[:tokens], query_start_loc=batch.query_start_loc[:seqs + 1],
                  seq_lens=batch.seq_lens[:seqs], block_tables=batch.block_tables[:seqs],
                  logits_indices=batch.logits_indices[:seqs])
+    for field in dataclasses.fields(view):
+        torch._dynamo.maybe_mark_dynamic(getattr(view, field.name), 0)
+    return view
 
 
 class _StepBuffers:

@@ -81,6 +81,12 @@ def library() -> Path | None:
     return _library
 
 
+def has_bf16_gemm() -> bool:
+    """Whether bf16 linears take the brgemm kernel: the CPU has bf16 dot products (AVX-512 BF16) or AMX tiles,
+    which ATen's batch-reduce GEMM uses, and the kernels are built."""
+    return (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()) and library() is not None
+
+
 def _first_error(e: Exception) -> str:
     """The compiler's first error line, or what failed in a few words."""
     if isinstance(e, subprocess.CalledProcessError):

@@ -10,7 +10,9 @@
 #include <type_traits>
 #include <vector>
 #include <omp.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -31,12 +33,11 @@ inline float widen(bf16 x) {
     return f;
 }
 inline void narrow(float x, float* out) { *out = x; }
-inline void narrow(float x, bf16* out) {
+inline void narrow(float x, bf16* out) {  // without branches, so that loops of it vectorize
     uint32_t u;
     std::memcpy(&u, &x, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { out->bits = uint16_t((u >> 16) | 0x40u); return; }  // NaN stays NaN
-    u += 0x7fffu + ((u >> 16) & 1u);
-    out->bits = uint16_t(u >> 16);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    out->bits = uint16_t((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);  // NaN stays NaN
 }
 
 // 8-wide vectors that the compiler maps onto the machine's (AVX2 or wider, or NEON pairs).
@@ -514,6 +515,58 @@ void packed_linear(const float* x, const W* w, const float* bias, float* out, in
     }
 }
 
+// out[M, N] = x[M, K] @ w[N, K]^T (+ bias) for bf16 x and w, through ATen's batch-reduce GEMM (oneDNN's
+// micro-kernels: AMX tiles or AVX-512 BF16 dot products, whichever the CPU has), fp32 accumulation. w is
+// packed as [K / 2][W][2]: pairs of k side by side (the VNNI layout both instruction sets read), W = N
+// outputs, or 2 N gated (gate's then up's: out = silu(x @ gate^T + bias[:N]) * (x @ up^T + bias[N:])).
+// Columns are shared out among the threads in chunks, each one micro-kernel call over up to BLOCK_M rows:
+// a call costs microseconds of bookkeeping, so chunks are as wide as still gives every thread work.
+constexpr int64_t BLOCK_M = 64, CHUNK_N = 256;
+
+// One row of a chunk's products: bias added, gated where up is given, stored (narrowed where Out is bf16).
+template <typename Out>
+inline void finish_row(const float* acc, const float* bias, const float* up, const float* up_bias, Out* out,
+                       int64_t cols) {
+    float row[CHUNK_N];
+    int64_t j = 0;
+    for (; j + 8 <= cols; j += 8) {
+        v8f v = load8(acc + j) + (bias ? load8(bias + j) : v8f{});
+        if (up) v = v / (1.f + exp8(-v)) * (load8(up + j) + (up_bias ? load8(up_bias + j) : v8f{}));
+        store8(row + j, v);
+    }
+    for (; j < cols; ++j) {
+        const float v = acc[j] + (bias ? bias[j] : 0.f);
+        row[j] = up ? v / (1.f + std::exp(-v)) * (up[j] + (up_bias ? up_bias[j] : 0.f)) : v;
+    }
+    for (j = 0; j < cols; ++j) narrow(row[j], out + j);
+}
+
+template <typename Out>
+void brgemm_linear(const at::BFloat16* x, const at::BFloat16* w, const float* bias, Out* out, int64_t M, int64_t N,
+                   int64_t K, bool gated) {
+    const int64_t width = gated ? 2 * N : N, threads = at::get_num_threads();
+    const int64_t chunk = std::clamp<int64_t>((N / (4 * threads)) / 32 * 32, 32, CHUNK_N);
+    const int64_t chunks = (N + chunk - 1) / chunk;
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> buffer(2 * BLOCK_M * chunk);
+        float *acc = buffer.data(), *up = gated ? acc + BLOCK_M * chunk : nullptr;
+        for (int64_t c = begin; c < end; ++c) {
+            const int64_t n0 = c * chunk, cols = std::min(chunk, N - n0);
+            for (int64_t m0 = 0; m0 < M; m0 += BLOCK_M) {
+                const int64_t rows = std::min(BLOCK_M, M - m0);
+                at::native::cpublas::brgemm(rows, cols, K, K, width, chunk, false, x + m0 * K, w + 2 * n0, acc, true);
+                if (gated)
+                    at::native::cpublas::brgemm(rows, cols, K, K, width, chunk, false, x + m0 * K, w + 2 * (N + n0),
+                                                up, true);
+                for (int64_t m = 0; m < rows; ++m)
+                    finish_row(acc + m * chunk, bias ? bias + n0 : nullptr, gated ? up + m * chunk : nullptr,
+                               gated && bias ? bias + N + n0 : nullptr, out + (m0 + m) * N + n0, cols);
+            }
+        }
+        at::native::cpublas::brgemm_release();
+    });
+}
+
 }  // namespace
 
 // The torch operators splitfuse_cpu::* (schemas in kernels/ops.py): a compiled step reaches them through
@@ -604,10 +657,35 @@ at::Tensor packed_linear_op(const at::Tensor& x, const at::Tensor& packed, const
     return out;
 }
 
+at::Tensor brgemm_linear_op(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                            int64_t out_features, bool gated, bool fp32_out) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu() && x.size(1) % 2 == 0,
+                "brgemm_linear: x must be a bf16 CPU tensor [M, K] with K even");
+    const int64_t K = x.size(1);
+    TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() && out_features > 0
+                && packed.sizes() == at::IntArrayRef({K / 2, (gated ? 2 : 1) * out_features, 2}),
+                "brgemm_linear: the packed weight must be contiguous bf16 [K / 2, ", (gated ? 2 : 1) * out_features,
+                ", 2] for ", out_features, gated ? " outputs of gate and up each" : " outputs", " and K = ", K);
+    TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == (gated ? 2 : 1) * out_features),
+                "brgemm_linear: the bias must hold one value per output", gated ? " of each half" : "");
+    const at::Tensor xc = x.contiguous();
+    const at::Tensor b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    at::Tensor out = at::empty({x.size(0), out_features}, xc.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
+    const float* bp = b.defined() ? data<float>(b) : nullptr;
+    if (fp32_out)
+        brgemm_linear(data<at::BFloat16>(xc), data<at::BFloat16>(packed), bp, data<float>(out), x.size(0),
+                      out_features, K, gated);
+    else
+        brgemm_linear(data<at::BFloat16>(xc), data<at::BFloat16>(packed), bp, data<bf16>(out), x.size(0),
+                      out_features, K, gated);
+    return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(splitfuse_cpu, CPU, m) {
     m.impl("store_kv", &store_kv_op);
     m.impl("paged_attention", &paged_attention_op);
     m.impl("packed_linear", &packed_linear_op);
+    m.impl("brgemm_linear", &brgemm_linear_op);
 }

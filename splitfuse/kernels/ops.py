@@ -37,11 +37,19 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
     return reference.packed_linear(x, packed, bias, out_features)
 
 
+def _brgemm_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                   gated: bool = False, fp32_out: bool = False) -> torch.Tensor:
+    """bf16 x [M, K] times a weight packed by reference.pack_brgemm_weight (CPU only), fp32 accumulation."""
+    return reference.brgemm_linear(x, packed, bias, out_features, gated, fp32_out)
+
+
 SCHEMAS = {
     "store_kv": "(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
     "paged_attention": "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
                        "Tensor query_start_loc, float scale, int sliding_window) -> Tensor",
     "packed_linear": "(Tensor x, Tensor packed, Tensor? bias, int out_features, bool gated=False) -> Tensor",
+    "brgemm_linear": "(Tensor x, Tensor packed, Tensor? bias, int out_features, bool gated=False, "
+                     "bool fp32_out=False) -> Tensor",
 }
 # Declared with torch.library's schema API rather than the custom_op decorator: its wrappers cost more
 # per call than a small step's kernel (about 50 us against 15 us for the store, measured here).
@@ -49,7 +57,8 @@ _libs = {ns: torch.library.Library(ns, "DEF") for ns in ("splitfuse", "splitfuse
 for _name, _schema in SCHEMAS.items():
     for _lib in _libs.values():
         _lib.define(_name + _schema)
-for _name, _fn in (("store_kv", _store_kv), ("paged_attention", _paged_attention), ("packed_linear", _packed_linear)):
+for _name, _fn in (("store_kv", _store_kv), ("paged_attention", _paged_attention), ("packed_linear", _packed_linear),
+                   ("brgemm_linear", _brgemm_linear)):
     _libs["splitfuse"].impl(_name, _fn, "CPU")
     _libs["splitfuse"].impl(_name, _fn, "CUDA")
 
@@ -66,9 +75,13 @@ def _fake_packed_linear(x, packed, bias, out_features, gated=False):
     return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
 
 
+def _fake_brgemm_linear(x, packed, bias, out_features, gated=False, fp32_out=False):
+    return x.new_empty(x.shape[0], out_features, dtype=torch.float32 if fp32_out else x.dtype)
+
+
 for _ns in _libs:
     for _name, _fake in (("store_kv", _fake_store_kv), ("paged_attention", _fake_paged_attention),
-                         ("packed_linear", _fake_packed_linear)):
+                         ("packed_linear", _fake_packed_linear), ("brgemm_linear", _fake_brgemm_linear)):
         torch.library.register_fake(f"{_ns}::{_name}", _fake)
 
 
@@ -89,3 +102,9 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
                   gated: bool = False) -> torch.Tensor:
     ops = torch.ops.splitfuse_cpu if cpu.library() is not None else torch.ops.splitfuse
     return ops.packed_linear(x, packed, bias, out_features, gated)
+
+
+def brgemm_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                  gated: bool = False, fp32_out: bool = False) -> torch.Tensor:
+    ops = torch.ops.splitfuse_cpu if cpu.library() is not None else torch.ops.splitfuse
+    return ops.brgemm_linear(x, packed, bias, out_features, gated, fp32_out)

@@ -127,3 +127,26 @@ def packed_gated_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tenso
     n = out_features
     gate = packed_linear(x, packed[0::2], None if bias is None else bias[:n], n)
     return F.silu(gate) * packed_linear(x, packed[1::2], None if bias is None else bias[n:], n)
+
+
+# bf16 weights for ATen's batch-reduce GEMM (cpu_kernels.cpp, brgemm_linear): [K / 2, N, 2], consecutive pairs
+# of input features side by side (the VNNI layout that AMX tiles and AVX-512 BF16 dot products read). K must
+# be even. Packs concatenate along dim 1 into the pack of the concatenated weights: side by side (q, k, v), or
+# gate then up for the gated kernel.
+VNNI = 2
+
+
+def pack_brgemm_weight(weight: torch.Tensor) -> torch.Tensor:
+    n, k = weight.shape
+    return weight.to(torch.bfloat16).view(n, k // VNNI, VNNI).transpose(0, 1).contiguous()
+
+
+def brgemm_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                  gated: bool, fp32_out: bool) -> torch.Tensor:
+    """x [M, K] bf16 times the packed weight (gated: gate's then up's), plus bias, accumulated in fp32: fp32
+    [M, out_features] with fp32_out, else bf16."""
+    weight = packed.transpose(0, 1).reshape(packed.shape[1], -1).float()
+    out = F.linear(x.float(), weight, None if bias is None else bias.float())
+    if gated:
+        out = F.silu(out[:, :out_features]) * out[:, out_features:]
+    return out if fp32_out else out.to(torch.bfloat16)

@@ -10,6 +10,7 @@ import torch
 
 from splitfuse.compiled.loader import load_config, load_model, resolve_dtype, resolve_model_dir
 from splitfuse.compiled.parallel import SINGLE, Shard, StepBroadcast
+from splitfuse.compiled.precompile import CompileSpec
 from splitfuse.compiled.runner import ModelRunner, SequenceChunk, default_buckets, kv_cache_bytes_per_block
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.worker.block_manager import BlockManager
@@ -43,9 +44,12 @@ class Engine:
         model = load_model(self.model_dir, dtype, device, shard)
         self.max_model_len = min(config.max_model_len or model.max_model_len, model.max_model_len)
         self.eos_token_ids = _eos_token_ids(hf_config)
+        buckets = config.buckets or default_buckets(config.token_budget, device.type == "cuda")
+        # A tensor-parallel rank's graphs hold collectives of its group: they compile in place, never elsewhere.
+        spec = CompileSpec(str(self.model_dir), str(dtype).removeprefix("torch."), device.type, config.block_size,
+                           config.max_num_seqs, self.max_model_len, tuple(buckets)) if shard.size == 1 else None
         runner = functools.partial(ModelRunner, model, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
-                                   max_model_len=self.max_model_len,
-                                   buckets=config.buckets or default_buckets(config.token_budget, device.type == "cuda"))
+                                   max_model_len=self.max_model_len, buckets=buckets)
 
         def profile() -> None:  # on a one-block cache: an all-padding step reads and writes no KV
             runner(num_blocks=1, compile=False, cuda_graphs=False).profile()
@@ -53,7 +57,7 @@ class Engine:
         num_blocks = shard.agree_min(num_blocks, device)  # the ranks' shards, and so their blocks, differ in size
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, config.token_budget, config.max_num_seqs, self.blocks)
-        self.runner = runner(num_blocks=num_blocks, compile=not config.eager, cuda_graphs=not config.eager)
+        self.runner = runner(num_blocks=num_blocks, compile=not config.eager, cuda_graphs=not config.eager, spec=spec)
         self._idle = threading.Event()  # set when the engine first goes idle: a background compile starts then
         # Not in the background beside tensor-parallel steps: the two threads' collectives would interleave
         # differently on each rank.

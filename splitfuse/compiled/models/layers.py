@@ -6,8 +6,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from splitfuse.compiled.batch import Batch
-from splitfuse.kernels import ops
-from splitfuse.kernels.reference import PANEL, interleave_panels, pack_linear_weight
+from splitfuse.kernels import cpu, ops
+from splitfuse.kernels.reference import PANEL, VNNI, interleave_panels, pack_brgemm_weight, pack_linear_weight
 
 
 class RMSNorm(nn.Module):
@@ -24,19 +24,25 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that on CPU, for fp32 activations, keeps its weight packed for the C++ kernel
-    (kernels/reference.py, pack_linear_weight) and uses it for every step: it outran the GEMM library, even
-    prepacked, at every row count measured here (1 to 256; 1.25x at 256, 3x at 16), since the model's weights
-    come from memory each step and the library streams them poorly at these sizes."""
+    """nn.Linear that on CPU keeps its weight packed for one of the C++ kernels and uses it for every step.
+    fp32 activations: the packed kernel (kernels/reference.py, pack_linear_weight), which outran the GEMM
+    library, even prepacked, at every row count measured (1 to 256; 1.25x at 256, 3x at 16), since the
+    weights come from memory each step and the library streams them poorly at these sizes. bf16 where the
+    CPU has bf16 dot products or AMX tiles: the brgemm kernel (pack_brgemm_weight), which oneDNN's
+    micro-kernels run; a packed weight is an ordinary tensor, so a compiled graph takes it as an input and
+    nothing is frozen into the graph (Inductor's cache can then key on the graph alone)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
         self.register_buffer("packed", None, persistent=False)
 
     def pack_for_cpu(self) -> None:
-        """Only for fp32 activations: the kernel computes in fp32, and bf16 steps have their own fast GEMMs."""
-        if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
+        if self.weight.device.type != "cpu":
+            return
+        if self.weight.dtype == torch.float32:
             self.packed = pack_linear_weight(self.weight)
+        elif self.weight.dtype == torch.bfloat16 and self.in_features % VNNI == 0 and cpu.has_bf16_gemm():
+            self.packed = pack_brgemm_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(x, self.bias)
@@ -44,22 +50,35 @@ class Linear(nn.Linear):
     def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ weight.T + bias; a row-parallel shard adds its bias only after summing the ranks' products."""
         if self.packed is not None:
-            return ops.packed_linear(x, self.packed, bias, self.out_features)
+            return packed_product(x, self.packed, bias, self.out_features)
         return F.linear(x, self.weight, bias)
 
 
+def packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                   gated: bool = False, fp32_out: bool = False) -> torch.Tensor:
+    """The kernel a packed weight is for, told apart by its last dimension: brgemm packs [K / 2, N, 2] take
+    bf16 x and give bf16 (or fp32_out) results; panels [N / 16, K, 16] take and give fp32."""
+    if packed.shape[-1] == VNNI:
+        return ops.brgemm_linear(x, packed, bias, out_features, gated, fp32_out)
+    return ops.packed_linear(x.float(), packed, bias, out_features, gated)
+
+
 def _take_packs(members: tuple[Linear, ...], side_by_side: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """The members' packed weights for one call of the CPU kernel, and their biases, each concatenated; the
-    members give up their own. None where they cannot go together: not all packed, in two dtypes, biases on
-    some only, or (side by side) an output count short of whole panels before the last member (its padding
-    would sit between two outputs). Else gate and up interleave panel by panel (one shape)."""
+    """The members' packed weights for one call of a CPU kernel, and their biases, each concatenated; the
+    members give up their own. None where they cannot go together: not all packed, in two layouts, biases
+    on some only, or (panels, side by side) an output count short of whole panels before the last member
+    (its padding would sit between two outputs). brgemm packs concatenate as they are (gate then up);
+    panels of gate and up interleave panel by panel (one shape)."""
     packs, biases = [m.packed for m in members], [m.bias for m in members]
-    if (any(p is None for p in packs) or len({p.dtype for p in packs}) > 1 or len({b is None for b in biases}) > 1
-            or (side_by_side and any(m.out_features % PANEL for m in members[:-1]))):
+    if (any(p is None for p in packs) or len({(p.dtype, p.shape[-1]) for p in packs}) > 1
+            or len({b is None for b in biases}) > 1):
+        return None
+    brgemm = packs[0].shape[-1] == VNNI
+    if not brgemm and side_by_side and any(m.out_features % PANEL for m in members[:-1]):
         return None
     for m in members:
         m.packed = None
-    packed = torch.cat(packs) if side_by_side else interleave_panels(*packs)
+    packed = torch.cat(packs, dim=1) if brgemm else torch.cat(packs) if side_by_side else interleave_panels(*packs)
     return packed, None if biases[0] is None else torch.cat(biases)
 
 
@@ -82,7 +101,7 @@ class Projections(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.packed is None:
             return [m(x) for m in self.members]
-        return list(ops.packed_linear(x, self.packed, self.bias, sum(self.sizes)).split(self.sizes, dim=1))
+        return list(packed_product(x, self.packed, self.bias, sum(self.sizes)).split(self.sizes, dim=1))
 
 
 class GatedProjection(Projections):
@@ -99,25 +118,26 @@ class GatedProjection(Projections):
         if self.packed is None:
             gate, up = self.members
             return F.silu(gate(x)) * up(x)
-        return ops.packed_linear(x, self.packed, self.bias, self.sizes[0], gated=True)
+        return packed_product(x, self.packed, self.bias, self.sizes[0], gated=True)
 
 
 class LMHead(Linear):
     """The projection to the vocabulary, accumulated and returned in fp32 whatever the model dtype:
-    bf16-rounded logits (spacing 0.125 near 25) flip greedy near-ties. On CPU the packed kernel does that
-    for every model dtype (a bf16 weight packs exactly) and any number of rows; it runs outside the
-    compiled graph, on the sampled rows only."""
+    bf16-rounded logits (spacing 0.125 near 25) flip greedy near-ties. On CPU a packed kernel does that
+    for any number of rows: the brgemm kernel for bf16 where the CPU has it, else the packed kernel (a bf16
+    weight packs exactly). It runs outside the compiled graph, on the sampled rows only."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def pack_for_cpu(self) -> None:
-        if self.weight.device.type == "cpu":
+        super().pack_for_cpu()
+        if self.packed is None and self.weight.device.type == "cpu":
             self.packed = pack_linear_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return ops.packed_linear(x.float(), self.packed, None, self.out_features)
+            return packed_product(x, self.packed, None, self.out_features, fp32_out=True)
         if self.weight.dtype == torch.float32:
             return F.linear(x, self.weight)
         return torch.mm(x, self.weight.t(), out_dtype=torch.float32)
