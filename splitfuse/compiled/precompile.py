@@ -95,15 +95,20 @@ def discard(reason: str) -> None:
 
 
 def compile_elsewhere(spec: CompileSpec, progress: bool) -> bool:
-    """Fill the caches for `spec` from a process of the lowest CPU priority; whether it succeeded."""
+    """Fill the caches for `spec` from a process of the lowest CPU priority; whether it succeeded. Its
+    progress lines are passed on marked as its own (the engine's "compiled n/n" is the switch to compiled)."""
     start = time.perf_counter()
-    child = subprocess.run([sys.executable, "-P", "-m", "splitfuse.compiled.precompile", "--spec",
-                            json.dumps(asdict(spec))], stdout=subprocess.DEVNULL,
-                           stderr=None if progress else subprocess.DEVNULL)
+    child = subprocess.Popen([sys.executable, "-P", "-m", "splitfuse.compiled.precompile", "--spec",
+                              json.dumps(asdict(spec))], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             errors="replace")
+    for line in child.stderr:
+        if progress:
+            print(f"compile process: {line.rstrip()}", file=sys.stderr, flush=True)
+    ok = child.wait() == 0
     if progress:
-        print(f"compile process {'done' if child.returncode == 0 else f'failed ({child.returncode})'} in "
-              f"{time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
-    return child.returncode == 0
+        print(f"compile process: {'done' if ok else f'failed ({child.returncode})'} in "
+              f"{time.perf_counter() - start:.1f}s; loading its code here", file=sys.stderr, flush=True)
+    return ok
 
 
 def compile_here(spec: CompileSpec, progress: bool = True) -> None:

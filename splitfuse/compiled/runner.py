@@ -8,9 +8,12 @@ into its device twin (of which the static batches are views); on CPU the static 
 array itself, so nothing is copied. Padded tokens have slot -1 and padded sequences query length 0, so they cost nothing
 but their share of the matmuls.
 
-Compiling takes tens of seconds per bucket, so it can run in a background thread while steps run
-eagerly; the runner switches to the compiled forward once every bucket is compiled (never to a
-half-compiled set, so the serving thread never enters torch.compile while it is compiling)."""
+The compiled forward is two graphs: one for the lone decode, and one whose sizes are dynamic for every
+other bucket; on CUDA each bucket is still captured as a graph of its own fixed shape. Compiled code is
+kept on disk (precompile.py): a configuration compiles once per machine, in a process of its own while
+steps run eagerly; a background thread then loads it, and the runner switches to the compiled forward
+once every bucket is ready (never to a half-compiled set, so the serving thread never enters
+torch.compile while it is compiling)."""
 import math
 import functools
 import sys
@@ -191,10 +194,10 @@ class ModelRunner:
     def compile(self, background: bool, progress: bool = True, start: threading.Event | None = None) -> None:
         """Compile every bucket, largest first, on all-padding batches of its own (they write no KV),
         then serve compiled. In the background, steps run eagerly meanwhile; `compiled` tells when.
-        A background compile begins once `start` is set, or COMPILE_START_S after this call at the
-        latest: the compiler would otherwise slow the first answers several times over. A configuration
-        the on-disk cache has not seen compiles first in a process of the lowest priority, so that the
-        interpreter and the cores stay with the eager steps (precompile.py)."""
+        A configuration the on-disk cache has not seen compiles first in a process of the lowest priority,
+        so that the interpreter and the cores stay with the eager steps (precompile.py). This process then
+        loads the compiled code, once `start` is set, or COMPILE_START_S later at the latest: loading holds
+        the interpreter for seconds, which would slow the first answers."""
         if self._compiled is None:
             return
         if background:
@@ -205,10 +208,10 @@ class ModelRunner:
             self._compile_all(progress)
 
     def _compile_in_background(self, progress: bool, start: threading.Event | None) -> None:
+        if self.spec is not None and not precompile.is_warm(self.spec):
+            precompile.compile_elsewhere(self.spec, progress)  # at once: it leaves the cores to the steps
         if start is not None:
             start.wait(COMPILE_START_S)
-        if self.spec is not None and not precompile.is_warm(self.spec):
-            precompile.compile_elsewhere(self.spec, progress)
         self._compile_all(progress)
 
     def _compile_all(self, progress: bool) -> None:

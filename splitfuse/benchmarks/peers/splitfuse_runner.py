@@ -6,6 +6,7 @@ so that is where the line is watched for (and passed on)."""
 import os
 import re
 import threading
+import time
 from contextlib import contextmanager
 from importlib.metadata import version
 
@@ -13,14 +14,16 @@ import splitfuse
 
 from splitfuse.benchmarks.peers import harness
 
-COMPILED = re.compile(r"compiled (\d+)/\1\b")  # the worker's line for the last bucket
+# The worker's line for its last bucket (a compile process's own lines start "compile process:").
+COMPILED = re.compile(r"^compiled (\d+)/\1\b")
 SETTLE_TIMEOUT_S = 1200
 
 
 @contextmanager
 def watch_stderr(pattern: re.Pattern):
     """Yields an event set once a line matching `pattern` passes through fd 2 (which child processes
-    inherit); fd 2 is restored on the way out, so that a traceback is not left in the pipe."""
+    inherit), its `at` the perf_counter() of that moment; fd 2 is restored on the way out, so that a
+    traceback is not left in the pipe."""
     read, write = os.pipe()
     original = os.dup(2)
     os.dup2(write, 2)
@@ -31,7 +34,8 @@ def watch_stderr(pattern: re.Pattern):
         with os.fdopen(read, errors="replace") as lines:
             for line in lines:
                 os.write(original, line.encode())
-                if pattern.search(line):
+                if not seen.is_set() and pattern.search(line):
+                    seen.at = time.perf_counter()
                     seen.set()
 
     thread = threading.Thread(target=pump, daemon=True)
