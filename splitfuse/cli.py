@@ -19,6 +19,7 @@ from dataclasses import MISSING, fields
 from splitfuse.config import EngineConfig, SamplingParams, read_token_file
 from splitfuse.frontend import server
 from splitfuse.frontend.client import AsyncClient, Client
+from splitfuse.frontend.core import MAX_QUEUED_REQUESTS
 from splitfuse.frontend.serve import serve
 
 HELP = {
@@ -105,6 +106,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API on this port of --host "
                                                  "(0: a free one, printed)")
     p.add_argument("--api-key", help="HTTP clients must send `Authorization: Bearer KEY` on /v1/*")
+    limits = p.add_argument_group("HTTP limits")
+    defaults = {f.name: f.default for f in fields(server.HttpOptions)}
+    for name, text in (("max_body_bytes", "a larger request body is refused (413) before it is read"),
+                       ("read_timeout", "seconds a connection may take to send a request head (then it is closed), "
+                                        "and a body may stall between two of its parts (408)"),
+                       ("max_connections", "HTTP connections at once; more are answered 503 at once"),
+                       ("keep_alive", "seconds an idle HTTP connection is kept between requests"),
+                       ("max_choices", "answers one request may ask for (prompts times n)"),
+                       ("max_messages", "messages of one chat")):
+        limits.add_argument("--http-" + name.replace("_", "-"), dest=name, type=type(defaults[name]),
+                            default=defaults[name],
+                            help=f"{text} (default: %(default)s)")
     p.add_argument("--served-model-name", help="the model name HTTP clients give (default: the model directory's)")
     p.add_argument("--curve-secret", metavar="FILE", help="encrypt the ZeroMQ socket with CURVE: this server's "
                                                           "certificate with its secret key (made by "
@@ -112,8 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-clients", metavar="DIR", help="with --curve-secret: the public certificates of the "
                                                           "clients that may connect")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is ended")
-    p.add_argument("--max-queued-requests", type=int, help="refuse new requests (HTTP 429, an error reply on "
-                                                           "ZeroMQ) while this many wait for their first token")
+    p.add_argument("--max-queued-requests", type=int, default=MAX_QUEUED_REQUESTS,
+                   help="refuse new requests (HTTP 429, an error reply on ZeroMQ) while this many wait for their "
+                        "first token (default: %(default)s)")
     p.add_argument("--max-queued-tokens", type=int, help="refuse a new request while its prompt and those waiting "
                                                          "for their first token have more tokens than this")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -239,8 +253,9 @@ def _serve(args: argparse.Namespace) -> None:
     if args.node_rank:
         return _serve_node(args)
     address = (args.address or f"tcp://{args.host}:{args.port or '*'}") if args.zmq else None
-    http = None if args.http_port is None else server.HttpOptions(args.host, args.http_port, args.api_key,
-                                                                  args.served_model_name)
+    http = None if args.http_port is None else server.HttpOptions(
+        args.host, args.http_port, args.api_key, args.served_model_name, args.max_body_bytes, args.read_timeout,
+        args.max_connections, args.keep_alive, args.max_choices, args.max_messages)
     if (args.curve_secret is None) != (args.curve_clients is None):
         raise ValueError("CURVE needs both --curve-secret and --curve-clients")
     curve = server.CurveOptions(args.curve_secret, args.curve_clients) if args.curve_secret else None

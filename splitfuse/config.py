@@ -112,6 +112,8 @@ class SamplingParams:
                and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
                f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings, each of 1 to "
                f"{MAX_STOP_CHARS} characters")
+        _check(all(is_utf8(s) for s in self.stop), "stop strings must be valid Unicode text (a lone surrogate "
+                                                   "such as \\ud800 cannot be encoded)")
         _check(isinstance(self.stop_token_ids, list) and len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS
                and all(_is_int(t, 0, MAX_INT32) for t in self.stop_token_ids),
                f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} non-negative token ids")
@@ -202,6 +204,15 @@ def _from_kwargs(cls, what: str, kwargs: dict):
     if unknown:
         raise ValueError(f"unknown {what}(s) {', '.join(unknown)}; valid: {', '.join(f.name for f in fields(cls))}")
     return cls(**kwargs)
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text` encodes as UTF-8, as every string crossing a process boundary must."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check(ok: bool, message: str) -> None:

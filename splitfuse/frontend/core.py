@@ -35,6 +35,9 @@ from splitfuse.frontend.tokenizer import Tokenizer
 
 TICK = 0.1               # seconds between checks for dead workers and expired requests
 TOKENIZER_THREADS = 2    # a long prompt being tokenized leaves a thread for the short ones
+# A server's default queue (pipeline() has none: its caller is its only client). Larger than the most
+# answers one HTTP request may ask for (HttpOptions.max_choices), so no request is refused forever.
+MAX_QUEUED_REQUESTS = 1024
 
 Sink = Callable[[Delta | Exception], None]
 
@@ -99,6 +102,7 @@ class Core:
         """Start the replicas and wait until every one is ready (without any: until a worker joins)."""
         self.router.start()
         self.tokenizer = Tokenizer(self.router.model_dir, self.router.info.max_model_len)
+        self.router.vocab_size = self.tokenizer.vocab_size
 
     @property
     def max_model_len(self) -> int:
@@ -219,7 +223,12 @@ class Core:
             return req.sink(ValueError(str(e) or type(e).__name__))
         req.builder = ResponseBuilder(self.tokenizer, prompt_ids, req.params, prompt_text)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
-        self.router.submit(key, prompt_ids, req.params)
+        try:
+            self.router.submit(key, prompt_ids, req.params)
+        except Exception as e:  # it could not be sent (encoded, routed): that request's error, never a hang
+            self.router.abort(key)
+            del self.requests[key]
+            req.sink(ValueError(f"the request could not be sent to a worker: {e}"))
 
     def _on_outputs(self, outputs: list[protocol.Output | protocol.Error]) -> None:
         for out in outputs:
@@ -229,8 +238,14 @@ class Core:
             if isinstance(out, protocol.Error):  # the worker refused it
                 del self.requests[out.id]
                 req.sink(ValueError(out.error))
-            else:
+                continue
+            try:
                 self._deliver(req, out)
+            except Exception as e:  # whatever one output breaks ends that request, never the loop serving all
+                traceback.print_exc(file=sys.stderr)
+                if self.requests.pop(out.id, None) is not None:
+                    self.router.abort(out.id)
+                    req.sink(Delta("", [], "error", f"the server could not handle this request's output: {e}"))
 
     def _deliver(self, req: Tracked, out: protocol.Output) -> None:
         self._observe(req, out)

@@ -18,10 +18,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, suppress
 from dataclasses import dataclass
-from typing import Annotated
+from functools import partial
+from typing import Annotated, Literal
 
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -43,8 +45,17 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Fields of the OpenAI and vLLM APIs that this server does not implement yet: refused by name, so that a
+# client asking for JSON or a tool call is told, not handed free text.
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
+               "logit_bias", "prompt_logprobs", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+               "guided_grammar", "suffix", "best_of")
+ROLES = ("system", "developer", "user", "assistant")
+
+
 class Sampling(BaseModel):
-    """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI-compatible servers do."""
+    """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI-compatible servers do, but for
+    the ones named in UNSUPPORTED."""
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -68,7 +79,12 @@ class Sampling(BaseModel):
     @classmethod
     def _null_is_default(cls, data):
         """Clients may send null for a field they leave at its default."""
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if v is not None}
+        if asked := [name for name in UNSUPPORTED if name in data]:
+            raise ValueError(f"{', '.join(asked)}: not supported by this server yet")
+        return data
 
     def params(self, max_model_len: int, logprobs: int | None, echo: bool, choice: int) -> SamplingParams:
         """The SamplingParams of choice `choice` (choices of one seeded request get seeds seed, seed+1, ...)."""
@@ -91,7 +107,7 @@ class CompletionRequest(Sampling):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: str
+    role: Literal[ROLES]
     content: str | list[dict] | None = None
 
 
@@ -198,18 +214,67 @@ class HttpOptions:
     port: int = 8000                 # 0: a free one
     api_key: str | None = None       # required as `Authorization: Bearer <key>` on /v1/*
     model_name: str | None = None    # the name clients give as `model`; None: the model directory's name
+    # Limits against clients that would hold the server's memory, descriptors or queue:
+    max_body_bytes: int = 8 << 20    # a larger body is refused (413) before it is read
+    read_timeout: float = 15.0       # seconds for a request head, and a body's stall between two parts (408)
+    max_connections: int = 512       # connections at once; more get 503 at once (uvicorn's limit_concurrency)
+    keep_alive: float = 5.0          # seconds an idle connection is kept between requests
+    max_choices: int = 128           # answers one request asks for (prompts times n)
+    max_messages: int = 1024         # messages of one chat
 
 
-def create_app(core: Core, model_name: str, api_key: str | None = None) -> FastAPI:
+class Gate:
+    """ASGI middleware in front of everything that reads a request: the API key is checked on /v1/* before
+    any body is read; a body declared larger than the limit is refused unread (413), one that grows past it
+    or stalls for read_timeout seconds between its parts is cut off (413, 408: raised as HTTPException, which
+    FastAPI passes on from its body parsing as it is)."""
+
+    def __init__(self, app, options: HttpOptions):
+        self.app, self.options = app, options
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        key = self.options.api_key
+        if key is not None and scope["path"].startswith("/v1/") and not hmac.compare_digest(
+                headers.get(b"authorization", b""), f"Bearer {key}".encode()):
+            return await _send_error(send, 401, "a valid API key is required: send the header "
+                                                "`Authorization: Bearer <key>`")
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.options.max_body_bytes:
+            return await _send_error(send, 413, f"the request body is larger than this server takes "
+                                                f"({self.options.max_body_bytes} bytes)")
+        received, complete = 0, False
+
+        async def limited() -> dict:
+            nonlocal received, complete
+            if complete:  # the body is in: what comes now (a disconnect) may take as long as a stream does
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.options.read_timeout)
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"the request body stalled for {self.options.read_timeout:g} s") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+                if received > self.options.max_body_bytes:
+                    raise HTTPException(413, f"the request body is larger than this server takes "
+                                             f"({self.options.max_body_bytes} bytes)")
+            return message
+        await self.app(scope, limited, send)
+
+
+async def _send_error(send, status: int, message: str) -> None:
+    response = _error_response(status, message)
+    await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+def create_app(core: Core, model_name: str, options: HttpOptions) -> FastAPI:
     bridge = CoreBridge(core)
     app = FastAPI(title="splitfuse", docs_url=None, redoc_url=None)
-
-    def authorized(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise ApiError(401, "a valid API key is required: send the header `Authorization: Bearer <key>`")
+    app.add_middleware(Gate, options=options)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -234,27 +299,31 @@ def create_app(core: Core, model_name: str, api_key: str | None = None) -> FastA
     async def metrics():
         return Response(core.metrics.text(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
                                             "owned_by": "splitfuse", "max_model_len": core.max_model_len}]}
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model, model_name)
         prompts = body.prompt if _is_batch(body.prompt) else [body.prompt]
         fields = [{"prompt": p} if isinstance(p, str) else {"prompt_ids": p} for p in prompts]
         answer = Completion(core, model_name, body.logprobs)
-        return await _respond(bridge, request, answer, body, _requests(body, core, fields, body.logprobs, body.echo))
+        return await _respond(bridge, request, answer, body,
+                              _requests(body, core, options, fields, body.logprobs, body.echo))
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         _check_model(body.model, model_name)
+        if len(body.messages) > options.max_messages:
+            raise ApiError(400, f"{len(body.messages)} messages in one chat; this server takes at most "
+                                f"{options.max_messages}", "messages")
         body.max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         fields = [{"messages": [_message(m) for m in body.messages]}]
         answer = ChatCompletion(core, model_name, logprobs)
-        return await _respond(bridge, request, answer, body, _requests(body, core, fields, logprobs, False))
+        return await _respond(bridge, request, answer, body, _requests(body, core, options, fields, logprobs, False))
 
     return app
 
@@ -276,9 +345,16 @@ def _message(m: ChatMessage) -> dict:
     return {"role": m.role, "content": "".join(part["text"] for part in m.content)}
 
 
-def _requests(body: Sampling, core: Core, fields: list[dict], logprobs: int | None,
+def _requests(body: Sampling, core: Core, options: HttpOptions, fields: list[dict], logprobs: int | None,
               echo: bool) -> list[tuple[SamplingParams, dict]]:
     """Each prompt n times: choice index = prompt index * n + choice."""
+    answers, queue = len(fields) * body.n, core.max_queued_requests
+    if answers > options.max_choices:
+        raise ApiError(400, f"this request asks for {answers} answers (prompts times n); this server gives at "
+                            f"most {options.max_choices} to one request", "n")
+    if queue is not None and answers > queue:
+        raise ApiError(400, f"this request asks for {answers} answers (prompts times n); the server queues at "
+                            f"most {queue} requests, so it could never be taken", "n")
     try:
         return [(body.params(core.max_model_len, logprobs, echo, choice), f) for f in fields
                 for choice in range(body.n)]
@@ -460,6 +536,48 @@ class ChatCompletion(Answer):
 
 # --- the server thread ---------------------------------------------------------------------------------
 
+class GuardedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with two guards it lacks: a connection past `max_connections` is closed as
+    it opens (before it can hold a descriptor for long), and one that has not sent a whole request head
+    `read_timeout` seconds after it opened, or after its last response, is closed. uvicorn alone waits for a
+    head forever, and a few bytes now and then (or none) held a connection and its descriptor."""
+
+    def __init__(self, *args, max_connections: int, read_timeout: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_connections, self.read_timeout = max_connections, read_timeout
+        self.head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            transport.abort()
+        else:
+            self._await_head()
+
+    def connection_lost(self, exc) -> None:
+        self._head_arrived()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._head_arrived()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._await_head()
+
+    def _await_head(self) -> None:
+        self._head_arrived()
+        self.head_deadline = self.loop.call_later(self.read_timeout, self.timeout_keep_alive_handler)
+
+    def _head_arrived(self) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+
+
 class HttpServer:
     """uvicorn on a thread of its own, on a socket bound at construction (so port 0 is known at once)."""
 
@@ -469,9 +587,12 @@ class HttpServer:
         self.socket.bind((options.host, options.port))
         host, port = self.socket.getsockname()[:2]
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-        app = create_app(core, model_name, options.api_key)
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                     timeout_graceful_shutdown=5))
+        app = create_app(core, model_name, options)
+        protocol = partial(GuardedH11, max_connections=options.max_connections, read_timeout=options.read_timeout)
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, http=protocol,
+                                                     timeout_graceful_shutdown=5,
+                                                     limit_concurrency=options.max_connections,
+                                                     timeout_keep_alive=options.keep_alive))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.socket]},
                                         name="http", daemon=True)
 

@@ -165,6 +165,7 @@ class Router:
         self.jobs: dict[str, Job] = {}
         self.waiting: deque[Job] = deque()     # submitted while no replica was ready
         self.info: protocol.Ready | None = None  # the first ready message: model_dir, max_model_len
+        self.vocab_size: int | None = None  # set by the core once its tokenizer is loaded: outputs are checked
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self._threads = max(1, cores // max(1, replicas))  # replicas on the CPU split its cores
         self.sockets = [self.socket] + ([self.remote_socket] if remote is not None else [])
@@ -283,10 +284,15 @@ class Router:
             return []  # else from a local worker instance that has been replaced
         replica.last_seen = time.monotonic()
         if isinstance(msg, protocol.Heartbeat):
+            if not _valid_stats(msg.stats):
+                return self._reject(replica, "heartbeat stats must map names to non-negative integers")
             replica.engine_stats = msg.stats
             return []
+        outputs = msg.outputs if isinstance(msg, protocol.Step) else [msg]
+        if problem := next(filter(None, map(self._invalid, outputs)), None):
+            return self._reject(replica, problem)
         events = []
-        for out in msg.outputs if isinstance(msg, protocol.Step) else [msg]:
+        for out in outputs:
             job = replica.jobs.get(out.id)
             if job is None:  # aborted meanwhile
                 continue
@@ -314,7 +320,7 @@ class Router:
                 continue
             if r.process is None:
                 if now >= r.restart_at:
-                    self._spawn(r)
+                    self._respawn(r)
                 continue
             if r.process.poll() is not None:
                 failed += self._lost(r, f"replica {r.index} (pid {r.process.pid}) exited with code "
@@ -352,6 +358,16 @@ class Router:
             self._close_remote(linger=1000)  # time for those messages to leave
         shutil.rmtree(self._dir, ignore_errors=True)
 
+    def _respawn(self, replica: Replica) -> None:
+        """A restart that fails (no descriptors or memory left, say) is tried again later, never raised."""
+        try:
+            self._spawn(replica)
+        except OSError as e:
+            replica.failures += 1
+            replica.restart_at = time.monotonic() + min(2.0 ** replica.failures, MAX_RESTART_DELAY)
+            print(f"replica {replica.index} could not be started ({e}); trying again in "
+                  f"{replica.restart_at - time.monotonic():.0f}s", file=sys.stderr, flush=True)
+
     def _spawn(self, replica: Replica) -> None:
         cmd = [sys.executable, "-P", "-m", "splitfuse.worker.main", "--address", self.address,
                "--replica", str(replica.index), "--replicas", str(self.local_replicas), "--threads", str(self._threads),
@@ -377,7 +393,8 @@ class Router:
 
     def _on_join(self, identity: bytes, msg: protocol.Ready, peer: str) -> None:
         """A worker started elsewhere says ready: it becomes a replica, or is told why not."""
-        refusal = self._refusal(msg)
+        joined = any(r.identity == identity for r in self.replicas)
+        refusal = protocol.Refuse("this connection has joined already", False) if joined else self._refusal(msg)
         if refusal is not None:
             print(f"router: refused a worker from {peer} (name {msg.name!r}): {refusal.error}",
                   file=sys.stderr, flush=True)
@@ -458,6 +475,33 @@ class Router:
         replica.restarts += 1
         return failed
 
+    def _invalid(self, out: protocol.Output | protocol.Error) -> str | None:
+        """What is wrong with a worker's output, which the frontend decodes and counts: None if nothing."""
+        if isinstance(out, protocol.Error):
+            return None
+        if out.finish_reason not in FINISH_REASONS:
+            return f"unknown finish reason {out.finish_reason!r}"
+        if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in out.token_ids):
+            return f"token ids outside the vocabulary [0, {self.vocab_size})"
+        if out.logprobs is not None and (len(out.logprobs) != len(out.token_ids) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in out.logprobs)):
+            return "logprobs must be one number per token"
+        if out.top_logprobs is not None and (len(out.top_logprobs) != len(out.token_ids) or not all(
+                isinstance(top, dict) and all(isinstance(k, int) and isinstance(v, (int, float)) for k, v in top.items())
+                for top in out.top_logprobs)):
+            return "top_logprobs must be one map of token ids to numbers per token"
+        if out.num_cached_tokens is not None and out.num_cached_tokens < 0:
+            return "num_cached_tokens must not be negative"
+        return None
+
+    def _reject(self, replica: Replica, problem: str) -> list[protocol.Output]:
+        """A worker that sent what no worker of ours sends is trusted no further: dropped if it joined from
+        elsewhere, else restarted. Its requests end with an error."""
+        who = (f"worker {replica.name!r} (replica {replica.index})" if replica.name is not None
+               else f"replica {replica.index} (pid {replica.process.pid})")
+        reason = f"{who} sent an invalid message: {problem}"
+        return self._drop(replica, reason) if replica.name is not None else self._kill(replica, reason)
+
     def _drop(self, replica: Replica, reason: str) -> list[protocol.Output]:
         """A joined worker is gone: its replica with it, until its supervisor restarts it and it joins again."""
         print(f"{reason}; dropped it", file=sys.stderr, flush=True)
@@ -486,3 +530,11 @@ def resolve_model_dir(config: EngineConfig) -> str:
         raise ValueError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else
                          f"cannot find the model {config.model!r}")
     return result.stdout.strip()
+
+
+FINISH_REASONS = (None, "stop", "length", "abort", "error")
+
+
+def _valid_stats(stats) -> bool:
+    """A worker's heartbeat stats: names to non-negative integers (the router and /metrics add them up)."""
+    return isinstance(stats, dict) and all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in stats.items())

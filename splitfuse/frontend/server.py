@@ -8,9 +8,12 @@ drains: nothing new is accepted (503, or an error reply), what is in flight may 
 `shutdown_timeout` seconds, the rest ends with an error, and the process exits 0; a second signal
 stops at once. Never imports torch."""
 import argparse
+import contextlib
 import json
 import os
+import resource
 import signal
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -27,6 +30,7 @@ from splitfuse.frontend.response import Delta
 from splitfuse.frontend.router import RemoteWorkers
 
 MAX_BATCH = 1000         # client messages handled per loop turn, so worker outputs keep flowing
+DESCRIPTOR_RESERVE = 256  # files kept from HTTP connections: worker restarts (pipes), ZeroMQ sockets, logs
 CLIENT_SNDHWM = 100_000  # messages queued for one client before it counts as not reading
 
 
@@ -157,6 +161,11 @@ def run(config: EngineConfig, replicas: int = 1, address: str | None = "tcp://12
     shut down. `worker_address` is where workers started elsewhere join (core option `remote`), or None."""
     if address is None and http is None:
         raise ValueError("nothing to serve on: give a ZeroMQ address, an HTTP port, or both")
+    descriptors = raise_descriptor_limit()
+    if http is not None and http.max_connections > descriptors - DESCRIPTOR_RESERVE:
+        http.max_connections = max(1, descriptors - DESCRIPTOR_RESERVE)
+        print(f"splitfuse: at most {http.max_connections} HTTP connections at once: {descriptors} file "
+              f"descriptors, {DESCRIPTOR_RESERVE} kept for workers and ZeroMQ", file=sys.stderr, flush=True)
     core = Core(config, replicas, **core_options)
     server = Server(core, None, None, shutdown_timeout)
     signal.signal(signal.SIGTERM, server.stop)
@@ -173,6 +182,17 @@ def run(config: EngineConfig, replicas: int = 1, address: str | None = "tcp://12
         server.run(watch_parent)
     finally:
         server.close()
+
+
+def raise_descriptor_limit() -> int:
+    """The soft limit on open files raised to the hard one, as vLLM does (connections and sockets are files);
+    returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def main(argv: list[str] | None = None) -> None:
