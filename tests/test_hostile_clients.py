@@ -273,3 +273,17 @@ def _drain(worker: FakeWorker, into: list) -> list:
     except zmq.Again:
         pass
     return into
+
+
+def test_the_openapi_document_says_what_the_server_answers(server):
+    """Refusals are OpenAI error objects with the statuses given (FastAPI would document 422), and /metrics is
+    Prometheus text (it would be documented as JSON)."""
+    with urllib.request.urlopen(server.http_url + "/openapi.json", timeout=10) as response:
+        document = json.loads(response.read())
+    assert "422" not in json.dumps(document["paths"])
+    completions = document["paths"]["/v1/completions"]["post"]["responses"]
+    assert {"400", "401", "413", "429"} <= set(completions)
+    assert completions["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert list(document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    status, text = post(server.http_url, "/v1/completions", {"prompt": "Hi", "max_tokens": 0})
+    assert status == 400 and set(json.loads(text)["error"]) == {"message", "type", "param", "code"}

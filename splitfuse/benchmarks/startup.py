@@ -1,5 +1,6 @@
-"""The first minutes after a start, as a user meets them: `splitfuse.pipeline()` with its defaults, sent
-the peers' offline workload at once and without a pause, against the same pipeline eager.
+"""The first minutes after a start, as a user meets them: `splitfuse.pipeline()` with its defaults (but the
+prefix cache, off), sent the peers' offline workload at once and without a pause, against the same
+pipeline eager.
 
     python -P -m splitfuse.benchmarks.startup [--window 60] [--dtype auto]
 
@@ -15,13 +16,13 @@ state of each. Writes benchmarks/results/startup.{json,md}."""
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import splitfuse
 from splitfuse.benchmarks.peers import workload as peers_workload
+from splitfuse.benchmarks.peers.run import machine
 from splitfuse.benchmarks.peers.splitfuse_runner import COMPILED, SETTLE_TIMEOUT_S, watch_stderr
 from splitfuse.compiled.bundled import bundled_model_dir
 from splitfuse.config import CACHE_ENV, cache_root
@@ -42,7 +43,9 @@ def empty_cache() -> Path:
 def one_start(name: str, work: dict, window: float, dtype: str, steady: bool, **options) -> dict:
     started = time.perf_counter()
     prompts, new_tokens = work["offline"], work["offline_new_tokens"]
-    with watch_stderr(COMPILED) as compiled, splitfuse.pipeline(dtype=dtype, **options) as pipe:
+    # No prefix cache: the window sends the workload's prompts over and over, and each time must cost the same.
+    with watch_stderr(COMPILED) as compiled, splitfuse.pipeline(dtype=dtype, enable_prefix_caching=False,
+                                                                **options) as pipe:
         pipe([work["probe"]], max_new_tokens=1, ignore_eos=True)
         ready = time.perf_counter() - started
         tokens, last_done, i = 0, None, 0
@@ -79,7 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     results.append(one_start("cold", work, args.window, args.dtype, True))
     results.append(one_start("warm", work, args.window, args.dtype, False))
     eager = results[0]["window_tok_s"]
-    lines = [f"# Start-up: bundled SmolLM2-135M, pipeline() defaults, dtype {args.dtype}, {platform.processor() or platform.machine()}",
+    host = machine()
+    lines = [f"# Start-up: bundled SmolLM2-135M, pipeline() defaults but no prefix cache, dtype {args.dtype}",
+             "", f"{host['cpu']}, {host['cores']} cores ({host['isa']}).",
              "", f"Offline workload ({len(work['offline'])} prompts of ~384 tokens, {work['offline_new_tokens']} new "
              f"tokens each) sent at once, {BATCH} requests a call, for the first {args.window:.0f} s after each start.",
              "", "| start | first answer | serving compiled | tok/s in the first window | / eager | steady tok/s (48 at once) |",
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {r['start']} | {r['ready_s']:.1f} s | {compiled} | {r['window_tok_s']:.1f} | "
                      f"{r['window_tok_s'] / eager:.2f}x | {steady} |")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "startup.json").write_text(json.dumps({"window_s": args.window, "dtype": args.dtype,
+    (args.out / "startup.json").write_text(json.dumps({"machine": host, "window_s": args.window, "dtype": args.dtype,
                                                        "results": results}, indent=1))
     (args.out / "startup.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

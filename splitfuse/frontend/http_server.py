@@ -25,7 +25,8 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
@@ -275,6 +276,7 @@ def create_app(core: Core, model_name: str, options: HttpOptions) -> FastAPI:
     bridge = CoreBridge(core)
     app = FastAPI(title="splitfuse", docs_url=None, redoc_url=None)
     app.add_middleware(Gate, options=options)
+    app.openapi = lambda: app.openapi_schema or _document_errors(app)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -295,9 +297,9 @@ def create_app(core: Core, model_name: str, options: HttpOptions) -> FastAPI:
         state = await bridge.call(core.health)
         return JSONResponse(state, status_code=200 if state["ok"] else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        return Response(core.metrics.text(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(core.metrics.text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
@@ -326,6 +328,41 @@ def create_app(core: Core, model_name: str, options: HttpOptions) -> FastAPI:
         return await _respond(bridge, request, answer, body, _requests(body, core, options, fields, logprobs, False))
 
     return app
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """Every refusal: an OpenAI error object."""
+    error: ErrorBody
+
+
+def _document_errors(app: FastAPI) -> dict:
+    """The OpenAPI document as the server answers: its refusals are OpenAI error objects with the statuses
+    the Gate and the handlers give, not FastAPI's 422 validation errors."""
+    app.openapi_schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    errors = {"400": "a bad parameter or prompt", "401": "a missing or wrong API key", "404": "an unknown model",
+              "408": "a body that stalled", "413": "a body over the size limit", "429": "the queues are full",
+              "503": "no replica ready, or shutting down"}
+    reference = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, operations in app.openapi_schema["paths"].items():
+        for operation in operations.values():
+            operation["responses"].pop("422", None)
+            if path.startswith("/v1/"):
+                operation["responses"] |= {status: {"description": text, "content": {
+                    "application/json": {"schema": reference}}} for status, text in errors.items()}
+    schemas = app.openapi_schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    schemas |= {name: model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, model in (("ErrorResponse", ErrorResponse),)}
+    schemas.update(schemas["ErrorResponse"].pop("$defs", {}))
+    return app.openapi_schema
 
 
 def _check_model(requested: str | None, served: str) -> None:
