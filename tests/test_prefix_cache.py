@@ -174,7 +174,7 @@ def test_random_add_abort_finish_preempt_keeps_blocks_consistent(policy, budget,
         elif op[0] == "abort" and live:
             sched.remove(live[op[1] % len(live)])
         elif op[0] == "preempt" and sched.running:
-            sched._preempt(sched.running[-1])
+            sched._preempt_newest()
         check_blocks(sched)
     drain(sched, model)
     bm = sched.blocks

@@ -77,11 +77,13 @@ def time_step(runner: ModelRunner, chunks: list[SequenceChunk], reps: int) -> fl
     return (clock() - start) / reps
 
 
-def step_overhead(dtype: str, device: torch.device, eager: bool) -> dict:
-    """Share of a decode-heavy engine step spent outside the model forward and the sampler."""
-    engine = Engine(EngineConfig(dtype=dtype, device=str(device), eager=eager, background_compile=False, token_budget=64, max_num_seqs=32,
-                                 num_blocks=1024,
-                                 buckets=[64]), progress=False)
+def step_overhead(dtype: str, device: torch.device, eager: bool, decodes: int = 32) -> dict:
+    """Share of a decode-heavy engine step (`decodes` sequences generating) spent outside the model forward
+    and the sampler: scheduling and input preparation, the host work of a step."""
+    budget = max(64, decodes)
+    engine = Engine(EngineConfig(dtype=dtype, device=str(device), eager=eager, background_compile=False,
+                                 token_budget=budget, max_num_seqs=decodes, num_blocks=32 * decodes,
+                                 buckets=[budget]), progress=False)
     spent = {"model": 0.0, "sampler": 0.0}
     for name, obj, attr in (("model", engine.runner, "_run"), ("sampler", engine, "sampler")):
         inner = getattr(obj, attr)
@@ -92,7 +94,7 @@ def step_overhead(dtype: str, device: torch.device, eager: bool) -> dict:
             spent[_name] += clock() - start
             return result
         setattr(obj, attr, timed)
-    for i in range(32):
+    for i in range(decodes):
         engine.add_request(str(i), [5] * 100, SamplingParams(max_new_tokens=60, ignore_eos=True))
     while engine.scheduler.waiting or any(r.num_new_tokens > 1 for r in engine.scheduler.running):
         engine.step()  # prompts in
@@ -164,10 +166,14 @@ def main() -> None:
             speed = f"  {row['eager']['ms'] / row['compiled']['ms']:.2f}x" if len(modes) == 2 else ""
             report(f"{tokens:>6} {mix:>12} {cells}{speed}", flush=True)
     # The engine's own overhead is a rank 0 matter, the same with any number of ranks: measured with one.
-    overhead = {mode: step_overhead(args.dtype, device, mode == "eager") for mode in modes} if shard.size == 1 else {}
-    for mode, o in overhead.items():
-        print(f"# {mode} decode-heavy step (32 decodes, bucket 64): {o['step_ms']:.1f} ms = model {o['model_ms']:.1f}"
-              f" + sampler {o['sampler_ms']:.1f} + scheduling/input prep {o['prep_ms']:.2f} ms "
+    # Host work does not depend on the mode: measured at 256 sequences eagerly only.
+    runs = [(mode, 32) for mode in modes] + [("eager", 256)]
+    overhead = {f"{mode} {n}": step_overhead(args.dtype, device, mode == "eager", n) for mode, n in runs} \
+        if shard.size == 1 else {}
+    for name, o in overhead.items():
+        mode, n = name.split()
+        print(f"# {mode} decode-heavy step ({n} decodes, bucket {max(64, int(n))}): {o['step_ms']:.1f} ms = model "
+              f"{o['model_ms']:.1f} + sampler {o['sampler_ms']:.1f} + scheduling/input prep {o['prep_ms']:.2f} ms "
               f"({100 * o['prep_fraction']:.1f}%)")
     if args.json and shard.rank == 0:
         with open(args.json, "w") as f:

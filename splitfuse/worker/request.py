@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from splitfuse.config import SamplingParams
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared and hashed by identity: membership in the queues is O(1), not a list compare
 class Request:
     request_id: str
     token_ids: list[int]                    # prompt + generated

@@ -76,15 +76,16 @@ class Scheduler:
     def _schedule_decodes(self) -> list[ScheduledChunk]:
         """One token for every running request that is generating, preempting on block shortage."""
         chunks: list[ScheduledChunk] = []
+        preempted: set[Request] = set()
         for request in list(self.running):
-            if request not in self.running or request.num_new_tokens != 1:
+            if request in preempted or request.num_new_tokens != 1:
                 continue  # preempted meanwhile, or still on its prompt
             while self.blocks.blocks_needed(request, 1) > self.blocks.num_free:
-                victim = self.running[-1]
-                self._preempt(victim)
+                victim = self._preempt_newest()
+                preempted.add(victim)
                 if victim is request:
                     break
-            if request in self.running:
+            if request not in preempted:
                 self.blocks.allocate(request, 1)
                 chunks.append(ScheduledChunk(request, 1))
         return chunks
@@ -130,9 +131,11 @@ class Scheduler:
         self.blocks.free(request)
         request.num_computed_tokens = 0
 
-    def _preempt(self, request: Request) -> None:
-        """Recompute later: release the blocks, requeue first (it finds its blocks again if they survive)."""
-        self.running.remove(request)
+    def _preempt_newest(self) -> Request:
+        """The most recently admitted request recomputes later: its blocks released, it is requeued first (it
+        finds its blocks again if they survive). Returns it."""
+        request = self.running.pop()
         self._release(request)
         self.waiting.appendleft(request)
         self.num_preemptions += 1
+        return request
