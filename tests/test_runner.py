@@ -1,5 +1,4 @@
-"""Fixed-shape execution: bucket bookkeeping on CPU, compiled == eager, one graph for the lone decode and one
-for every other bucket."""
+"""Fixed-shape execution: bucket bookkeeping on CPU, compiled == eager, one graph for every bucket."""
 import time
 
 import pytest
@@ -85,17 +84,17 @@ def fresh_compile(make_checkpoint):
     return options, eager
 
 
-def test_compiled_equals_eager_and_compiles_two_graphs(fresh_compile):
+def test_compiled_equals_eager_and_compiles_one_graph(fresh_compile):
     options, eager = fresh_compile
     compiled = workload(Engine(EngineConfig(**options, background_compile=False), progress=False), 128)
     assert compiled == eager and len(compiled) == 18
-    # One for the lone decode, one (dynamic sizes) for buckets 16 and 64; none while serving.
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    # One graph of dynamic sizes for buckets 1, 16 and 64; none while serving.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 def test_serves_while_compiling_in_the_background(fresh_compile):
     """Steps run eagerly while the buckets compile (a process of its own fills the cache, then a thread of
-    this one loads it), then compiled; the same tokens either way, and still two graphs. The compiler waits
+    this one loads it), then compiled; the same tokens either way, and still one graph. The compiler waits
     for the engine's first idle moment, so the first answers do not share the interpreter with it."""
     options, eager = fresh_compile
     engine = Engine(EngineConfig(**options), progress=False)
@@ -109,4 +108,4 @@ def test_serves_while_compiling_in_the_background(fresh_compile):
     assert engine.runner.compiled.wait(timeout=600)
     assert engine.runner._forward is engine.runner._compiled
     assert workload(engine, 128) == eager
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -8,8 +8,8 @@ into its device twin (of which the static batches are views); on CPU the static 
 array itself, so nothing is copied. Padded tokens have slot -1 and padded sequences query length 0, so they cost nothing
 but their share of the matmuls.
 
-The compiled forward is two graphs: one for the lone decode, and one whose sizes are dynamic for every
-other bucket; on CUDA each bucket is still captured as a graph of its own fixed shape. Compiled code is
+The compiled forward is one graph whose sizes are dynamic, for every bucket; on CUDA each bucket is
+still captured as a graph of its own fixed shape. Compiled code is
 kept on disk (precompile.py): a configuration compiles once per machine, in a process of its own while
 steps run eagerly; a background thread then loads it, and the runner switches to the compiled forward
 once every bucket is ready (never to a half-compiled set, so the serving thread never enters
@@ -265,14 +265,15 @@ def _confine_fx_patches_to_their_thread() -> None:
 
 def _bucket_slice(batch: Batch, tokens: int, seqs: int) -> Batch:
     """The leading `tokens` rows and `seqs` sequences of a batch laid out for a larger bucket. Their sizes
-    are dynamic to the compiler, so that one graph serves every bucket of more than one token (a lone
-    decode gets a graph of its own: size 1 is always specialized)."""
+    are unbacked to the compiler (dynamic, and never specialized, not even to 1), so that one graph serves
+    every bucket: compiling it costs about what one bucket cost, and loading it from the cache a few
+    seconds."""
     view = Batch(input_ids=batch.input_ids[:tokens], positions=batch.positions[:tokens],
                  slot_mapping=batch.slot_mapping[:tokens], query_start_loc=batch.query_start_loc[:seqs + 1],
                  seq_lens=batch.seq_lens[:seqs], block_tables=batch.block_tables[:seqs],
                  logits_indices=batch.logits_indices[:seqs])
     for field in dataclasses.fields(view):
-        torch._dynamo.maybe_mark_dynamic(getattr(view, field.name), 0)
+        torch._dynamo.decorators.mark_unbacked(getattr(view, field.name), 0)
     return view
 
 
