@@ -30,7 +30,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
-from splitfuse.config import MAX_LOGPROBS, SamplingParams
+from splitfuse.config import (MAX_INT32, MAX_LOGPROBS, MAX_PENALTY, MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS,
+                              MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MIN_TEMPERATURE, REPETITION_PENALTY,
+                              SamplingParams)
 from splitfuse.frontend.core import Core, Overloaded, Unavailable
 from splitfuse.frontend.response import Delta
 
@@ -54,27 +56,39 @@ UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_t
 ROLES = ("system", "developer", "user", "assistant")
 
 
+Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class Sampling(BaseModel):
     """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI-compatible servers do, but for
     the ones named in UNSUPPORTED."""
     model_config = ConfigDict(extra="ignore")
+    # The bounds SamplingParams checks, so that the OpenAPI document says them too.
     model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_INT32)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None   # OpenAI's default is 1: sampling; 0 is greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    top_k: int = 0                     # 0 or -1: off
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
+    temperature: Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)] | None = None  # OpenAI's default 1; 0 greedy
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED - MAX_CHOICES)] | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
+    top_k: Annotated[int, Field(ge=-1, le=MAX_INT32)] = 0  # 0 or -1: off
+    min_p: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    repetition_penalty: Annotated[float, Field(ge=REPETITION_PENALTY[0], le=REPETITION_PENALTY[1])] = 1.0
+    min_tokens: Annotated[int, Field(ge=0, le=MAX_INT32)] = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -90,6 +104,8 @@ class Sampling(BaseModel):
     def params(self, max_model_len: int, logprobs: int | None, echo: bool, choice: int) -> SamplingParams:
         """The SamplingParams of choice `choice` (choices of one seeded request get seeds seed, seed+1, ...)."""
         temperature = 1.0 if self.temperature is None else self.temperature
+        if 0 < temperature < MIN_TEMPERATURE:  # as vLLM: logits / a tinier one overflow
+            temperature = MIN_TEMPERATURE
         return SamplingParams.from_kwargs(
             max_new_tokens=self.max_tokens or max_model_len, min_new_tokens=self.min_tokens,
             do_sample=temperature > 0, temperature=temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
@@ -101,7 +117,7 @@ class Sampling(BaseModel):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Text | TokenIds | Annotated[list[Text], Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
 
@@ -109,7 +125,7 @@ class CompletionRequest(Sampling):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal[ROLES]
-    content: str | list[dict] | None = None
+    content: str | list[TextPart] | None = None
 
 
 class ChatRequest(Sampling):
@@ -290,7 +306,9 @@ def create_app(core: Core, model_name: str, options: HttpOptions) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
-        return _error_response(e.status_code, str(e.detail))
+        response = _error_response(e.status_code, str(e.detail))
+        response.headers.update(e.headers or {})  # a 405's Allow, say
+        return response
 
     @app.get("/health")
     async def health():
@@ -377,9 +395,7 @@ def _is_batch(prompt) -> bool:
 def _message(m: ChatMessage) -> dict:
     if m.content is None or isinstance(m.content, str):
         return {"role": m.role, "content": m.content or ""}
-    if not all(part.get("type") == "text" and isinstance(part.get("text"), str) for part in m.content):
-        raise ApiError(400, "only text content parts ({'type': 'text', 'text': ...}) are supported", "messages")
-    return {"role": m.role, "content": "".join(part["text"] for part in m.content)}
+    return {"role": m.role, "content": "".join(part.text for part in m.content)}
 
 
 def _requests(body: Sampling, core: Core, options: HttpOptions, fields: list[dict], logprobs: int | None,
