@@ -119,9 +119,8 @@ def compile_here(spec: CompileSpec, progress: bool = True) -> None:
     model = load_model(Path(spec.model_dir), DTYPES[spec.dtype], torch.device(spec.device))
     runner = ModelRunner(model, num_blocks=PRECOMPILE_BLOCKS, block_size=spec.block_size,
                          max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len, buckets=list(spec.buckets),
-                         compile=True, cuda_graphs=False)
-    runner.compile(background=False, progress=progress)
-    mark_warm(spec)
+                         compile=True, cuda_graphs=False, spec=spec)
+    runner.compile(background=False, progress=progress)  # which marks the configuration warm
 
 
 def compile_config(config) -> None:
