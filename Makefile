@@ -21,7 +21,7 @@ LATEST := .venv-latest
 LATEST_TORCH ?= $(CPU_TORCH)
 SMOKE := tests/test_install.py tests/test_models.py tests/test_bundled.py
 
-.PHONY: setup model demo test test-bf16 test-latest lock bench bench-peers clean
+.PHONY: setup model demo test test-bf16 test-latest check-openapi lock bench bench-peers clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	@$(PYTHON) -P -c "" 2>/dev/null || { echo "splitfuse needs Python 3.11 or newer: name one with make PYTHON=..."; exit 1; }
@@ -63,6 +63,14 @@ test-latest:
 	$(LATEST)/bin/$(FREEZE) | grep -vxFf $(LOCK) | sed 's/^/differs from the lock: /' || true
 	$(MAKE) VENV=$(LATEST) demo
 	$(LATEST)/bin/python -P -m pytest $(SMOKE)
+
+# schemathesis (in a venv of its own) sends the server what its /openapi.json allows and checks every answer
+# against the document. Several minutes, so not part of `make test`.
+SCHEMATHESIS := schemathesis==4.32.5
+check-openapi: model
+	[ -x .venv-schemathesis/bin/schemathesis ] || { $(PYTHON) -P -m venv .venv-schemathesis && \
+		.venv-schemathesis/bin/python -P -m pip install -q $(SCHEMATHESIS); }
+	$(PY) -m pytest tests/openapi_check.py
 
 # Rewrite the lock from the newest releases the ranges allow (pyproject.toml), installed in a scratch venv.
 lock:

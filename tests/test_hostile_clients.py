@@ -288,3 +288,27 @@ def test_the_openapi_document_says_what_the_server_answers(server):
     assert list(document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
     status, text = post(server.http_url, "/v1/completions", {"prompt": "Hi", "max_tokens": 0})
     assert status == 400 and set(json.loads(text)["error"]) == {"message", "type", "param", "code"}
+
+
+def test_the_document_bounds_what_the_server_checks(server):
+    """Token ids are bounded by this model's vocabulary, a field with a default may be null, integers are
+    JSON's (2.0 is one, true is not), and streams are documented as server-sent events."""
+    with urllib.request.urlopen(server.http_url + "/openapi.json", timeout=10) as response:
+        document = json.loads(response.read())
+    schemas = document["components"]["schemas"]
+    vocab_size = json.loads(post(server.http_url, "/v1/completions", {"prompt": [10**6]})[1])["error"]["message"]
+    token_ids = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"][1]["items"]
+    assert f"[0, {token_ids['maximum'] + 1})" in vocab_size
+    assert post(server.http_url, "/v1/completions", {"prompt": [token_ids["maximum"]], "max_tokens": 1})[0] == 200
+    assert {"type": "null"} in schemas["CompletionRequest"]["properties"]["echo"]["anyOf"]
+    assert post(server.http_url, "/v1/completions", {"prompt": "Hi", "echo": None, "n": 2.0, "max_tokens": 1})[0] == 200
+    for wrong in ({"n": True}, {"echo": 1}, {"temperature": "1"}, {"max_tokens": 1.5}):
+        assert post(server.http_url, "/v1/completions", {"prompt": "Hi"} | wrong)[0] == 400, wrong
+    answers = document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert "text/event-stream" in answers
+    # min_tokens beyond max_tokens is capped (the document cannot relate two fields); completions stop at
+    # OpenAI's default of 16 tokens.
+    status, text = post(server.http_url, "/v1/completions", {"prompt": "Hi", "min_tokens": 8, "max_tokens": 2})
+    assert status == 200 and json.loads(text)["usage"]["completion_tokens"] == 2
+    status, text = post(server.http_url, "/v1/completions", {"prompt": "Hi", "ignore_eos": True})
+    assert status == 200 and json.loads(text)["usage"]["completion_tokens"] == 16

@@ -27,16 +27,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
-from splitfuse.config import (MAX_INT32, MAX_LOGPROBS, MAX_PENALTY, MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS,
+from splitfuse.config import (MAX_INT32, MAX_LOGPROBS, MAX_PENALTY, MAX_STOP_CHARS, MAX_STOP_STRINGS,
                               MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MIN_TEMPERATURE, REPETITION_PENALTY,
                               SamplingParams)
 from splitfuse.frontend.core import Core, Overloaded, Unavailable
 from splitfuse.frontend.response import Delta
 
 MAX_CHOICES = 64   # n: choices of one prompt
+MAX_JSON_INT = 2**53 - 1  # exact as a double, so JSON clients that parse numbers as doubles agree on the bound
 DISCONNECT_POLL = 0.5  # seconds between checks that a client waiting for a whole answer is still there
 STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
@@ -45,6 +46,7 @@ STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
 # --- request schemas ------------------------------------------------------------------------------
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
@@ -54,15 +56,29 @@ UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_t
                "logit_bias", "prompt_logprobs", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
                "guided_grammar", "suffix", "best_of")
 ROLES = ("system", "developer", "user", "assistant")
+TOKEN_ID = "x-token-id"  # marks token-id schemas in the OpenAPI document until the vocabulary's bound replaces it
+
+
+def _integral(value):
+    """JSON Schema's integer: 2 and 2.0, never true or "2" (the models are strict otherwise)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def Int(**bounds):
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
 
 
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
-TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
+# The document's bound is the served model's vocabulary (see _document); the tokenizer checks it.
+TokenId = Annotated[Int(ge=0, le=MAX_INT32), Field(json_schema_extra={TOKEN_ID: True})]
 Text = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
     type: Literal["text"]
     text: str
 
@@ -70,23 +86,23 @@ class TextPart(BaseModel):
 class Sampling(BaseModel):
     """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI-compatible servers do, but for
     the ones named in UNSUPPORTED."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # no "true" for 1, no 1 for true, as the document says
     # The bounds SamplingParams checks, so that the OpenAPI document says them too.
     model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1, le=MAX_INT32)] | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    max_tokens: Int(ge=1, le=MAX_INT32) | None = None
+    n: Int(ge=1, le=MAX_CHOICES) = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)] | None = None  # OpenAI's default 1; 0 greedy
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED - MAX_CHOICES)] | None = None
+    seed: Int(ge=0, le=MAX_JSON_INT) | None = None
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP_STRINGS)] | None = None
     presence_penalty: Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
-    top_k: Annotated[int, Field(ge=-1, le=MAX_INT32)] = 0  # 0 or -1: off
+    top_k: Int(ge=-1, le=MAX_INT32) = 0  # 0 or -1: off
     min_p: Annotated[float, Field(ge=0, lt=1)] = 0.0
     repetition_penalty: Annotated[float, Field(ge=REPETITION_PENALTY[0], le=REPETITION_PENALTY[1])] = 1.0
-    min_tokens: Annotated[int, Field(ge=0, le=MAX_INT32)] = 0
+    min_tokens: Int(ge=0, le=MAX_INT32) = 0  # capped at max_tokens: the document cannot say one bounds the other
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
 
@@ -106,8 +122,9 @@ class Sampling(BaseModel):
         temperature = 1.0 if self.temperature is None else self.temperature
         if 0 < temperature < MIN_TEMPERATURE:  # as vLLM: logits / a tinier one overflow
             temperature = MIN_TEMPERATURE
+        max_new_tokens = self.max_tokens or max_model_len
         return SamplingParams.from_kwargs(
-            max_new_tokens=self.max_tokens or max_model_len, min_new_tokens=self.min_tokens,
+            max_new_tokens=max_new_tokens, min_new_tokens=min(self.min_tokens, max_new_tokens),
             do_sample=temperature > 0, temperature=temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=None if self.seed is None else self.seed + choice,
@@ -117,22 +134,23 @@ class Sampling(BaseModel):
 
 
 class CompletionRequest(Sampling):
+    max_tokens: Int(ge=1, le=MAX_INT32) | None = 16  # OpenAI's default for completions; chat's is the model's length
     prompt: Text | TokenIds | Annotated[list[Text], Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    logprobs: Int(ge=0, le=MAX_LOGPROBS) | None = None
     echo: bool = False
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal[ROLES]
     content: str | list[TextPart] | None = None
 
 
 class ChatRequest(Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Int(ge=1) | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: Int(ge=0, le=MAX_LOGPROBS) | None = None
 
 
 class ApiError(Exception):
@@ -292,7 +310,7 @@ def create_app(core: Core, model_name: str, options: HttpOptions) -> FastAPI:
     bridge = CoreBridge(core)
     app = FastAPI(title="splitfuse", docs_url=None, redoc_url=None)
     app.add_middleware(Gate, options=options)
-    app.openapi = lambda: app.openapi_schema or _document_errors(app)
+    app.openapi = lambda: app.openapi_schema or _document(app, core.tokenizer.vocab_size)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -360,9 +378,10 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-def _document_errors(app: FastAPI) -> dict:
+def _document(app: FastAPI, vocab_size: int) -> dict:
     """The OpenAPI document as the server answers: its refusals are OpenAI error objects with the statuses
-    the Gate and the handlers give, not FastAPI's 422 validation errors."""
+    the Gate and the handlers give, not FastAPI's 422 validation errors; a field left out may also be null;
+    token ids are bounded by this model's vocabulary."""
     app.openapi_schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     errors = {"400": "a bad parameter or prompt", "401": "a missing or wrong API key", "404": "an unknown model",
               "408": "a body that stalled", "413": "a body over the size limit", "429": "the queues are full",
@@ -374,13 +393,40 @@ def _document_errors(app: FastAPI) -> dict:
             if path.startswith("/v1/"):
                 operation["responses"] |= {status: {"description": text, "content": {
                     "application/json": {"schema": reference}}} for status, text in errors.items()}
+            if path.endswith("completions"):  # "stream": true answers server-sent events
+                operation["responses"]["200"]["content"]["text/event-stream"] = {}
     schemas = app.openapi_schema.setdefault("components", {}).setdefault("schemas", {})
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     schemas |= {name: model.model_json_schema(ref_template="#/components/schemas/{model}")
                 for name, model in (("ErrorResponse", ErrorResponse),)}
     schemas.update(schemas["ErrorResponse"].pop("$defs", {}))
+    for name in ("CompletionRequest", "ChatRequest"):
+        _nullable_defaults(schemas[name])
+    _bound_token_ids(schemas, vocab_size)
     return app.openapi_schema
+
+
+def _nullable_defaults(schema: dict) -> None:
+    """Sampling takes null for any field it has a default for."""
+    required = set(schema.get("required", ()))
+    for name, field in schema["properties"].items():
+        if name in required:
+            continue
+        kept = {key: field.pop(key) for key in ("title", "default") if key in field}
+        variants = field.pop("anyOf", None) or [dict(field)]
+        schema["properties"][name] = kept | {"anyOf": variants + [{"type": "null"}] * ({"type": "null"} not in variants)}
+
+
+def _bound_token_ids(node, vocab_size: int) -> None:
+    if isinstance(node, dict):
+        if node.pop(TOKEN_ID, False):
+            node["maximum"] = vocab_size - 1
+        for value in node.values():
+            _bound_token_ids(value, vocab_size)
+    elif isinstance(node, list):
+        for value in node:
+            _bound_token_ids(value, vocab_size)
 
 
 def _check_model(requested: str | None, served: str) -> None:
