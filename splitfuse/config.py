@@ -6,6 +6,8 @@ import reprlib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from splitfuse.grammar import grammar
+
 SCHEDULERS = ("splitfuse", "prefill-first")
 CPU_TOKEN_BUDGET = 256
 GPU_TOKEN_BUDGET = 2048
@@ -60,6 +62,8 @@ MAX_STOP_STRINGS = 16           # each is searched for in every text delta
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0          # as OpenAI's API: a bias in [-100, 100] per token
+MAX_LOGIT_BIAS_TOKENS = 1024
 
 
 @dataclass(slots=True)
@@ -81,6 +85,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None   # None: none; 0: the chosen token's; n: also the top n
     return_full_text: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits of these token ids
+    structured: dict | None = None  # what the text must match: {"json": schema}, {"regex": ...}, ... (grammar.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -119,6 +125,13 @@ class SamplingParams:
                f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} non-negative token ids")
         _check(self.logprobs is None or _is_int(self.logprobs, 0, MAX_LOGPROBS),
                f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {_show(self.logprobs)}")
+        _check(isinstance(self.logit_bias, dict) and len(self.logit_bias) <= MAX_LOGIT_BIAS_TOKENS
+               and all(_is_int(t, 0, MAX_INT32) and _is_real(b, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+                       for t, b in self.logit_bias.items()),
+               f"logit_bias must map at most {MAX_LOGIT_BIAS_TOKENS} token ids to biases in "
+               f"[-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]")
+        if self.structured is not None:
+            grammar(self.structured)  # a ValueError naming what is wrong
 
     @property
     def greedy(self) -> bool:

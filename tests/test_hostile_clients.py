@@ -80,9 +80,8 @@ def test_requests_that_ask_for_more_than_is_served_get_400(server):
              ("/v1/completions", {"prompt": "Hi", "n": 5, "max_tokens": 1}, "queues at most 4"),
              ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}] * 2000}, "at most 64"),
              ("/v1/chat/completions", {"messages": [{"role": "root", "content": "Hi"}]}, "role"),
-             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
-                                       "response_format": {"type": "json_object"}}, "response_format"),
-             ("/v1/completions", {"prompt": "Hi", "logit_bias": {"1": 5}}, "logit_bias"),
+             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "best_of": 2}, "best_of"),
+             ("/v1/completions", {"prompt": "Hi", "suffix": "!"}, "suffix"),
              ("/v1/completions", {"prompt": ""}, "prompt")]
     for path, body, expected in cases:
         start = time.monotonic()

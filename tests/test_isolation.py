@@ -208,11 +208,13 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_worker_keeps_ser
         context.destroy(linger=0)
 
 
-def test_the_engine_refuses_stop_token_ids_outside_the_vocabulary(make_checkpoint):
+def test_the_engine_refuses_token_ids_outside_the_vocabulary(make_checkpoint):
     engine = Engine(EngineConfig(model=str(make_checkpoint("llama")), dtype="float32", device="cpu", eager=True,
                                  num_blocks=16), progress=False)
-    with pytest.raises(ValueError, match=r"stop_token_ids must be in \[0, 128\)"):
+    with pytest.raises(ValueError, match=r"stop_token_ids: token ids must be in \[0, 128\)"):
         engine.add_request("a", [1, 2], SamplingParams(stop_token_ids=[1000000], min_new_tokens=1))
+    with pytest.raises(ValueError, match=r"logit_bias: token ids must be in \[0, 128\)"):
+        engine.add_request("b", [1, 2], SamplingParams(logit_bias={128: 1.0}))
 
 
 # --- 3. nobody else can take a worker's place -----------------------------------------------------

@@ -151,11 +151,12 @@ def test_every_tensor_follows_the_logits_device():
     what CUDA logits would do: penalties, early-stop blocking, filters and noise all stay on device."""
     requests = [req(do_sample=True, top_k=3, top_p=0.9, min_p=0.05, repetition_penalty=1.2, presence_penalty=0.5,
                     frequency_penalty=0.5, min_new_tokens=2, stop_token_ids=[1], generated=[0, 2]),
-                req(do_sample=True, temperature=0.7, top_k=2 ** 31 - 1)]
+                req(do_sample=True, temperature=0.7, top_k=2 ** 31 - 1, logit_bias={3: -5.0})]
     logits = torch.zeros(2, 5, device="meta")
     sampler = Sampler([4])
     sampler._apply_penalties(logits, requests)
-    sampler._block_early_stop(logits, requests)
+    sampler._apply_logit_bias(logits, requests)
+    sampler._block_early_stop(logits, requests, set())
     assert sampler._sample(logits, requests, [None, None]).device.type == "meta"
 
 
@@ -173,3 +174,17 @@ def test_sampling_with_filters_and_penalties_on_the_gpu():
 
     tokens = draw_seeded()
     assert all(0 <= t < 50 for t in tokens) and tokens[0] not in (0, 7) and tokens == draw_seeded()
+
+
+def test_a_grammar_mask_has_the_last_word():
+    """Masked rows take only allowed tokens, whatever the bias, sampling mode or min_new_tokens; a finished
+    grammar may end the text (only EOS allowed) before min_new_tokens; other rows are untouched."""
+    logits = torch.randn(3, 8)
+    requests = [req(logit_bias={2: 100.0}), req(do_sample=True, min_new_tokens=5), req()]
+    forbidden = torch.ones(2, 8, dtype=torch.bool)
+    forbidden[0, [5, 6]] = False
+    forbidden[1, EOS] = False
+    for seed in range(20):
+        tokens = Sampler([EOS])(logits, requests, [None, generator(seed), None], [0, 1], forbidden).token_ids
+        assert tokens[0] == 5 + int(logits[0, 6] > logits[0, 5]) and tokens[1] == EOS
+        assert tokens[2] == logits[2].argmax()

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
-from splitfuse.config import (MAX_INT32, MAX_LOGPROBS, MAX_PENALTY, MAX_STOP_CHARS, MAX_STOP_STRINGS,
+from splitfuse.config import (MAX_INT32, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY, MAX_STOP_CHARS, MAX_STOP_STRINGS,
                               MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MIN_TEMPERATURE, REPETITION_PENALTY,
                               SamplingParams)
 from splitfuse.frontend.core import Core, Overloaded, Unavailable
@@ -52,9 +52,8 @@ class StreamOptions(BaseModel):
 
 # Fields of the OpenAI and vLLM APIs that this server does not implement yet: refused by name, so that a
 # client asking for JSON or a tool call is told, not handed free text.
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
-               "logit_bias", "prompt_logprobs", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-               "guided_grammar", "suffix", "best_of")
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "prompt_logprobs",
+               "suffix", "best_of")
 ROLES = ("system", "developer", "user", "assistant")
 TOKEN_ID = "x-token-id"  # marks token-id schemas in the OpenAPI document until the vocabulary's bound replaces it
 
@@ -75,6 +74,21 @@ Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 TokenId = Annotated[Int(ge=0, le=MAX_INT32), Field(json_schema_extra={TOKEN_ID: True})]
 Text = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(strict=True, populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's: free text, any JSON object, or JSON matching a schema."""
+    model_config = ConfigDict(strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
 
 
 class TextPart(BaseModel):
@@ -105,6 +119,14 @@ class Sampling(BaseModel):
     min_tokens: Int(ge=0, le=MAX_INT32) = 0  # capped at max_tokens: the document cannot say one bounds the other
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
+    # What the text must match (grammar.py): OpenAI's response_format, or vLLM's names.
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -130,7 +152,20 @@ class Sampling(BaseModel):
             frequency_penalty=self.frequency_penalty, seed=None if self.seed is None else self.seed + choice,
             stop=[self.stop] if isinstance(self.stop, str) else self.stop or [],
             stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos, logprobs=logprobs,
-            return_full_text=echo)
+            return_full_text=echo, logit_bias=_token_biases(self.logit_bias or {}), structured=self.structured())
+
+    def structured(self) -> dict | None:
+        """The one constraint this request names, in grammar.py's form."""
+        asked = {name: value for name, value in (("structured_outputs", self.structured_outputs),
+                                                 ("guided_json", self.guided_json and {"json": self.guided_json}),
+                                                 ("guided_regex", self.guided_regex and {"regex": self.guided_regex}),
+                                                 ("guided_choice", self.guided_choice and {"choice": self.guided_choice}),
+                                                 ("guided_grammar", self.guided_grammar and {"grammar": self.guided_grammar}),
+                                                 ("response_format", _response_format(self.response_format)))
+                 if value is not None}
+        if len(asked) > 1:
+            raise ValueError(f"{' and '.join(asked)}: name one constraint on the text, not {len(asked)}")
+        return next(iter(asked.values()), None)
 
 
 class CompletionRequest(Sampling):
@@ -427,6 +462,23 @@ def _bound_token_ids(node, vocab_size: int) -> None:
     elif isinstance(node, list):
         for value in node:
             _bound_token_ids(value, vocab_size)
+
+
+def _response_format(response_format: ResponseFormat | None) -> dict | None:
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return {"json_object": True}
+    if response_format.json_schema is None:
+        raise ValueError("response_format: type json_schema needs a json_schema with its schema")
+    return {"json": response_format.json_schema.schema_}
+
+
+def _token_biases(logit_bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI's logit_bias keys are token ids written as strings (JSON object keys)."""
+    if not all(key.isascii() and key.isdigit() for key in logit_bias):
+        raise ValueError("logit_bias: keys must be token ids (strings of digits)")
+    return {int(key): bias for key, bias in logit_bias.items()}
 
 
 def _check_model(requested: str | None, served: str) -> None:

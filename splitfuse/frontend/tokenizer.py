@@ -42,7 +42,7 @@ class Tokenizer:
     def encode_prompt(self, params: SamplingParams, *, prompt: str | None = None, messages: list | None = None,
                       prompt_ids: list[int] | None = None) -> tuple[str, list[int]]:
         """(prompt text, prompt token ids) of a prompt given as text, chat messages or token ids. Refuses ids
-        outside the vocabulary (stop_token_ids too) and prompts longer than the model takes. The text of
+        outside the vocabulary (stop_token_ids and logit_bias too) and prompts longer than the model takes. The text of
         prompt_ids is decoded only when return_full_text needs it."""
         if prompt_ids is None:
             text = prompt if messages is None else self.render_chat(messages)
@@ -53,6 +53,7 @@ class Tokenizer:
         self._check_length(ids)
         self._check_ids(ids, "prompt token ids")
         self._check_ids(params.stop_token_ids, "stop_token_ids")
+        self._check_ids(list(params.logit_bias), "logit_bias keys")
         if text is None:
             text = self.decode(ids) if params.return_full_text else ""
         return text, ids

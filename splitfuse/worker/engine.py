@@ -14,6 +14,7 @@ from splitfuse.compiled.precompile import CompileSpec
 from splitfuse.compiled.runner import ModelRunner, SequenceChunk, default_buckets, kv_cache_bytes_per_block
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.worker.block_manager import BlockManager
+from splitfuse.worker.grammars import Grammars
 from splitfuse.worker.request import Request, RequestOutput
 from splitfuse.worker.sampler import Sampler
 from splitfuse.worker.scheduler import Scheduler
@@ -66,6 +67,7 @@ class Engine:
         if shard.size > 1 and shard.rank == 0:
             self.runner.on_step = StepBroadcast(shard, device).send
         self.sampler = Sampler(self.eos_token_ids)
+        self.grammars = Grammars(self.model_dir, model.lm_head.vocab_size, self.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._pending: list[RequestOutput] = []  # aborts, reported by the next step
@@ -76,6 +78,8 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in flight")
         self._check_prompt(prompt_token_ids, params)
         request = Request(request_id, list(prompt_token_ids), len(prompt_token_ids), params, next(self._arrivals))
+        if params.structured is not None:
+            self.grammars.start(request_id, params.structured)
         self._requests[request_id] = request
         if not params.greedy:
             seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
@@ -89,8 +93,9 @@ class Engine:
         vocab = self.runner.model.lm_head.vocab_size
         if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if not all(0 <= t < vocab for t in params.stop_token_ids):  # the sampler indexes logits with them
-            raise ValueError(f"stop_token_ids must be in [0, {vocab}), this model's vocabulary")
+        for name in ("stop_token_ids", "logit_bias"):  # the sampler indexes logits with them
+            if not all(0 <= t < vocab for t in getattr(params, name)):
+                raise ValueError(f"{name}: token ids must be in [0, {vocab}), this model's vocabulary")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's maximum length is {self.max_model_len}, "
                              f"so prompts can have at most {self.max_model_len - 1}")
@@ -100,11 +105,10 @@ class Engine:
                              f"({self.blocks.num_blocks * self.blocks.block_size} tokens); shorten them or raise num_blocks")
 
     def abort(self, request_id: str) -> None:
-        request = self._requests.pop(request_id, None)
+        request = self._requests.get(request_id)
         if request is None:
             return
-        self.scheduler.remove(request)
-        self._generators.pop(request_id, None)
+        self._forget(request)
         self._pending.append(RequestOutput(request_id, [], "abort"))
 
     def fail_running(self, error: str) -> list[RequestOutput]:
@@ -113,9 +117,7 @@ class Engine:
         requests go on, and so does the engine."""
         failed = list(self.scheduler.running)
         for request in failed:
-            self.scheduler.remove(request)
-            del self._requests[request.request_id]
-            self._generators.pop(request.request_id, None)
+            self._forget(request)
         return [RequestOutput(r.request_id, [], "error", error=error) for r in failed]
 
     def has_unfinished(self) -> bool:
@@ -143,7 +145,10 @@ class Engine:
             s.request.num_computed_tokens += s.num_tokens
         sampling = [s.request for s, c in zip(scheduled, chunks) if c.sample]
         if sampling:
-            result = self.sampler(logits, sampling, [self._generators.get(r.request_id) for r in sampling])
+            constrained = [i for i, r in enumerate(sampling) if r.request_id in self.grammars]
+            forbidden = self.grammars.forbidden([sampling[i].request_id for i in constrained]) if constrained else None
+            result = self.sampler(logits, sampling, [self._generators.get(r.request_id) for r in sampling],
+                                  constrained, forbidden)
             for i, request in enumerate(sampling):
                 outputs.append(self._append(request, result.token_ids[i],
                                             result.logprobs[i] if result.logprobs else None,
@@ -154,17 +159,24 @@ class Engine:
 
     def _append(self, request: Request, token: int, logprob: float | None, top: dict | None) -> RequestOutput:
         request.token_ids.append(token)
-        request.finish_reason = self._finish_reason(request, token)
+        error = self.grammars.accept(request.request_id, token) if request.request_id in self.grammars else None
+        request.finish_reason = "error" if error else self._finish_reason(request, token)
         if request.finish_reason is not None:
-            self.scheduler.remove(request)
-            del self._requests[request.request_id]
-            self._generators.pop(request.request_id, None)
+            self._forget(request)
         wants = request.params.logprobs is not None
         return RequestOutput(request.request_id, [token], request.finish_reason,
-                             [logprob] if wants else None, [top] if wants else None)
+                             [logprob] if wants else None, [top] if wants else None, error)
+
+    def _forget(self, request: Request) -> None:
+        self.scheduler.remove(request)
+        del self._requests[request.request_id]
+        self._generators.pop(request.request_id, None)
+        self.grammars.finish(request.request_id)
 
     def _finish_reason(self, request: Request, token: int) -> str | None:
         p = request.params
+        if request.request_id in self.grammars and self.grammars.complete(request.request_id):
+            return "stop"
         if request.num_generated >= p.min_new_tokens:
             if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
                 return "stop"

@@ -20,13 +20,19 @@ class Sampler:
     def __init__(self, eos_token_ids: list[int]):
         self.eos_token_ids = eos_token_ids
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request],
-                 generators: list[torch.Generator | None]) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, requests: list[Request], generators: list[torch.Generator | None],
+                 constrained: list[int] = (), forbidden: torch.Tensor | None = None) -> SampleResult:
         """logits: fp32 [len(requests), vocab]; generators[i] is None for a greedy request, else on
-        logits.device. Everything built here lives on logits.device too."""
+        logits.device. Everything built here lives on logits.device too. Rows `constrained` follow a
+        grammar: forbidden[j] (bool [vocab]) holds the tokens row constrained[j] may not take."""
         logits = logits.clone()
         self._apply_penalties(logits, requests)
-        self._block_early_stop(logits, requests)
+        self._apply_logit_bias(logits, requests)
+        self._block_early_stop(logits, requests, set(constrained))
+        if constrained:  # last: whatever else was added, the grammar has the final word
+            forbidden = forbidden.to(logits.device)
+            for j, i in enumerate(constrained):
+                logits[i].masked_fill_(forbidden[j], float("-inf"))
         chosen = logits.argmax(dim=-1)
         sampled = [i for i, g in enumerate(generators) if g is not None]
         if sampled:
@@ -49,10 +55,17 @@ class Sampler:
                 counts = torch.zeros_like(logits[i]).index_add_(0, generated, torch.ones_like(generated, dtype=logits.dtype))
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
 
-    def _block_early_stop(self, logits: torch.Tensor, requests: list[Request]) -> None:
-        """Before min_new_tokens, EOS and stop tokens cannot be chosen."""
+    @staticmethod
+    def _apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> None:
         for i, r in enumerate(requests):
-            if r.num_generated < r.params.min_new_tokens:
+            if bias := r.params.logit_bias:
+                ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+                logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+
+    def _block_early_stop(self, logits: torch.Tensor, requests: list[Request], constrained: set[int]) -> None:
+        """Before min_new_tokens, EOS and stop tokens cannot be chosen (but where a grammar ends the text)."""
+        for i, r in enumerate(requests):
+            if r.num_generated < r.params.min_new_tokens and i not in constrained:
                 stops = r.params.stop_token_ids + ([] if r.params.ignore_eos else self.eos_token_ids)
                 logits[i, stops] = float("-inf")
 

@@ -1,0 +1,64 @@
+"""Structured output: what a request may ask its text to match, as one llguidance grammar.
+
+A request names one constraint, with vLLM's names for them (`structured_outputs`): `json` (a JSON Schema),
+`json_object` (any JSON object), `regex`, `choice` (one of some strings) or `grammar` (Lark, as llguidance
+writes it, or GBNF as llama.cpp does). llguidance compiles each to token masks; it has no dependencies,
+so the frontend, which has no torch, refuses a bad constraint before any worker sees it. Imported by both."""
+import json
+
+import llguidance
+from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+
+KINDS = ("json", "json_object", "regex", "choice", "grammar")
+MAX_CHOICES = 1024
+
+
+def grammar(structured: dict) -> str:
+    """The llguidance grammar of a constraint; ValueError naming what is wrong if it is not one."""
+    if not isinstance(structured, dict) or len(structured) != 1 or next(iter(structured)) not in KINDS:
+        raise ValueError(f"a structured output constraint is one of {', '.join(KINDS)}, got {_keys(structured)}")
+    (kind, value), = structured.items()
+    text = _grammar(kind, value)
+    if error := llguidance.LLMatcher.validate_grammar(text):
+        raise ValueError(f"{kind}: {error.strip()}")
+    return text
+
+
+def _grammar(kind: str, value) -> str:
+    if kind == "json":
+        if isinstance(value, str):
+            value = _json(value)
+        if not isinstance(value, (dict, bool)):
+            raise ValueError("json: a JSON Schema is an object (or its JSON text)")
+        return llguidance.LLMatcher.grammar_from_json_schema(value, defaults={"whitespace_flexible": False})
+    if kind == "json_object":
+        if value is not True:
+            raise ValueError("json_object: must be true")
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"})
+    if kind == "regex":
+        if not isinstance(value, str) or not value:
+            raise ValueError("regex: must be a non-empty string")
+        return llguidance.LLMatcher.grammar_from_regex(value)
+    if kind == "choice":
+        if (not isinstance(value, list) or not 0 < len(value) <= MAX_CHOICES
+                or not all(isinstance(c, str) and c for c in value)):
+            raise ValueError(f"choice: must be a list of 1 to {MAX_CHOICES} non-empty strings")
+        return llguidance.LLMatcher.grammar_from_lark(
+            "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value))
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("grammar: must be a non-empty Lark or GBNF grammar")
+    try:
+        return llguidance.LLMatcher.grammar_from_lark(any_to_lark(value))
+    except GbnfToLarkError as e:
+        raise ValueError(f"grammar: {e}") from None
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"json: not JSON ({e})") from None
+
+
+def _keys(value) -> str:
+    return f"the keys {sorted(map(str, value))}" if isinstance(value, dict) else type(value).__name__
