@@ -84,6 +84,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None   # None: none; 0: the chosen token's; n: also the top n
+    prompt_logprobs: int | None = None  # the same for each prompt token (the first has none)
     return_full_text: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits of these token ids
     structured: dict | None = None  # what the text must match: {"json": schema}, {"regex": ...}, ... (grammar.py)
@@ -123,8 +124,9 @@ class SamplingParams:
         _check(isinstance(self.stop_token_ids, list) and len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS
                and all(_is_int(t, 0, MAX_INT32) for t in self.stop_token_ids),
                f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} non-negative token ids")
-        _check(self.logprobs is None or _is_int(self.logprobs, 0, MAX_LOGPROBS),
-               f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {_show(self.logprobs)}")
+        for name in ("logprobs", "prompt_logprobs"):
+            _check(getattr(self, name) is None or _is_int(getattr(self, name), 0, MAX_LOGPROBS),
+                   f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {_show(getattr(self, name))}")
         _check(isinstance(self.logit_bias, dict) and len(self.logit_bias) <= MAX_LOGIT_BIAS_TOKENS
                and all(_is_int(t, 0, MAX_INT32) and _is_real(b, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
                        for t, b in self.logit_bias.items()),

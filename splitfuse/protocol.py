@@ -122,6 +122,8 @@ class Delta:
     top_logprobs: list | None = None    # per token: {token id: logprob}
     prompt_length: int | None = None
     num_cached_tokens: int | None = None  # prompt tokens whose KV came from the prefix cache; on the last delta
+    prompt_logprobs: list | None = None  # per prompt token: nil for the first, then {token id: logprob} holding
+                                         # it and the top ones; once, with the first token, when asked
 
 
 @dataclass(slots=True)
@@ -182,6 +184,7 @@ class Output:
     logprobs: list | None = None        # of token_ids, when the request asked for logprobs
     top_logprobs: list | None = None    # per token: {token id: logprob}
     num_cached_tokens: int | None = None
+    prompt_logprobs: list | None = None  # as Delta's
 
 
 @dataclass(slots=True)

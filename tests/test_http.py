@@ -15,8 +15,10 @@ from pathlib import Path
 
 import openai
 import pytest
+import tokenizers
 import zmq.auth
 
+from splitfuse.compiled.bundled import bundled_model_dir
 from splitfuse.frontend.client import Client, CurveKeys
 from splitfuse.frontend.pipeline import pipeline
 from splitfuse.frontend.serve import serve
@@ -109,9 +111,25 @@ async def until(condition, what: str, timeout: float = 60) -> None:
         await asyncio.sleep(0.2)
 
 
+def test_tokenize_and_detokenize_as_vllm_shapes_them(server):
+    """The frontend's tokenizer, checked against the tokenizers package reading the same file."""
+    reference = tokenizers.Tokenizer.from_file(str(bundled_model_dir() / "tokenizer.json"))
+    status, text = http(server, "/tokenize", {"prompt": "The sea is calm tonight."}, key=KEY)
+    answer = json.loads(text)
+    assert status == 200 and answer["tokens"] == reference.encode("The sea is calm tonight.").ids
+    assert answer["count"] == len(answer["tokens"]) and answer["max_model_len"] == ENGINE["max_model_len"]
+    status, text = http(server, "/detokenize", {"tokens": answer["tokens"]}, key=KEY)
+    assert status == 200 and json.loads(text) == {"prompt": "The sea is calm tonight."}
+    status, text = http(server, "/tokenize", {"messages": [{"role": "user", "content": "Hi"}]}, key=KEY)
+    assert status == 200 and reference.decode(json.loads(text)["tokens"], skip_special_tokens=False).endswith(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert http(server, "/tokenize", {"prompt": "Hi"})[0] == 401  # the key guards every path but the probes
+    assert http(server, "/detokenize", {"tokens": [10**6]}, key=KEY)[0] == 400
+
+
 def test_models_health_metrics_and_the_api_key(server):
     models = client(server).models.list().data
-    assert [m.id for m in models] == ["smollm2-135m-instruct"]
+    assert [m.id for m in models] == ["smollm2-135m-instruct"] and models[0].max_model_len == ENGINE["max_model_len"]
     with pytest.raises(openai.AuthenticationError):
         client(server, key="wrong").models.list()
     assert http(server, "/health")[0] == 200  # no key needed to probe

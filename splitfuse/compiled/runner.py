@@ -41,6 +41,7 @@ class SequenceChunk:
     start: int
     block_table: list[int]
     sample: bool  # whether this step wants the next-token logits of this sequence
+    score: bool = False  # whether it wants the logits of every token (prompt log-probabilities)
 
 
 def default_buckets(token_budget: int, gpu: bool) -> list[int]:
@@ -123,9 +124,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: list[SequenceChunk]) -> torch.Tensor:
-        """Run one step; returns fp32 logits [num sampled chunks, vocab] in chunk order."""
+        """Run one step; returns fp32 logits in chunk order: a row per token of a scoring chunk (its last is
+        the sampled one's when it samples), one per other sampled chunk."""
         num_tokens = sum(len(c.token_ids) for c in chunks)
-        if num_tokens > self.buckets[-1]:
+        if num_tokens > self.buckets[-1] or any(c.score for c in chunks):
             return self._execute_oversized(chunks, num_tokens)
         bucket = self.bucket_for(num_tokens)
         if len(chunks) > self.seqs_in_bucket(bucket):
@@ -135,8 +137,9 @@ class ModelRunner:
         return self._step(self._buffers, bucket, len(chunks), num_logits)
 
     def _execute_oversized(self, chunks: list[SequenceChunk], num_tokens: int) -> torch.Tensor:
-        """Only the prefill-first baseline exceeds the budget (a whole long prompt in one step):
-        such steps run eagerly at their exact size rather than adding shapes to compile."""
+        """Steps the buckets do not fit: the prefill-first baseline's (a whole long prompt in one step) and
+        those that score a prompt (logits at every row). They run eagerly at their exact size rather than
+        adding shapes to compile."""
         buffers = self.step_buffers(None, num_tokens, len(chunks))
         num_logits = buffers.fill(chunks, num_tokens, len(chunks), self.block_size)
         buffers.copy(len(chunks))
@@ -155,8 +158,10 @@ class ModelRunner:
 
     def run_step(self, buffers: "_StepBuffers", bucket: int | None, num_logits: int) -> torch.Tensor:
         """The forward of filled (and copied) buffers at `bucket`, or eagerly at their own size (None)."""
-        hidden = self._run(bucket) if bucket is not None else self.model(buffers.batch, self.kv_caches)
-        return self.model.lm_head(hidden[:num_logits])
+        if bucket is not None:
+            return self.model.lm_head(self._run(bucket)[:num_logits])
+        batch = dataclasses.replace(buffers.batch, logits_indices=buffers.batch.logits_indices[:num_logits])
+        return self.model.lm_head(self.model(batch, self.kv_caches))
 
     @torch.inference_mode()
     def profile(self) -> None:
@@ -286,7 +291,7 @@ class _StepBuffers:
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
         shapes = {"input_ids": (max_tokens,), "positions": (max_tokens,), "slot_mapping": (max_tokens,),
-                  "query_start_loc": (max_seqs + 1,), "seq_lens": (max_seqs,), "logits_indices": (max_seqs,),
+                  "query_start_loc": (max_seqs + 1,), "seq_lens": (max_seqs,), "logits_indices": (max_tokens,),
                   "block_tables": (max_seqs, max_blocks)}
         size = sum(math.prod(shape) for shape in shapes.values())
         cuda = device.type == "cuda"
@@ -334,10 +339,13 @@ class _StepBuffers:
             self.block_tables[i, :len(chunk.block_table)] = chunk.block_table
             self.query_start_loc[i] = offset
             self.seq_lens[i] = chunk.start + n
-            offset += n
-            if chunk.sample:
-                self.logits_indices[num_logits] = offset - 1
+            if chunk.score:  # every row: row j gives the logits of the token after it
+                self.logits_indices[num_logits:num_logits + n] = np.arange(offset, offset + n)
+                num_logits += n
+            elif chunk.sample:
+                self.logits_indices[num_logits] = offset + n - 1
                 num_logits += 1
+            offset += n
         self.query_start_loc[len(chunks):seqs + 1] = offset  # padded sequences: query length 0
         return num_logits
 

@@ -206,7 +206,7 @@ class AsyncClient:
 
 def _delta(msg: protocol.Delta) -> Delta:
     return Delta(msg.text, msg.token_ids, msg.finish_reason, msg.error, msg.logprobs, msg.top_logprobs,
-                 msg.prompt_length, msg.num_cached_tokens)
+                 msg.prompt_length, msg.num_cached_tokens, msg.prompt_logprobs)
 
 
 class Client:

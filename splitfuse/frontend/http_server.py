@@ -52,9 +52,9 @@ class StreamOptions(BaseModel):
 
 # Fields of the OpenAI and vLLM APIs that this server does not implement yet: refused by name, so that a
 # client asking for JSON or a tool call is told, not handed free text.
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "prompt_logprobs",
-               "suffix", "best_of")
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "suffix", "best_of")
 ROLES = ("system", "developer", "user", "assistant")
+OPEN_PATHS = ("/health", "/metrics", "/openapi.json")  # probes and scrapers carry no key; every other path needs it
 TOKEN_ID = "x-token-id"  # marks token-id schemas in the OpenAPI document until the vocabulary's bound replaces it
 
 
@@ -120,6 +120,7 @@ class Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
+    prompt_logprobs: Int(ge=0, le=MAX_LOGPROBS) | None = None  # vLLM's: each prompt token's, and the top n
     # What the text must match (grammar.py): OpenAI's response_format, or vLLM's names.
     response_format: ResponseFormat | None = None
     structured_outputs: dict | None = None
@@ -152,7 +153,8 @@ class Sampling(BaseModel):
             frequency_penalty=self.frequency_penalty, seed=None if self.seed is None else self.seed + choice,
             stop=[self.stop] if isinstance(self.stop, str) else self.stop or [],
             stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos, logprobs=logprobs,
-            return_full_text=echo, logit_bias=_token_biases(self.logit_bias or {}), structured=self.structured())
+            return_full_text=echo, logit_bias=_token_biases(self.logit_bias or {}), structured=self.structured(),
+            prompt_logprobs=self.prompt_logprobs if self.prompt_logprobs is not None else logprobs if echo else None)
 
     def structured(self) -> dict | None:
         """The one constraint this request names, in grammar.py's form."""
@@ -179,6 +181,21 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal[ROLES]
     content: str | list[TextPart] | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages (rendered with the generation prompt)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = None
+    tokens: list[TokenId]
 
 
 class ChatRequest(Sampling):
@@ -282,7 +299,7 @@ def _settle(future: asyncio.Future, result, error: Exception | None) -> None:
 class HttpOptions:
     host: str = "127.0.0.1"
     port: int = 8000                 # 0: a free one
-    api_key: str | None = None       # required as `Authorization: Bearer <key>` on /v1/*
+    api_key: str | None = None       # required as `Authorization: Bearer <key>` but on OPEN_PATHS
     model_name: str | None = None    # the name clients give as `model`; None: the model directory's name
     # Limits against clients that would hold the server's memory, descriptors or queue:
     max_body_bytes: int = 8 << 20    # a larger body is refused (413) before it is read
@@ -307,7 +324,7 @@ class Gate:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         key = self.options.api_key
-        if key is not None and scope["path"].startswith("/v1/") and not hmac.compare_digest(
+        if key is not None and scope["path"] not in OPEN_PATHS and not hmac.compare_digest(
                 headers.get(b"authorization", b""), f"Bearer {key}".encode()):
             return await _send_error(send, 401, "a valid API key is required: send the header "
                                                 "`Authorization: Bearer <key>`")
@@ -377,12 +394,36 @@ def create_app(core: Core, model_name: str, options: HttpOptions) -> FastAPI:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
                                             "owned_by": "splitfuse", "max_model_len": core.max_model_len}]}
 
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        _check_model(body.model, model_name)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give either prompt or messages")
+        if body.messages is not None and len(body.messages) > options.max_messages:
+            raise ApiError(400, f"{len(body.messages)} messages; this server takes at most {options.max_messages}",
+                           "messages")
+        try:
+            ids = await asyncio.to_thread(_tokenize, core.tokenizer, body)  # off the loop, as prompts are
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        return {"count": len(ids), "max_model_len": core.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        _check_model(body.model, model_name)
+        if not all(t < core.tokenizer.vocab_size for t in body.tokens):
+            raise ApiError(400, f"tokens must be in [0, {core.tokenizer.vocab_size}), this model's vocabulary",
+                           "tokens")
+        return {"prompt": core.tokenizer.decode(body.tokens)}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model, model_name)
         prompts = body.prompt if _is_batch(body.prompt) else [body.prompt]
         fields = [{"prompt": p} if isinstance(p, str) else {"prompt_ids": p} for p in prompts]
-        answer = Completion(core, model_name, body.logprobs)
+        echoed = [core.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts] \
+            if body.echo and body.logprobs is not None else None
+        answer = Completion(core, model_name, body.logprobs, body.prompt_logprobs is not None, echoed, body.n)
         return await _respond(bridge, request, answer, body,
                               _requests(body, core, options, fields, body.logprobs, body.echo))
 
@@ -395,7 +436,7 @@ def create_app(core: Core, model_name: str, options: HttpOptions) -> FastAPI:
         body.max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         fields = [{"messages": [_message(m) for m in body.messages]}]
-        answer = ChatCompletion(core, model_name, logprobs)
+        answer = ChatCompletion(core, model_name, logprobs, body.prompt_logprobs is not None)
         return await _respond(bridge, request, answer, body, _requests(body, core, options, fields, logprobs, False))
 
     return app
@@ -425,7 +466,7 @@ def _document(app: FastAPI, vocab_size: int) -> dict:
     for path, operations in app.openapi_schema["paths"].items():
         for operation in operations.values():
             operation["responses"].pop("422", None)
-            if path.startswith("/v1/"):
+            if path not in OPEN_PATHS:
                 operation["responses"] |= {status: {"description": text, "content": {
                     "application/json": {"schema": reference}}} for status, text in errors.items()}
             if path.endswith("completions"):  # "stream": true answers server-sent events
@@ -484,6 +525,12 @@ def _token_biases(logit_bias: dict[str, float]) -> dict[int, float]:
 def _check_model(requested: str | None, served: str) -> None:
     if requested is not None and requested != served:
         raise ApiError(404, f"the model {requested!r} does not exist; this server serves {served!r}", "model")
+
+
+def _tokenize(tokenizer, body: TokenizeRequest) -> list[int]:
+    if body.messages is not None:
+        return tokenizer.apply_chat_template([_message(m) for m in body.messages])
+    return tokenizer.encode(body.prompt, body.add_special_tokens)
 
 
 def _is_batch(prompt) -> bool:
@@ -598,8 +645,9 @@ class Answer:
     chunk_name = ""
     id_prefix = ""
 
-    def __init__(self, core: Core, model: str, top_logprobs: int | None):
+    def __init__(self, core: Core, model: str, top_logprobs: int | None, prompt_logprobs: bool):
         self.tokenizer, self.model, self.top_logprobs = core.tokenizer, model, top_logprobs
+        self.prompt_logprobs = prompt_logprobs  # vLLM's field was asked for: answered in vLLM's shape
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self._tokens_so_far: dict[int, int] = {}  # per choice, for completion logprobs' text offsets
@@ -621,6 +669,14 @@ class Answer:
     def choice(self, index: int, delta: Delta) -> dict:
         raise NotImplementedError
 
+    def vllm_prompt_logprobs(self, delta: Delta) -> dict:
+        """vLLM's `prompt_logprobs`: per prompt token, null for the first, then {token id: {logprob, token}}."""
+        if not self.prompt_logprobs or delta.prompt_logprobs is None:
+            return {}
+        return {"prompt_logprobs": [None if top is None else {str(t): {"logprob": lp, "decoded_token": self.token(t)}
+                                                             for t, lp in top.items()}
+                                    for top in delta.prompt_logprobs]}
+
     def chunk(self, index: int, delta: Delta) -> dict | None:
         raise NotImplementedError
 
@@ -629,9 +685,14 @@ class Completion(Answer):
     object_name = chunk_name = "text_completion"
     id_prefix = "cmpl"
 
+    def __init__(self, core: Core, model: str, top_logprobs: int | None, prompt_logprobs: bool,
+                 echoed: list[list[int]] | None, n: int):
+        super().__init__(core, model, top_logprobs, prompt_logprobs)
+        self.echoed, self.n = echoed, n  # echo with logprobs: each prompt's ids, whose logprobs lead the choice's
+
     def choice(self, index: int, delta: Delta) -> dict:
         return {"index": index, "text": delta.text, "logprobs": self._logprobs(index, delta),
-                "finish_reason": delta.finish_reason}
+                "finish_reason": delta.finish_reason} | self.vllm_prompt_logprobs(delta)
 
     def chunk(self, index: int, delta: Delta) -> dict | None:
         if not delta.text and delta.finish_reason is None and not delta.logprobs:
@@ -641,15 +702,20 @@ class Completion(Answer):
     def _logprobs(self, index: int, delta: Delta) -> dict | None:
         if self.top_logprobs is None or delta.logprobs is None:
             return None
-        tokens = [self.token(t) for t in delta.token_ids]
+        ids, logprobs, tops = delta.token_ids, delta.logprobs, delta.top_logprobs
+        if self.echoed is not None and delta.prompt_logprobs is not None:  # echo: the prompt's tokens lead
+            prompt = self.echoed[index // self.n]
+            ids, tops = prompt + ids, delta.prompt_logprobs + tops
+            logprobs = [None] + [top[t] for top, t in zip(delta.prompt_logprobs[1:], prompt[1:])] + logprobs
+        tokens = [self.token(t) for t in ids]
         offset = self._tokens_so_far.get(index, 0)
         offsets = []
         for token in tokens:
             offsets.append(offset)
             offset += len(token)
         self._tokens_so_far[index] = offset
-        return {"tokens": tokens, "token_logprobs": delta.logprobs, "text_offset": offsets,
-                "top_logprobs": [{self.token(t): lp for t, lp in top.items()} for top in delta.top_logprobs]
+        return {"tokens": tokens, "token_logprobs": logprobs, "text_offset": offsets,
+                "top_logprobs": [None if top is None else {self.token(t): lp for t, lp in top.items()} for top in tops]
                 if self.top_logprobs else None}
 
 
@@ -657,6 +723,9 @@ class ChatCompletion(Answer):
     object_name = "chat.completion"
     chunk_name = "chat.completion.chunk"
     id_prefix = "chatcmpl"
+
+    def whole(self, finals: list[Delta], n: int) -> dict:
+        return super().whole(finals, n) | self.vllm_prompt_logprobs(finals[0])  # one prompt: at the top, as vLLM
 
     def choice(self, index: int, delta: Delta) -> dict:
         return {"index": index, "message": {"role": "assistant", "content": delta.text},

@@ -21,6 +21,7 @@ class Delta:
     top_logprobs: list[dict[int, float]] | None = None
     prompt_length: int | None = None
     num_cached_tokens: int | None = None    # prompt tokens whose KV came from the prefix cache
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # see protocol.Delta; with the first token
 
 
 @dataclass(slots=True)
@@ -34,12 +35,14 @@ class Response:
     top_logprobs: list[dict[int, float]] | None = None
     error: str | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @classmethod
     def of(cls, whole: Delta) -> "Response":
         """The Response of a request that was not streamed, from its one Delta."""
         return cls(whole.text, whole.token_ids, whole.prompt_length or 0, len(whole.token_ids), whole.finish_reason,
-                   whole.logprobs, whole.top_logprobs, whole.error, whole.num_cached_tokens or 0)
+                   whole.logprobs, whole.top_logprobs, whole.error, whole.num_cached_tokens or 0,
+                   whole.prompt_logprobs)
 
 
 @dataclass(slots=True)
@@ -55,6 +58,7 @@ class ResponseBuilder:
     finish_reason: str | None = None
     error: str | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     _detok: IncrementalDetokenizer | None = None
     _prefix: str = ""   # return_full_text: the prompt, ahead of the first streamed text
 
@@ -66,6 +70,8 @@ class ResponseBuilder:
         """A stop string also finishes the request (reason "stop"); the caller then aborts it upstream."""
         if self.finish_reason is not None:
             return Delta("", [], self.finish_reason)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         if not self._detok.stopped:
             self.token_ids.extend(out.token_ids)
             self.logprobs.extend(out.logprobs or [])
@@ -73,19 +79,21 @@ class ResponseBuilder:
         text, stopped = self._detok.add(out.token_ids)
         finish_reason = "stop" if stopped else out.finish_reason
         if finish_reason is None:
-            return Delta(self._prefixed(text), list(out.token_ids), None, None, out.logprobs, out.top_logprobs)
+            return Delta(self._prefixed(text), list(out.token_ids), None, None, out.logprobs, out.top_logprobs,
+                         prompt_logprobs=out.prompt_logprobs)
         self.finish_reason, self.error = finish_reason, out.error
         self.num_cached_tokens = out.num_cached_tokens or 0
         text += self._detok.flush()
         return Delta(self._prefixed(text), list(out.token_ids), finish_reason, out.error, out.logprobs,
-                     out.top_logprobs, len(self.prompt_ids), self.num_cached_tokens)
+                     out.top_logprobs, len(self.prompt_ids), self.num_cached_tokens, out.prompt_logprobs)
 
     def whole(self) -> Delta:
         """Once finished: the whole response as one Delta."""
         wants = self.params.logprobs is not None
         text = (self.prompt_text if self.params.return_full_text else "") + self._detok.text
         return Delta(text, self.token_ids, self.finish_reason, self.error, self.logprobs if wants else None,
-                     self.top_logprobs if wants else None, len(self.prompt_ids), self.num_cached_tokens)
+                     self.top_logprobs if wants else None, len(self.prompt_ids), self.num_cached_tokens,
+                     self.prompt_logprobs)
 
     def _prefixed(self, text: str) -> str:
         text, self._prefix = self._prefix + text, ""

@@ -486,10 +486,12 @@ class Router:
         if out.logprobs is not None and (len(out.logprobs) != len(out.token_ids) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in out.logprobs)):
             return "logprobs must be one number per token"
-        if out.top_logprobs is not None and (len(out.top_logprobs) != len(out.token_ids) or not all(
-                isinstance(top, dict) and all(isinstance(k, int) and isinstance(v, (int, float)) for k, v in top.items())
-                for top in out.top_logprobs)):
+        if out.top_logprobs is not None and (len(out.top_logprobs) != len(out.token_ids)
+                                             or not all(map(_is_logprob_map, out.top_logprobs))):
             return "top_logprobs must be one map of token ids to numbers per token"
+        if out.prompt_logprobs is not None and (not out.prompt_logprobs or out.prompt_logprobs[0] is not None
+                                                or not all(map(_is_logprob_map, out.prompt_logprobs[1:]))):
+            return "prompt_logprobs must be nil, then one map of token ids to numbers per prompt token"
         if out.num_cached_tokens is not None and out.num_cached_tokens < 0:
             return "num_cached_tokens must not be negative"
         return None
@@ -538,3 +540,8 @@ FINISH_REASONS = (None, "stop", "length", "abort", "error")
 def _valid_stats(stats) -> bool:
     """A worker's heartbeat stats: names to non-negative integers (the router and /metrics add them up)."""
     return isinstance(stats, dict) and all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in stats.items())
+
+
+def _is_logprob_map(top) -> bool:
+    return isinstance(top, dict) and all(isinstance(k, int) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                                         for k, v in top.items())

@@ -104,7 +104,7 @@ class ZmqFrontend:
             del self.keys[(client, rid)]
         self._send(client, protocol.Delta(rid, event.token_ids, event.text, event.finish_reason, event.error,
                                           event.logprobs, event.top_logprobs, event.prompt_length,
-                                          event.num_cached_tokens))
+                                          event.num_cached_tokens, event.prompt_logprobs))
 
     def _send(self, client: bytes, msg: protocol.Message) -> None:
         try:

@@ -34,10 +34,10 @@ class Tokenizer:
         longest = max(map(len, self._tok.get_vocab(with_added_tokens=True)))
         self.max_chars = max_model_len * longest if max_model_len else None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str) or not text:
             raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
-        return self._encode(text, add_special_tokens=True)
+        return self._encode(text, add_special_tokens)
 
     def encode_prompt(self, params: SamplingParams, *, prompt: str | None = None, messages: list | None = None,
                       prompt_ids: list[int] | None = None) -> tuple[str, list[int]]:

@@ -72,7 +72,7 @@ class BlockManager:
         of the request's tokens, leaving at least its last token to compute (it gives the logits to
         sample). A block with the last token is never taken, so no request writes into a shared block."""
         assert not request.block_table and request.num_computed_tokens == 0
-        if not self.enable_caching:
+        if not self.enable_caching or request.scores_prompt:  # its prompt's logits are wanted: compute them all
             return
         for i in range((len(request.token_ids) - 1) // self.block_size):
             block = self._cached.get(self._hash(request, i))

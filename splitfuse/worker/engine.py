@@ -78,6 +78,8 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in flight")
         self._check_prompt(prompt_token_ids, params)
         request = Request(request_id, list(prompt_token_ids), len(prompt_token_ids), params, next(self._arrivals))
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs.append(None)  # the first token has nothing before it
         if params.structured is not None:
             self.grammars.start(request_id, params.structured)
         self._requests[request_id] = request
@@ -138,9 +140,12 @@ class Engine:
         chunks = [SequenceChunk(s.request.token_ids[s.request.num_computed_tokens:
                                                     s.request.num_computed_tokens + s.num_tokens],
                                 s.request.num_computed_tokens, s.request.block_table,
-                                s.request.num_computed_tokens + s.num_tokens == len(s.request.token_ids))
+                                s.request.num_computed_tokens + s.num_tokens == len(s.request.token_ids),
+                                s.request.scores_prompt)
                   for s in scheduled]
         logits = self.runner.execute(chunks)
+        if any(c.score for c in chunks):
+            logits = self._score_prompts(scheduled, chunks, logits)
         for s in scheduled:
             s.request.num_computed_tokens += s.num_tokens
         sampling = [s.request for s, c in zip(scheduled, chunks) if c.sample]
@@ -157,6 +162,19 @@ class Engine:
             self._idle.set()
         return outputs
 
+    def _score_prompts(self, scheduled, chunks: list[SequenceChunk], logits: torch.Tensor) -> torch.Tensor:
+        """Record the prompt log-probabilities the scoring chunks' rows give; returns the sampled rows."""
+        row, sampled = 0, []
+        for s, chunk in zip(scheduled, chunks):
+            if chunk.score:
+                _record_prompt_logprobs(s.request, chunk.start, logits[row:row + len(chunk.token_ids)])
+                row += len(chunk.token_ids)
+                sampled += [row - 1] if chunk.sample else []
+            elif chunk.sample:
+                sampled.append(row)
+                row += 1
+        return logits[sampled]
+
     def _append(self, request: Request, token: int, logprob: float | None, top: dict | None) -> RequestOutput:
         request.token_ids.append(token)
         error = self.grammars.accept(request.request_id, token) if request.request_id in self.grammars else None
@@ -164,8 +182,9 @@ class Engine:
         if request.finish_reason is not None:
             self._forget(request)
         wants = request.params.logprobs is not None
-        return RequestOutput(request.request_id, [token], request.finish_reason,
-                             [logprob] if wants else None, [top] if wants else None, error)
+        first = request.num_generated == 1 and request.params.prompt_logprobs is not None
+        return RequestOutput(request.request_id, [token], request.finish_reason, [logprob] if wants else None,
+                             [top] if wants else None, error, request.prompt_logprobs if first else None)
 
     def _forget(self, request: Request) -> None:
         self.scheduler.remove(request)
@@ -183,6 +202,23 @@ class Engine:
         if request.num_generated >= p.max_new_tokens or len(request.token_ids) >= self.max_model_len:
             return "length"
         return None
+
+
+def _record_prompt_logprobs(request: Request, start: int, logits: torch.Tensor) -> None:
+    """Row j of `logits` follows the token at position start + j: it scores the prompt token after it.
+    Positions scored before (a preempted request computes its prompt again) are kept as they were."""
+    first = len(request.prompt_logprobs)  # the next position to score
+    rows = range(max(first - 1 - start, 0), min(len(logits), request.prompt_len - 1 - start))
+    if not rows:
+        return
+    logprobs = torch.log_softmax(logits[rows.start:rows.stop].float(), dim=-1)
+    targets = request.token_ids[start + 1 + rows.start:start + 1 + rows.stop]
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device).unsqueeze(1)).squeeze(1).tolist()
+    top_k = request.params.prompt_logprobs
+    top_vals, top_ids = logprobs.topk(top_k, dim=-1) if top_k else (None, None)
+    for j, (target, value) in enumerate(zip(targets, chosen)):
+        top = dict(zip(top_ids[j].tolist(), top_vals[j].tolist())) if top_k else {}
+        request.prompt_logprobs.append(top | {target: value})
 
 
 def _eos_token_ids(hf_config) -> list[int]:

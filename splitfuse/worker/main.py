@@ -117,7 +117,7 @@ class Worker:
             request = self._requests.pop(out.request_id, None)
             cached = request.num_cached_tokens if request is not None else 0
         return protocol.Output(out.request_id, out.new_token_ids, out.finish_reason, out.error, out.logprobs,
-                               out.top_logprobs, cached)
+                               out.top_logprobs, cached, out.prompt_logprobs)
 
     def _heartbeat(self) -> None:
         self._last_heartbeat = time.monotonic()

@@ -18,6 +18,12 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks of token_ids, memoised
     num_registered_blocks: int = 0          # leading blocks of block_table known to the prefix cache
     finish_reason: str | None = None
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)  # per prompt position, when asked
+
+    @property
+    def scores_prompt(self) -> bool:
+        """It asked for its prompt's log-probabilities and some are still to compute."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len
 
     @property
     def num_generated(self) -> int:
@@ -38,3 +44,4 @@ class RequestOutput:
     logprobs: list[float] | None = None     # of the new tokens, when asked
     top_logprobs: list[dict[int, float]] | None = None
     error: str | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # with the first token, when asked
