@@ -21,6 +21,7 @@ from splitfuse.frontend import server
 from splitfuse.frontend.client import AsyncClient, Client
 from splitfuse.frontend.core import MAX_QUEUED_REQUESTS
 from splitfuse.frontend.serve import serve
+from splitfuse.frontend.tools import TOOL_PARSERS
 
 HELP = {
     "dtype": "weights and KV cache dtype: auto, bf16, fp16 or fp32",
@@ -105,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="serve the ZeroMQ protocol (--no-zmq: HTTP only)")
     p.add_argument("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API on this port of --host "
                                                  "(0: a free one, printed)")
-    p.add_argument("--api-key", help="HTTP clients must send `Authorization: Bearer KEY` on /v1/*")
+    p.add_argument("--api-key", help="HTTP clients must send `Authorization: Bearer KEY` (on every path but "
+                                     "/health, /metrics and /openapi.json)")
     limits = p.add_argument_group("HTTP limits")
     defaults = {f.name: f.default for f in fields(server.HttpOptions)}
     for name, text in (("max_body_bytes", "a larger request body is refused (413) before it is read"),
@@ -119,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
                             default=defaults[name],
                             help=f"{text} (default: %(default)s)")
     p.add_argument("--served-model-name", help="the model name HTTP clients give (default: the model directory's)")
+    p.add_argument("--tool-call-parser", choices=TOOL_PARSERS, default="hermes",
+                   help="how the served model writes tool calls: hermes (Qwen2/2.5, Hermes 2/3) or llama3_json "
+                        "(Llama 3.1-3.3) (default: %(default)s)")
     p.add_argument("--curve-secret", metavar="FILE", help="encrypt the ZeroMQ socket with CURVE: this server's "
                                                           "certificate with its secret key (made by "
                                                           "zmq.auth.create_certificates)")
@@ -255,7 +260,7 @@ def _serve(args: argparse.Namespace) -> None:
     address = (args.address or f"tcp://{args.host}:{args.port or '*'}") if args.zmq else None
     http = None if args.http_port is None else server.HttpOptions(
         args.host, args.http_port, args.api_key, args.served_model_name, args.max_body_bytes, args.read_timeout,
-        args.max_connections, args.keep_alive, args.max_choices, args.max_messages)
+        args.max_connections, args.keep_alive, args.max_choices, args.max_messages, args.tool_call_parser)
     if (args.curve_secret is None) != (args.curve_clients is None):
         raise ValueError("CURVE needs both --curve-secret and --curve-clients")
     curve = server.CurveOptions(args.curve_secret, args.curve_clients) if args.curve_secret else None

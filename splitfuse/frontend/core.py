@@ -109,16 +109,18 @@ class Core:
         return self.router.info.max_model_len
 
     def submit(self, sink: Sink, params: SamplingParams, *, prompt: str | None = None, messages: list | None = None,
-               prompt_ids: list[int] | None = None, stream: bool = True, timeout: float | None = None) -> str:
-        """Start a request from exactly one of prompt, messages or prompt_ids; returns its key. Raises
-        Unavailable or Overloaded at once; a prompt that cannot be taken reaches the sink as ValueError."""
+               prompt_ids: list[int] | None = None, tools: list[dict] | None = None, stream: bool = True,
+               timeout: float | None = None) -> str:
+        """Start a request from exactly one of prompt, messages (with the tools the chat template is given)
+        or prompt_ids; returns its key. Raises Unavailable or Overloaded at once; a prompt that cannot be
+        taken reaches the sink as ValueError."""
         self._admit()
         key = str(next(self._keys))
         now = time.monotonic()
         timeout = timeout or self.request_timeout
         self.requests[key] = Tracked(key, sink, params, stream, now + timeout if timeout else math.inf, now)
         future = self._pool.submit(self.tokenizer.encode_prompt, params, prompt=prompt, messages=messages,
-                                   prompt_ids=prompt_ids)
+                                   prompt_ids=prompt_ids, tools=tools)
         future.add_done_callback(lambda f: self.call_soon(lambda: self._on_encoded(key, f)))
         return key
 

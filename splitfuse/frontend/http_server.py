@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Annotated, Literal
 
@@ -35,8 +35,10 @@ from splitfuse.config import (MAX_INT32, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENAL
                               SamplingParams)
 from splitfuse.frontend.core import Core, Overloaded, Unavailable
 from splitfuse.frontend.response import Delta
+from splitfuse.frontend.tools import ToolFormat
 
 MAX_CHOICES = 64   # n: choices of one prompt
+MAX_TOOLS = 128
 MAX_JSON_INT = 2**53 - 1  # exact as a double, so JSON clients that parse numbers as doubles agree on the bound
 DISCONNECT_POLL = 0.5  # seconds between checks that a client waiting for a whole answer is still there
 STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -52,8 +54,8 @@ class StreamOptions(BaseModel):
 
 # Fields of the OpenAI and vLLM APIs that this server does not implement yet: refused by name, so that a
 # client asking for JSON or a tool call is told, not handed free text.
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "suffix", "best_of")
-ROLES = ("system", "developer", "user", "assistant")
+UNSUPPORTED = ("functions", "function_call", "suffix", "best_of")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 OPEN_PATHS = ("/health", "/metrics", "/openapi.json")  # probes and scrapers carry no key; every other path needs it
 TOKEN_ID = "x-token-id"  # marks token-id schemas in the OpenAPI document until the vocabulary's bound replaces it
 
@@ -140,7 +142,8 @@ class Sampling(BaseModel):
             raise ValueError(f"{', '.join(asked)}: not supported by this server yet")
         return data
 
-    def params(self, max_model_len: int, logprobs: int | None, echo: bool, choice: int) -> SamplingParams:
+    def params(self, max_model_len: int, logprobs: int | None, echo: bool, choice: int,
+               forced: dict | None = None) -> SamplingParams:
         """The SamplingParams of choice `choice` (choices of one seeded request get seeds seed, seed+1, ...)."""
         temperature = 1.0 if self.temperature is None else self.temperature
         if 0 < temperature < MIN_TEMPERATURE:  # as vLLM: logits / a tinier one overflow
@@ -153,12 +156,12 @@ class Sampling(BaseModel):
             frequency_penalty=self.frequency_penalty, seed=None if self.seed is None else self.seed + choice,
             stop=[self.stop] if isinstance(self.stop, str) else self.stop or [],
             stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos, logprobs=logprobs,
-            return_full_text=echo, logit_bias=_token_biases(self.logit_bias or {}), structured=self.structured(),
+            return_full_text=echo, logit_bias=_token_biases(self.logit_bias or {}), structured=self.structured(forced),
             prompt_logprobs=self.prompt_logprobs if self.prompt_logprobs is not None else logprobs if echo else None)
 
-    def structured(self) -> dict | None:
-        """The one constraint this request names, in grammar.py's form."""
-        asked = {name: value for name, value in (("structured_outputs", self.structured_outputs),
+    def structured(self, forced: dict | None = None) -> dict | None:
+        """The one constraint this request names, in grammar.py's form (`forced`: its tool_choice's)."""
+        asked = {name: value for name, value in (("tool_choice", forced), ("structured_outputs", self.structured_outputs),
                                                  ("guided_json", self.guided_json and {"json": self.guided_json}),
                                                  ("guided_regex", self.guided_regex and {"regex": self.guided_regex}),
                                                  ("guided_choice", self.guided_choice and {"choice": self.guided_choice}),
@@ -177,19 +180,64 @@ class CompletionRequest(Sampling):
     echo: bool = False
 
 
+class Function(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict | None = None  # a JSON Schema of the arguments
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["function"]
+    function: Function
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class PastToolCall(BaseModel):
+    """An earlier assistant message's call, sent back with the conversation."""
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal[ROLES]
     content: str | list[TextPart] | None = None
+    tool_calls: list[PastToolCall] | None = None  # an assistant's
+    tool_call_id: str | None = None               # a tool's answer: to which call
+    name: str | None = None
 
 
-class TokenizeRequest(BaseModel):
-    """vLLM's /tokenize: a prompt, or chat messages (rendered with the generation prompt)."""
+class TokenizePrompt(BaseModel):
+    """vLLM's /tokenize of a prompt."""
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = None
-    prompt: str | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    prompt: Text
     add_special_tokens: bool = True
+
+
+class TokenizeChat(BaseModel):
+    """vLLM's /tokenize of chat messages, rendered with the generation prompt."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
 
 
 class DetokenizeRequest(BaseModel):
@@ -203,6 +251,24 @@ class ChatRequest(Sampling):
     max_completion_tokens: Int(ge=1) | None = None
     logprobs: bool = False
     top_logprobs: Int(ge=0, le=MAX_LOGPROBS) | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True  # with "auto" a model may write several; "required" and a name get one
+
+    def forced_tools(self) -> list[dict] | None:
+        """The tools one of which the answer must call (tool_choice "required", or the named one)."""
+        if self.tool_choice is None or isinstance(self.tool_choice, str) and self.tool_choice in ("none", "auto"):
+            return None
+        if not self.tools:
+            raise ApiError(400, "tool_choice names tools to call, but the request has no tools", "tool_choice")
+        tools = [t.model_dump(exclude_none=True) for t in self.tools]
+        if self.tool_choice == "required":
+            return tools
+        named = [t for t in tools if t["function"]["name"] == self.tool_choice.function.name]
+        if not named:
+            raise ApiError(400, f"tool_choice names {self.tool_choice.function.name!r}, which is not among the "
+                                f"tools", "tool_choice")
+        return named
 
 
 class ApiError(Exception):
@@ -308,6 +374,11 @@ class HttpOptions:
     keep_alive: float = 5.0          # seconds an idle connection is kept between requests
     max_choices: int = 128           # answers one request asks for (prompts times n)
     max_messages: int = 1024         # messages of one chat
+    tool_call_parser: str = "hermes"  # how the served model writes tool calls (tools.TOOL_PARSERS)
+    tool_format: ToolFormat = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tool_format = ToolFormat(self.tool_call_parser)  # a bad name fails here, at start
 
 
 class Gate:
@@ -395,11 +466,9 @@ def create_app(core: Core, model_name: str, options: HttpOptions) -> FastAPI:
                                             "owned_by": "splitfuse", "max_model_len": core.max_model_len}]}
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
+    async def tokenize(body: TokenizePrompt | TokenizeChat):
         _check_model(body.model, model_name)
-        if (body.prompt is None) == (body.messages is None):
-            raise ApiError(400, "give either prompt or messages")
-        if body.messages is not None and len(body.messages) > options.max_messages:
+        if isinstance(body, TokenizeChat) and len(body.messages) > options.max_messages:
             raise ApiError(400, f"{len(body.messages)} messages; this server takes at most {options.max_messages}",
                            "messages")
         try:
@@ -435,9 +504,14 @@ def create_app(core: Core, model_name: str, options: HttpOptions) -> FastAPI:
                                 f"{options.max_messages}", "messages")
         body.max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        fields = [{"messages": [_message(m) for m in body.messages]}]
-        answer = ChatCompletion(core, model_name, logprobs, body.prompt_logprobs is not None)
-        return await _respond(bridge, request, answer, body, _requests(body, core, options, fields, logprobs, False))
+        calling = bool(body.tools) and body.tool_choice != "none"
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if calling else None
+        forced = body.forced_tools()
+        fields = [{"messages": [_message(m) for m in body.messages], "tools": tools}]
+        answer = ChatCompletion(core, model_name, logprobs, body.prompt_logprobs is not None,
+                                options.tool_format if calling else None)
+        return await _respond(bridge, request, answer, body, _requests(
+            body, core, options, fields, logprobs, False, forced and options.tool_format.constraint(forced)))
 
     return app
 
@@ -486,11 +560,11 @@ def _document(app: FastAPI, vocab_size: int) -> dict:
 def _nullable_defaults(schema: dict) -> None:
     """Sampling takes null for any field it has a default for."""
     required = set(schema.get("required", ()))
-    for name, field in schema["properties"].items():
+    for name, prop in schema["properties"].items():
         if name in required:
             continue
-        kept = {key: field.pop(key) for key in ("title", "default") if key in field}
-        variants = field.pop("anyOf", None) or [dict(field)]
+        kept = {key: prop.pop(key) for key in ("title", "default") if key in prop}
+        variants = prop.pop("anyOf", None) or [dict(prop)]
         schema["properties"][name] = kept | {"anyOf": variants + [{"type": "null"}] * ({"type": "null"} not in variants)}
 
 
@@ -527,8 +601,8 @@ def _check_model(requested: str | None, served: str) -> None:
         raise ApiError(404, f"the model {requested!r} does not exist; this server serves {served!r}", "model")
 
 
-def _tokenize(tokenizer, body: TokenizeRequest) -> list[int]:
-    if body.messages is not None:
+def _tokenize(tokenizer, body: TokenizePrompt | TokenizeChat) -> list[int]:
+    if isinstance(body, TokenizeChat):
         return tokenizer.apply_chat_template([_message(m) for m in body.messages])
     return tokenizer.encode(body.prompt, body.add_special_tokens)
 
@@ -538,13 +612,24 @@ def _is_batch(prompt) -> bool:
 
 
 def _message(m: ChatMessage) -> dict:
-    if m.content is None or isinstance(m.content, str):
-        return {"role": m.role, "content": m.content or ""}
-    return {"role": m.role, "content": "".join(part.text for part in m.content)}
+    """A message as chat templates take it (transformers' form: a call's arguments as an object)."""
+    content = m.content or "" if m.content is None or isinstance(m.content, str) else "".join(p.text for p in m.content)
+    message = {"role": m.role, "content": content}
+    if m.tool_calls:
+        message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+            "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in m.tool_calls]
+    return message | {key: value for key, value in (("tool_call_id", m.tool_call_id), ("name", m.name)) if value}
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def _requests(body: Sampling, core: Core, options: HttpOptions, fields: list[dict], logprobs: int | None,
-              echo: bool) -> list[tuple[SamplingParams, dict]]:
+              echo: bool, forced: dict | None = None) -> list[tuple[SamplingParams, dict]]:
     """Each prompt n times: choice index = prompt index * n + choice."""
     answers, queue = len(fields) * body.n, core.max_queued_requests
     if answers > options.max_choices:
@@ -554,7 +639,7 @@ def _requests(body: Sampling, core: Core, options: HttpOptions, fields: list[dic
         raise ApiError(400, f"this request asks for {answers} answers (prompts times n); the server queues at "
                             f"most {queue} requests, so it could never be taken", "n")
     try:
-        return [(body.params(core.max_model_len, logprobs, echo, choice), f) for f in fields
+        return [(body.params(core.max_model_len, logprobs, echo, choice, forced), f) for f in fields
                 for choice in range(body.n)]
     except ValueError as e:
         raise ApiError(400, str(e)) from None
@@ -724,12 +809,20 @@ class ChatCompletion(Answer):
     chunk_name = "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
+    def __init__(self, core: Core, model: str, top_logprobs: int | None, prompt_logprobs: bool,
+                 tools: ToolFormat | None):
+        super().__init__(core, model, top_logprobs, prompt_logprobs)
+        self.tools = tools  # the request offered tools: its text is read for calls
+        self._held: dict[int, str] = {}  # per streamed choice: text that may be a call, held until the end
+
     def whole(self, finals: list[Delta], n: int) -> dict:
         return super().whole(finals, n) | self.vllm_prompt_logprobs(finals[0])  # one prompt: at the top, as vLLM
 
     def choice(self, index: int, delta: Delta) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": delta.text},
-                "logprobs": self._logprobs(delta), "finish_reason": delta.finish_reason}
+        content, calls = self.tools.parse(delta.text) if self.tools else (delta.text, [])
+        message = {"role": "assistant", "content": content or None if calls else content}
+        return {"index": index, "message": message | ({"tool_calls": [c.openai() for c in calls]} if calls else {}),
+                "logprobs": self._logprobs(delta), "finish_reason": _finish(delta.finish_reason, calls)}
 
     def opening(self, choices: int) -> list[dict]:
         return [self.chunk_base() | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -737,11 +830,21 @@ class ChatCompletion(Answer):
                 for i in range(choices)]
 
     def chunk(self, index: int, delta: Delta) -> dict | None:
-        if not delta.text and delta.finish_reason is None and not delta.logprobs:
+        text, calls = delta.text, []
+        if self.tools:  # what may begin a call is held; at the end the held text is read for calls
+            text = self._held.pop(index, "") + text
+            if delta.finish_reason is None:
+                shown = self.tools.streamable(text)
+                text, self._held[index] = text[:shown], text[shown:]
+            else:
+                text, calls = self.tools.parse(text)
+        if not text and not calls and delta.finish_reason is None and not delta.logprobs:
             return None
-        return self.chunk_base() | {"choices": [{"index": index, "delta": {"content": delta.text},
+        content = {"content": text} if text or not calls else {}
+        tool_calls = {"tool_calls": [c.openai(i) for i, c in enumerate(calls)]} if calls else {}
+        return self.chunk_base() | {"choices": [{"index": index, "delta": content | tool_calls,
                                                  "logprobs": self._logprobs(delta),
-                                                 "finish_reason": delta.finish_reason}]}
+                                                 "finish_reason": _finish(delta.finish_reason, calls)}]}
 
     def _logprobs(self, delta: Delta) -> dict | None:
         if self.top_logprobs is None or delta.logprobs is None:
@@ -752,6 +855,10 @@ class ChatCompletion(Answer):
     def _entry(self, token_id: int, logprob: float) -> dict:
         text = self.token(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+def _finish(finish_reason: str | None, calls: list) -> str | None:
+    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
 
 
 # --- the server thread ---------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ class Deployment:
 def serve(model: str | None = None, replicas: int = 1, port: int | str | None = None, *, host: str = "127.0.0.1",
           zmq: bool = True, http_port: int | None = None, api_key: str | None = None,
           served_model_name: str | None = None, curve_secret: str | None = None, curve_clients: str | None = None,
-          request_timeout: float = 600.0, http_limits: dict | None = None,
+          request_timeout: float = 600.0, http_limits: dict | None = None, tool_call_parser: str = "hermes",
           max_queued_requests: int | None = MAX_QUEUED_REQUESTS, max_queued_tokens: int | None = None,
           shutdown_timeout: float = 30.0, heartbeat_timeout: float = 30.0, ready_timeout: float = 900.0,
           worker_address: str | None = None, worker_token_file: str | None = None,
@@ -61,7 +61,8 @@ def serve(model: str | None = None, replicas: int = 1, port: int | str | None = 
     this server's secret certificate and admit only the clients whose public certificates are in the
     curve_clients directory (see CurveKeys in frontend/client.py). http_limits: HttpOptions' limits
     (max_body_bytes, read_timeout, max_connections, keep_alive, max_choices, max_messages) where the
-    defaults do not suit. max_queued_requests / max_queued_tokens: requests (prompt tokens) waiting for
+    defaults do not suit. tool_call_parser: how the model writes tool calls, "hermes" or "llama3_json"
+    (frontend/tools.py). max_queued_requests / max_queued_tokens: requests (prompt tokens) waiting for
     their first token beyond which new ones are refused (HTTP 429); None: no limit. worker_address, worker_token_file: where workers started on other machines
     (`splitfuse worker --connect`) join, e.g. "tcp://0.0.0.0:5601", and the file of the token they must
     present; with them `replicas` may be 0, and then this returns once the first worker has joined.
@@ -87,7 +88,8 @@ def serve(model: str | None = None, replicas: int = 1, port: int | str | None = 
         cmd += ["--remote", json.dumps({"address": worker_address, "token_file": worker_token_file, "curve": curve})]
     if http_port is not None:
         cmd += ["--http", json.dumps({"host": host, "port": http_port, "api_key": api_key,
-                                      "model_name": served_model_name, **(http_limits or {})})]
+                                      "model_name": served_model_name, "tool_call_parser": tool_call_parser,
+                                      **(http_limits or {})})]
     # Its own session, so a Ctrl-C meant for this program does not also hit the server mid-shutdown.
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
     deployment = Deployment(None, process, shutdown_timeout=shutdown_timeout)

@@ -40,12 +40,12 @@ class Tokenizer:
         return self._encode(text, add_special_tokens)
 
     def encode_prompt(self, params: SamplingParams, *, prompt: str | None = None, messages: list | None = None,
-                      prompt_ids: list[int] | None = None) -> tuple[str, list[int]]:
+                      prompt_ids: list[int] | None = None, tools: list[dict] | None = None) -> tuple[str, list[int]]:
         """(prompt text, prompt token ids) of a prompt given as text, chat messages or token ids. Refuses ids
         outside the vocabulary (stop_token_ids and logit_bias too) and prompts longer than the model takes. The text of
         prompt_ids is decoded only when return_full_text needs it."""
         if prompt_ids is None:
-            text = prompt if messages is None else self.render_chat(messages)
+            text = prompt if messages is None else self.render_chat(messages, tools)
             # A chat template writes the special tokens itself, as transformers does.
             ids = self.encode(text) if messages is None else self._encode(text, add_special_tokens=False)
         else:
@@ -58,12 +58,14 @@ class Tokenizer:
             text = self.decode(ids) if params.return_full_text else ""
         return text, ids
 
-    def render_chat(self, messages: list[dict]) -> str:
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The chat template's text of `messages`, with the generation prompt; `tools` (OpenAI's function
+        tools) are handed to it as transformers hands them."""
         if self.chat_template is None:
             raise ValueError("this model has no chat template; send a plain prompt instead")
         _check_messages(messages)
         self._check_chars(sum(len(m["content"]) for m in messages))  # before rendering, which copies them all
-        return _compile(self.chat_template).render(messages=messages, add_generation_prompt=True,
+        return _compile(self.chat_template).render(messages=messages, tools=tools, add_generation_prompt=True,
                                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
