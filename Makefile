@@ -21,7 +21,7 @@ LATEST := .venv-latest
 LATEST_TORCH ?= $(CPU_TORCH)
 SMOKE := tests/test_install.py tests/test_models.py tests/test_bundled.py
 
-.PHONY: setup model demo test test-bf16 test-latest check-openapi lock bench bench-peers clean
+.PHONY: setup model demo test test-bf16 test-latest check-openapi check-lm-eval lock bench bench-peers clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	@$(PYTHON) -P -c "" 2>/dev/null || { echo "splitfuse needs Python 3.11 or newer: name one with make PYTHON=..."; exit 1; }
@@ -71,6 +71,14 @@ check-openapi: model
 	[ -x .venv-schemathesis/bin/schemathesis ] || { $(PYTHON) -P -m venv .venv-schemathesis && \
 		.venv-schemathesis/bin/python -P -m pip install -q $(SCHEMATHESIS); }
 	$(PY) -m pytest tests/openapi_check.py
+
+# lm-evaluation-harness's local-completions (in a venv of its own) scores a small local multiple-choice task
+# through the server's prompt log-probabilities; transformers must pick the same answers.
+LM_EVAL := lm-eval[api]==0.4.13
+check-lm-eval: model
+	[ -x .venv-lm-eval/bin/lm_eval ] || { $(PYTHON) -P -m venv .venv-lm-eval && \
+		.venv-lm-eval/bin/python -P -m pip install -q "$(LM_EVAL)"; }
+	$(PY) -m pytest -s tests/lm_eval_check.py
 
 # Rewrite the lock from the newest releases the ranges allow (pyproject.toml), installed in a scratch venv.
 lock:

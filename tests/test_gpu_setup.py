@@ -155,7 +155,8 @@ def test_on_cuda_a_step_is_one_copy_of_the_rows_it_uses(monkeypatch):
     buffers.fill([SequenceChunk([5, 6, 7], 0, [3], True), SequenceChunk([9], 20, [1, 2], True)], 8, 4, 16)
     buffers.copy(2)
     assert len(copies) == 1 and copies[0][2] == {"non_blocking": True} and buffers._copied.recorded == 1
-    assert copies[0][0].numel() == 3 * 8 + 5 + 4 + 4 + 2 * 5  # tokens x3, sequences x3 (+1), two table rows
+    # tokens x3, logits rows (up to one per token), sequences x2 (+1), two table rows
+    assert copies[0][0].numel() == 3 * 8 + 8 + 5 + 4 + 2 * 5
     assert buffers.batch.slot_mapping.tolist() == [48, 49, 50, 36, -1, -1, -1, -1]
     assert buffers.batch.block_tables[:2, :2].tolist() == [[3, 0], [1, 2]]
 

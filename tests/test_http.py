@@ -111,7 +111,7 @@ async def until(condition, what: str, timeout: float = 60) -> None:
         await asyncio.sleep(0.2)
 
 
-def test_tokenize_and_detokenize_as_vllm_shapes_them(server):
+def test_tokenize_detokenize_and_tokenizer_info_as_vllm_shapes_them(server):
     """The frontend's tokenizer, checked against the tokenizers package reading the same file."""
     reference = tokenizers.Tokenizer.from_file(str(bundled_model_dir() / "tokenizer.json"))
     status, text = http(server, "/tokenize", {"prompt": "The sea is calm tonight."}, key=KEY)
@@ -123,6 +123,8 @@ def test_tokenize_and_detokenize_as_vllm_shapes_them(server):
     status, text = http(server, "/tokenize", {"messages": [{"role": "user", "content": "Hi"}]}, key=KEY)
     assert status == 200 and reference.decode(json.loads(text)["tokens"], skip_special_tokens=False).endswith(
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    info = json.loads(http(server, "/tokenizer_info", key=KEY)[1])
+    assert reference.token_to_id(info["eos_token"]) is not None and "{%" in info["chat_template"]
     assert http(server, "/tokenize", {"prompt": "Hi"})[0] == 401  # the key guards every path but the probes
     assert http(server, "/detokenize", {"tokens": [10**6]}, key=KEY)[0] == 400
 

@@ -161,13 +161,13 @@ class Sampling(BaseModel):
 
     def structured(self, forced: dict | None = None) -> dict | None:
         """The one constraint this request names, in grammar.py's form (`forced`: its tool_choice's)."""
-        asked = {name: value for name, value in (("tool_choice", forced), ("structured_outputs", self.structured_outputs),
-                                                 ("guided_json", self.guided_json and {"json": self.guided_json}),
-                                                 ("guided_regex", self.guided_regex and {"regex": self.guided_regex}),
-                                                 ("guided_choice", self.guided_choice and {"choice": self.guided_choice}),
-                                                 ("guided_grammar", self.guided_grammar and {"grammar": self.guided_grammar}),
-                                                 ("response_format", _response_format(self.response_format)))
-                 if value is not None}
+        named = {"tool_choice": forced, "structured_outputs": self.structured_outputs,
+                 "guided_json": self.guided_json and {"json": self.guided_json},
+                 "guided_regex": self.guided_regex and {"regex": self.guided_regex},
+                 "guided_choice": self.guided_choice and {"choice": self.guided_choice},
+                 "guided_grammar": self.guided_grammar and {"grammar": self.guided_grammar},
+                 "response_format": _response_format(self.response_format)}
+        asked = {name: value for name, value in named.items() if value is not None}
         if len(asked) > 1:
             raise ValueError(f"{' and '.join(asked)}: name one constraint on the text, not {len(asked)}")
         return next(iter(asked.values()), None)
@@ -465,6 +465,14 @@ def create_app(core: Core, model_name: str, options: HttpOptions) -> FastAPI:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
                                             "owned_by": "splitfuse", "max_model_len": core.max_model_len}]}
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """vLLM's: what a client needs to tokenize as the server does (lm-evaluation-harness reads it)."""
+        tokenizer = core.tokenizer
+        return {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+                "chat_template": tokenizer.chat_template, "model_max_length": core.max_model_len,
+                "vocab_size": tokenizer.vocab_size}
+
     @app.post("/tokenize")
     async def tokenize(body: TokenizePrompt | TokenizeChat):
         _check_model(body.model, model_name)
@@ -565,7 +573,8 @@ def _nullable_defaults(schema: dict) -> None:
             continue
         kept = {key: prop.pop(key) for key in ("title", "default") if key in prop}
         variants = prop.pop("anyOf", None) or [dict(prop)]
-        schema["properties"][name] = kept | {"anyOf": variants + [{"type": "null"}] * ({"type": "null"} not in variants)}
+        null = [] if {"type": "null"} in variants else [{"type": "null"}]
+        schema["properties"][name] = kept | {"anyOf": variants + null}
 
 
 def _bound_token_ids(node, vocab_size: int) -> None:

@@ -5,6 +5,7 @@ import os
 import random
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -68,6 +69,7 @@ class Engine:
             self.runner.on_step = StepBroadcast(shard, device).send
         self.sampler = Sampler(self.eos_token_ids)
         self.grammars = Grammars(self.model_dir, model.lm_head.vocab_size, self.eos_token_ids)
+        self._masks = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         self._requests: dict[str, Request] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._pending: list[RequestOutput] = []  # aborts, reported by the next step
@@ -143,17 +145,18 @@ class Engine:
                                 s.request.num_computed_tokens + s.num_tokens == len(s.request.token_ids),
                                 s.request.scores_prompt)
                   for s in scheduled]
+        sampling = [s.request for s, c in zip(scheduled, chunks) if c.sample]
+        constrained = [i for i, r in enumerate(sampling) if r.request_id in self.grammars]
+        masks = self._masks.submit(self.grammars.forbidden, [sampling[i].request_id for i in constrained]) \
+            if constrained else None  # computed while the forward runs
         logits = self.runner.execute(chunks)
         if any(c.score for c in chunks):
             logits = self._score_prompts(scheduled, chunks, logits)
         for s in scheduled:
             s.request.num_computed_tokens += s.num_tokens
-        sampling = [s.request for s, c in zip(scheduled, chunks) if c.sample]
         if sampling:
-            constrained = [i for i, r in enumerate(sampling) if r.request_id in self.grammars]
-            forbidden = self.grammars.forbidden([sampling[i].request_id for i in constrained]) if constrained else None
             result = self.sampler(logits, sampling, [self._generators.get(r.request_id) for r in sampling],
-                                  constrained, forbidden)
+                                  constrained, masks and masks.result())
             for i, request in enumerate(sampling):
                 outputs.append(self._append(request, result.token_ids[i],
                                             result.logprobs[i] if result.logprobs else None,

@@ -1,5 +1,6 @@
 """The grammar matchers of a worker's structured-output requests (llguidance), and the masks of the tokens each
-may take next."""
+may take next. A step's masks depend only on tokens taken before it, so the engine computes them while the
+step's forward runs: llguidance's executor works outside the GIL, on threads of its own."""
 import json
 from collections import OrderedDict
 
@@ -19,6 +20,7 @@ class Grammars:
         self._tokenizer: llguidance.LLTokenizer | None = None  # built by the first structured request
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._matchers: dict[str, llguidance.LLMatcher] = {}
+        self._executor = llguidance.LLExecutor()
 
     def start(self, request_id: str, structured: dict) -> None:
         """A matcher for a new request, from the compiled grammar of its constraint (compiled once)."""
@@ -39,8 +41,8 @@ class Grammars:
     def forbidden(self, request_ids: list[str]) -> torch.Tensor:
         """bool [len(request_ids), vocab]: the tokens each request's grammar does not take next."""
         bitmask = np.empty((len(request_ids), (self._vocab_size + 31) // 32), dtype="<i4")  # bit t: token t allowed
-        for row, request_id in enumerate(request_ids):
-            self._matchers[request_id].unsafe_compute_mask_ptr(bitmask[row].ctypes.data, bitmask.shape[1] * 4)
+        self._executor.unsafe_compute_mask_ptr([(self._matchers[r], row) for row, r in enumerate(request_ids)],
+                                               bitmask.ctypes.data, bitmask.shape[1] * 4, len(request_ids))
         bits = np.unpackbits(np.invert(bitmask).view(np.uint8), axis=1, bitorder="little")
         return torch.from_numpy(bits[:, :self._vocab_size]).view(torch.bool)
 
