@@ -7,6 +7,7 @@ Every wait is bounded (a socket timeout, or a loop with a deadline); every proce
 import asyncio
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -299,6 +300,11 @@ def test_the_document_bounds_what_the_server_checks(server):
     token_ids = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"][1]["items"]
     assert f"[0, {token_ids['maximum'] + 1})" in vocab_size
     assert post(server.http_url, "/v1/completions", {"prompt": [token_ids["maximum"]], "max_tokens": 1})[0] == 200
+    keys = schemas["CompletionRequest"]["properties"]["logit_bias"]["anyOf"][0]["propertyNames"]["pattern"]
+    top = token_ids["maximum"]
+    assert [n for n in range(top + 1000) if re.fullmatch(keys, str(n))] == list(range(top + 1))
+    assert not re.fullmatch(keys, "007")
+    assert post(server.http_url, "/v1/completions", {"prompt": "Hi", "max_tokens": 1, "logit_bias": {str(top): 1}})[0] == 200
     assert {"type": "null"} in schemas["CompletionRequest"]["properties"]["echo"]["anyOf"]
     assert post(server.http_url, "/v1/completions", {"prompt": "Hi", "echo": None, "n": 2.0, "max_tokens": 1})[0] == 200
     for wrong in ({"n": True}, {"echo": 1}, {"temperature": "1"}, {"max_tokens": 1.5}):

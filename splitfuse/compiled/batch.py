@@ -1,4 +1,4 @@
-"""The flat batch every forward pass takes (DESIGN.md "A batch")."""
+"""The flat batch every forward pass takes (the design's "A batch", ../shared/DESIGN.md beside the repository)."""
 from dataclasses import dataclass
 
 import torch

@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 from starlette.exceptions import HTTPException
 
 from splitfuse.config import (MAX_INT32, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY, MAX_STOP_CHARS, MAX_STOP_STRINGS,
@@ -36,6 +36,7 @@ from splitfuse.config import (MAX_INT32, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENAL
 from splitfuse.frontend.core import Core, Overloaded, Unavailable
 from splitfuse.frontend.response import Delta
 from splitfuse.frontend.tools import ToolFormat
+from splitfuse.grammar import MAX_CHOICES as MAX_GRAMMAR_CHOICES
 
 MAX_CHOICES = 64   # n: choices of one prompt
 MAX_TOOLS = 128
@@ -58,6 +59,7 @@ UNSUPPORTED = ("functions", "function_call", "suffix", "best_of")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 OPEN_PATHS = ("/health", "/metrics", "/openapi.json")  # probes and scrapers carry no key; every other path needs it
 TOKEN_ID = "x-token-id"  # marks token-id schemas in the OpenAPI document until the vocabulary's bound replaces it
+TOKEN_ID_TEXT = "x-token-id-text"  # the same for token ids written as text (logit_bias's keys)
 
 
 def _integral(value):
@@ -93,6 +95,19 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchema | None = None
 
 
+Choices = Annotated[list[Text], Field(min_length=1, max_length=MAX_GRAMMAR_CHOICES)]
+
+
+def _one_of(kind: str, value_type) -> type[BaseModel]:
+    """vLLM's structured_outputs holds exactly one constraint: one model per kind, each with only its key."""
+    return create_model(f"{kind.title().replace('_', '')}Constraint", __config__=ConfigDict(extra="forbid", strict=True),
+                        **{f"{kind}_": (value_type, Field(alias=kind))})
+
+
+Constraint = (_one_of("json", dict | Text) | _one_of("json_object", Literal[True]) | _one_of("regex", Text)
+              | _one_of("choice", Choices) | _one_of("grammar", Text))
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(strict=True)
     type: Literal["text"]
@@ -121,15 +136,16 @@ class Sampling(BaseModel):
     min_tokens: Int(ge=0, le=MAX_INT32) = 0  # capped at max_tokens: the document cannot say one bounds the other
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
+    logit_bias: dict[Annotated[str, Field(json_schema_extra={TOKEN_ID_TEXT: True})],
+                     Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
     prompt_logprobs: Int(ge=0, le=MAX_LOGPROBS) | None = None  # vLLM's: each prompt token's, and the top n
     # What the text must match (grammar.py): OpenAI's response_format, or vLLM's names.
     response_format: ResponseFormat | None = None
-    structured_outputs: dict | None = None
-    guided_json: dict | str | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
+    structured_outputs: Constraint | None = None
+    guided_json: dict | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: Choices | None = None
+    guided_grammar: Text | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -161,11 +177,11 @@ class Sampling(BaseModel):
 
     def structured(self, forced: dict | None = None) -> dict | None:
         """The one constraint this request names, in grammar.py's form (`forced`: its tool_choice's)."""
-        named = {"tool_choice": forced, "structured_outputs": self.structured_outputs,
-                 "guided_json": self.guided_json and {"json": self.guided_json},
-                 "guided_regex": self.guided_regex and {"regex": self.guided_regex},
-                 "guided_choice": self.guided_choice and {"choice": self.guided_choice},
-                 "guided_grammar": self.guided_grammar and {"grammar": self.guided_grammar},
+        named = {"tool_choice": forced, "structured_outputs": None if self.structured_outputs is None
+                 else self.structured_outputs.model_dump(by_alias=True),
+                 **{f"guided_{kind}": None if value is None else {kind: value} for kind, value in (
+                     ("json", self.guided_json), ("regex", self.guided_regex), ("choice", self.guided_choice),
+                     ("grammar", self.guided_grammar))},
                  "response_format": _response_format(self.response_format)}
         asked = {name: value for name, value in named.items() if value is not None}
         if len(asked) > 1:
@@ -561,8 +577,32 @@ def _document(app: FastAPI, vocab_size: int) -> dict:
     schemas.update(schemas["ErrorResponse"].pop("$defs", {}))
     for name in ("CompletionRequest", "ChatRequest"):
         _nullable_defaults(schemas[name])
+        _one_constraint(schemas[name])
+    _tools_to_call(schemas["ChatRequest"])
     _bound_token_ids(schemas, vocab_size)
     return app.openapi_schema
+
+
+CONSTRAINTS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+               "guided_grammar")
+
+
+def _given(*names: str) -> dict:
+    """JSON Schema: these fields are present and not null (the server reads null as absent)."""
+    return {"required": list(names), "properties": {name: {"not": {"type": "null"}} for name in names}}
+
+
+def _one_constraint(schema: dict) -> None:
+    """At most one constraint on the text (a response_format of type text is none, but is counted here)."""
+    schema["allOf"] = [{"not": _given(a, b)} for i, a in enumerate(CONSTRAINTS) for b in CONSTRAINTS[i + 1:]]
+
+
+def _tools_to_call(schema: dict) -> None:
+    """tool_choice "required" or a named function needs tools, and no other constraint."""
+    forcing = {"required": ["tool_choice"], "properties": {"tool_choice": {"anyOf": [
+        {"const": "required"}, {"type": "object"}]}}}
+    tools = {"required": ["tools"], "properties": {"tools": {"not": {"type": "null"}, "minItems": 1}}}
+    schema["allOf"] += [{"if": forcing, "then": tools | {"allOf": [{"not": _given(c)} for c in CONSTRAINTS]}}]
 
 
 def _nullable_defaults(schema: dict) -> None:
@@ -581,11 +621,24 @@ def _bound_token_ids(node, vocab_size: int) -> None:
     if isinstance(node, dict):
         if node.pop(TOKEN_ID, False):
             node["maximum"] = vocab_size - 1
+        if node.pop(TOKEN_ID_TEXT, False):
+            node["pattern"] = f"^({_numbers_up_to(vocab_size - 1)})$"
         for value in node.values():
             _bound_token_ids(value, vocab_size)
     elif isinstance(node, list):
         for value in node:
             _bound_token_ids(value, vocab_size)
+
+
+def _numbers_up_to(n: int) -> str:
+    """A regex of the decimal numbers 0 to n, written without leading zeros."""
+    digits = str(n)
+    if len(digits) == 1:
+        return f"[0-{n}]"
+    shorter = ["0"] + [f"[1-9][0-9]{{{k - 1}}}" for k in range(1, len(digits))]
+    below = [digits[:i] + f"[{int(i == 0)}-{int(d) - 1}]" + f"[0-9]{{{len(digits) - i - 1}}}"
+             for i, d in enumerate(digits) if int(d) > int(i == 0)]
+    return "|".join(shorter + below + [digits])
 
 
 def _response_format(response_format: ResponseFormat | None) -> dict | None:

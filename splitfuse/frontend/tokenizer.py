@@ -2,6 +2,7 @@
 
 Uses the `tokenizers` library and jinja2 directly: transformers' tokenizer classes import torch,
 and the frontend stays torch-free so it starts fast and stays small."""
+import functools
 import json
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def _check_messages(messages) -> None:
             raise ValueError(f"each message needs a string 'role' and 'content', got {m!r}")
 
 
+@functools.lru_cache(maxsize=8)  # compiled once per template, not per chat
 def _compile(template: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
