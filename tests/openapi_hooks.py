@@ -2,6 +2,8 @@
 endpoints (its coverage phase sends bodies as drawn; the check's server is started with a short maximum
 length for them):
 - at most a few tokens are asked for, so that answers end in seconds on a CPU;
+- a list of prompts times `n` stays within the server's answers per request (128; the document bounds
+  each, but cannot state their product);
 - the contents of a structured-output constraint (a JSON Schema, a regex, a grammar), where they have the
   documented type, become a valid one of the same kind: they are languages of their own that the document
   does not restate, and the grammar engine refuses a bad one with a 400 (tests/test_structured_output.py
@@ -9,6 +11,7 @@ length for them):
 import schemathesis
 
 MAX_TOKENS = 4
+MAX_CHOICES = 128  # HttpOptions.max_choices
 VALID = {"json": {"type": "object"}, "regex": "[a-z]{1,8}", "grammar": 'start: "yes" | "no"'}
 
 
@@ -19,6 +22,10 @@ def map_body(ctx, body):
     for field in ("max_tokens", "max_completion_tokens"):
         if not isinstance(body.get(field), int) or isinstance(body[field], bool) or body[field] > MAX_TOKENS:
             body[field] = MAX_TOKENS
+    prompts, n = body.get("prompt"), body.get("n")
+    if isinstance(prompts, list) and prompts and isinstance(prompts[0], (str, list)) and isinstance(n, int) \
+            and not isinstance(n, bool) and n * len(prompts) > MAX_CHOICES:
+        body["n"] = max(MAX_CHOICES // len(prompts), 1)
     for kind in VALID:
         _valid(body, f"guided_{kind}", kind)
         _valid(body.get("structured_outputs"), kind, kind)

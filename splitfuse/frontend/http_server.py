@@ -449,7 +449,7 @@ def create_app(core: Core, model_name: str, options: HttpOptions) -> FastAPI:
     bridge = CoreBridge(core)
     app = FastAPI(title="splitfuse", docs_url=None, redoc_url=None)
     app.add_middleware(Gate, options=options)
-    app.openapi = lambda: app.openapi_schema or _document(app, core.tokenizer.vocab_size)
+    app.openapi = lambda: app.openapi_schema or _document(app, core.tokenizer.vocab_size, options.max_choices)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -552,7 +552,7 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-def _document(app: FastAPI, vocab_size: int) -> dict:
+def _document(app: FastAPI, vocab_size: int, max_choices: int) -> dict:
     """The OpenAPI document as the server answers: its refusals are OpenAI error objects with the statuses
     the Gate and the handlers give, not FastAPI's 422 validation errors; a field left out may also be null;
     token ids are bounded by this model's vocabulary."""
@@ -580,6 +580,8 @@ def _document(app: FastAPI, vocab_size: int) -> dict:
         _one_constraint(schemas[name])
     _tools_to_call(schemas["ChatRequest"])
     _bound_token_ids(schemas, vocab_size)
+    for batch in schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"][2:]:  # lists of prompts
+        batch["maxItems"] = max_choices  # and prompts times n at most that: a product no schema states
     return app.openapi_schema
 
 
