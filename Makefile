@@ -70,7 +70,7 @@ SCHEMATHESIS := schemathesis==4.32.5
 check-openapi: model
 	[ -x .venv-schemathesis/bin/schemathesis ] || { $(PYTHON) -P -m venv .venv-schemathesis && \
 		.venv-schemathesis/bin/python -P -m pip install -q $(SCHEMATHESIS); }
-	$(PY) -m pytest tests/openapi_check.py
+	$(PY) -m pytest -s tests/openapi_check.py
 
 # lm-evaluation-harness's local-completions (in a venv of its own) scores a small local multiple-choice task
 # through the server's prompt log-probabilities; transformers must pick the same answers.
