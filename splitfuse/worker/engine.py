@@ -17,7 +17,7 @@ from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.worker.block_manager import BlockManager
 from splitfuse.worker.grammars import Grammars
 from splitfuse.worker.request import Request, RequestOutput
-from splitfuse.worker.sampler import Sampler
+from splitfuse.worker.sampler import Sampler, token_logprobs
 from splitfuse.worker.scheduler import Scheduler
 
 
@@ -214,14 +214,10 @@ def _record_prompt_logprobs(request: Request, start: int, logits: torch.Tensor) 
     rows = range(max(first - 1 - start, 0), min(len(logits), request.prompt_len - 1 - start))
     if not rows:
         return
-    logprobs = torch.log_softmax(logits[rows.start:rows.stop].float(), dim=-1)
     targets = request.token_ids[start + 1 + rows.start:start + 1 + rows.stop]
-    chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device).unsqueeze(1)).squeeze(1).tolist()
-    top_k = request.params.prompt_logprobs
-    top_vals, top_ids = logprobs.topk(top_k, dim=-1) if top_k else (None, None)
-    for j, (target, value) in enumerate(zip(targets, chosen)):
-        top = dict(zip(top_ids[j].tolist(), top_vals[j].tolist())) if top_k else {}
-        request.prompt_logprobs.append(top | {target: value})
+    chosen, tops = token_logprobs(logits[rows.start:rows.stop], torch.tensor(targets, device=logits.device),
+                                  request.params.prompt_logprobs)
+    request.prompt_logprobs += [top | {target: value} for target, value, top in zip(targets, chosen, tops)]
 
 
 def _eos_token_ids(hf_config) -> list[int]:

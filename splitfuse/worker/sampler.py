@@ -104,10 +104,15 @@ def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, requests: list[Request
     wanted = [r.params.logprobs for r in requests]
     if all(w is None for w in wanted):
         return None, None
+    chosen_lp, tops = token_logprobs(logits, chosen, max(w or 0 for w in wanted))
+    return chosen_lp, [dict(list(top.items())[:w or 0]) for top, w in zip(tops, wanted)]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> tuple[list[float], list[dict[int, float]]]:
+    """Per row of fp32 logits: the log-probability of tokens[row], and the `top` most likely tokens' (most first)."""
     logprobs = torch.log_softmax(logits, dim=-1)
-    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-    most = max(w or 0 for w in wanted)
-    top_vals, top_ids = logprobs.topk(most, dim=-1) if most else (None, None)
-    tops = [dict(zip(top_ids[i, :w].tolist(), top_vals[i, :w].tolist())) if w else {}
-            for i, w in enumerate(wanted)]
-    return chosen_lp, tops
+    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+    if not top:
+        return chosen, [{} for _ in chosen]
+    values, ids = logprobs.topk(top, dim=-1)
+    return chosen, [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
