@@ -36,7 +36,7 @@ def target() -> list[str]:
 def _flags() -> list[str]:
     from torch.utils import cpp_extension  # imported only to build: it is slow to import
     libs = cpp_extension.library_paths()
-    return (["-O3", *target(), "-fopenmp", "-shared", "-fPIC", "-std=c++20",
+    return (["-O3", *target(), "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"]
             + [f"-isystem{p}" for p in cpp_extension.include_paths()] + [f"-L{p}" for p in libs]
             + [f"-Wl,-rpath,{p}" for p in libs] + ["-lc10", "-ltorch_cpu", "-ltorch"])

@@ -29,8 +29,10 @@ class Linear(nn.Linear):
     library, even prepacked, at every row count measured (1 to 256; 1.25x at 256, 3x at 16), since the
     weights come from memory each step and the library streams them poorly at these sizes. bf16 where the
     CPU has bf16 dot products or AMX tiles: the brgemm kernel (pack_brgemm_weight), which oneDNN's
-    micro-kernels run; a packed weight is an ordinary tensor, so a compiled graph takes it as an input and
-    nothing is frozen into the graph (Inductor's cache can then key on the graph alone)."""
+    micro-kernels run; other weights pack for the packed kernel (bf16 and fp16 exactly). Both give a row the same bits
+    whatever the row count, which the library's GEMM does not (tests/test_batch_invariance.py). A packed
+    weight is an ordinary tensor, so a compiled graph takes it as an input and nothing is frozen into the
+    graph (Inductor's cache can then key on the graph alone)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
@@ -39,10 +41,10 @@ class Linear(nn.Linear):
     def pack_for_cpu(self) -> None:
         if self.weight.device.type != "cpu":
             return
-        if self.weight.dtype == torch.float32:
-            self.packed = pack_linear_weight(self.weight)
-        elif self.weight.dtype == torch.bfloat16 and self.in_features % VNNI == 0 and cpu.has_bf16_gemm():
+        if self.weight.dtype == torch.bfloat16 and self.in_features % VNNI == 0 and cpu.has_bf16_gemm():
             self.packed = pack_brgemm_weight(self.weight)
+        else:
+            self.packed = pack_linear_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(x, self.bias)
@@ -56,11 +58,12 @@ class Linear(nn.Linear):
 
 def packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
                    gated: bool = False, fp32_out: bool = False) -> torch.Tensor:
-    """The kernel a packed weight is for, told apart by its last dimension: brgemm packs [K / 2, N, 2] take
-    bf16 x and give bf16 (or fp32_out) results; panels [N / 16, K, 16] take and give fp32."""
+    """The kernel a packed weight is for, told apart by its last dimension: brgemm packs [K / 2, N, 2], or
+    panels [N / 16, K, 16] (computed in fp32). Results in x's dtype, or fp32 with fp32_out."""
     if packed.shape[-1] == VNNI:
         return ops.brgemm_linear(x, packed, bias, out_features, gated, fp32_out)
-    return ops.packed_linear(x.float(), packed, bias, out_features, gated)
+    out = ops.packed_linear(x.float(), packed, bias, out_features, gated)
+    return out if fp32_out else out.to(x.dtype)
 
 
 def _take_packs(members: tuple[Linear, ...], side_by_side: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -129,11 +132,6 @@ class LMHead(Linear):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
-
-    def pack_for_cpu(self) -> None:
-        super().pack_for_cpu()
-        if self.packed is None and self.weight.device.type == "cpu":
-            self.packed = pack_linear_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
