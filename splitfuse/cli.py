@@ -38,6 +38,9 @@ HELP = {
     "eager": "skip torch.compile and CUDA graphs: starts much faster, runs slower",
     "background_compile": "serve eagerly from the start while compiling in the background, then switch to the "
                           "compiled forward; --no-background-compile compiles every shape before serving",
+    "deterministic": "a request's tokens and log-probabilities are bit-identical whatever else is in the step, "
+                     "whether its prefix came from the cache and however its prompt was chunked: every shape is "
+                     "compiled before serving (no eager start), and on GPU attention does not split keys",
     "buckets": "token-count shapes that are compiled (default: 1, and the budget and its halves down to 8 on CPU, quarters down to 16 on GPU)",
     "enable_prefix_caching": "reuse the KV cache blocks of prompt prefixes seen before (--no-enable-prefix-caching: "
                              "compute every prompt from its first token)",

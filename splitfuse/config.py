@@ -163,6 +163,7 @@ class EngineConfig:
     scheduler: str = "splitfuse"
     eager: bool = False               # True: no torch.compile, no CUDA graphs
     background_compile: bool = True   # serve eagerly at once and switch to compiled when it is ready
+    deterministic: bool = False       # a request's outputs do not depend on the batch, the prefix cache or the chunking, from the first step (README)
     buckets: list[int] | None = None  # token-count shapes; None: 1, and token_budget and its halves down to 8 (GPU: quarters down to 16)
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed before
     prefix_routing: bool = True       # frontend, several replicas: prefer the replica that holds a prompt's prefix
@@ -194,6 +195,9 @@ class EngineConfig:
                f"every host runs the same number of ranks")
         _check(self.nnodes == 1 or _is_int(self.master_port, 1, 65535),
                "a group over several hosts (nnodes > 1) needs master_port: a free TCP port on master_addr")
+        _check(not (self.deterministic and self.scheduler == "prefill-first" and not self.eager),
+               "deterministic needs scheduler 'splitfuse' (or eager): prefill-first runs a step longer than the "
+               "largest bucket eagerly, and eager and compiled steps differ in their last bits")
         _check(self.buckets is None or (all(isinstance(b, int) and b > 0 for b in self.buckets)
                                         and max(self.buckets) >= (self.token_budget or 0)),
                "buckets must be positive integers, the largest at least token_budget")

@@ -126,8 +126,11 @@ class ModelRunner:
     def execute(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         """Run one step; returns fp32 logits in chunk order: a row per token of a scoring chunk (its last is
         the sampled one's when it samples), one per other sampled chunk."""
+        scoring = [c.score for c in chunks]
+        if any(scoring) and not all(scoring):
+            return self._execute_apart(chunks)
         num_tokens = sum(len(c.token_ids) for c in chunks)
-        if num_tokens > self.buckets[-1] or any(c.score for c in chunks):
+        if num_tokens > self.buckets[-1] or any(scoring):
             return self._execute_oversized(chunks, num_tokens)
         bucket = self.bucket_for(num_tokens)
         if len(chunks) > self.seqs_in_bucket(bucket):
@@ -135,6 +138,14 @@ class ModelRunner:
         num_logits = self._buffers.fill(chunks, bucket, self.seqs_in_bucket(bucket), self.block_size)
         self._buffers.copy(len(chunks))
         return self._step(self._buffers, bucket, len(chunks), num_logits)
+
+    def _execute_apart(self, chunks: list[SequenceChunk]) -> torch.Tensor:
+        """Chunks that score a prompt in a forward of their own, the others in theirs: the others take their
+        bucket as in any step, so that their outputs do not depend on whether a scoring chunk came along."""
+        parts = [[c for c in chunks if c.score], [c for c in chunks if not c.score]]
+        rows = [[len(c.token_ids) if c.score else int(c.sample) for c in part] for part in parts]
+        pieces = [iter(self.execute(part).split(r)) for part, r in zip(parts, rows)]
+        return torch.cat([next(pieces[0] if c.score else pieces[1]) for c in chunks])
 
     def _execute_oversized(self, chunks: list[SequenceChunk], num_tokens: int) -> torch.Tensor:
         """Steps the buckets do not fit: the prefill-first baseline's (a whole long prompt in one step) and

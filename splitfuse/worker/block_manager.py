@@ -102,8 +102,10 @@ class BlockManager:
     def register_computed(self, request: Request) -> None:
         """Cache the request's blocks that are full and computed and not yet registered. A block whose
         prefix is already cached (computed twice, by requests admitted before either finished it)
-        stays uncached: the one in the cache keeps serving."""
-        if not self.enable_caching:
+        stays uncached: the one in the cache keeps serving. A request that scored its prompt shares nothing:
+        its scoring chunks ran eagerly (ModelRunner.execute), and eager K/V differ from compiled ones in
+        their last bits, which another request would then inherit."""
+        if not self.enable_caching or request.params.prompt_logprobs is not None:
             return
         full = request.num_computed_tokens // self.block_size
         for i in range(request.num_registered_blocks, full):

@@ -62,9 +62,9 @@ class Engine:
         self.runner = runner(num_blocks=num_blocks, compile=not config.eager, cuda_graphs=not config.eager, spec=spec)
         self._idle = threading.Event()  # set when the engine first goes idle: a background compile starts then
         # Not in the background beside tensor-parallel steps: the two threads' collectives would interleave
-        # differently on each rank.
-        self.runner.compile(background=config.background_compile and shard.size == 1, progress=progress,
-                            start=self._idle)
+        # differently on each rank; nor when deterministic: eager steps differ from compiled ones in their last bits.
+        self.runner.compile(background=config.background_compile and not config.deterministic and shard.size == 1,
+                            progress=progress, start=self._idle)
         if shard.size > 1 and shard.rank == 0:
             self.runner.on_step = StepBroadcast(shard, device).send
         self.sampler = Sampler(self.eos_token_ids)
