@@ -335,3 +335,43 @@ def test_compiles_for_nvidia_gpus():
 
 if __name__ == "__main__":
     compile_for_nvidia_gpus()
+
+
+def test_without_split_kv_a_rows_bits_do_not_depend_on_the_batch(monkeypatch):
+    """Deterministic engines (ops.batch_invariant): a query row gets the same bits as a decode alone, in a
+    batch that a GPU would split, and in prompt chunks of any size: one program walks its keys from key 0."""
+    monkeypatch.setattr(attention, "_programs_to_fill", lambda device: 64)  # a lone decode would split 16 ways
+    length, hq, hkv, d = 150, 6, 2, 32
+    whole = make_batch([length], [length], hq=hq, hkv=hkv, d=d)
+    q, k_cache, v_cache, table = whole[:4]
+
+    def attend(chunks):  # (start, count) of the one sequence, each as a sequence of its own
+        rows = torch.cat([q[s:s + n] for s, n in chunks])
+        starts = torch.tensor([0, *torch.tensor([n for _, n in chunks]).cumsum(0).tolist()], dtype=torch.int32)
+        lens = torch.tensor([s + n for s, n in chunks], dtype=torch.int32)
+        return attention.paged_attention_triton(rows, k_cache, v_cache, table.expand(len(chunks), -1).contiguous(),
+                                                lens.to(DEVICE), starts.to(DEVICE), 0.2, 0, split_kv=False)
+
+    full = attend([(0, length)])
+    torch.testing.assert_close(full, reference.paged_attention(*whole, 0.2, 0), atol=TOL[q.dtype], rtol=TOL[q.dtype])
+    for chunks in ([(0, 40), (40, 17), (57, 1), (58, 92)], [(p, 1) for p in range(0, length, 7)], [(149, 1)],
+                   [(130, 1)]):
+        for (start, count), out in zip(chunks, attend(chunks).split([n for _, n in chunks])):
+            assert torch.equal(out, full[start:start + count])
+    assert attention.launch_geometry(1, 1, hq, hkv, 64).grid[2] == 16  # the split the flag turned off
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_invariant_linear_gives_a_row_the_same_bits_at_any_row_count(dtype):
+    """kernels/matmul.py, the GPU linear of deterministic engines: against fp64, and row by row across counts."""
+    from splitfuse.kernels.matmul import linear_triton
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(130, 96, generator=g).to(dtype).to(DEVICE)
+    weight = (torch.randn(72, 96, generator=g) / 10).to(dtype).to(DEVICE)
+    bias = torch.randn(72, generator=g).to(dtype).to(DEVICE)
+    whole = linear_triton(x, weight, bias, fp32_out=True)
+    expected = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    torch.testing.assert_close(whole.double(), expected, atol=1e-4, rtol=1e-4)
+    assert linear_triton(x, weight, bias).dtype == dtype
+    for rows in (1, 3, 64, 65):
+        assert torch.equal(linear_triton(x[-rows:], weight, bias, fp32_out=True), whole[-rows:]), rows

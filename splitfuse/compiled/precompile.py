@@ -42,6 +42,7 @@ class CompileSpec:
     max_num_seqs: int
     max_model_len: int
     buckets: tuple[int, ...]
+    batch_invariant: bool = False  # GPU linear layers through kernels/matmul.py (kernels/ops.py)
 
     def key(self) -> str:
         digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
@@ -115,7 +116,9 @@ def compile_here(spec: CompileSpec, progress: bool = True) -> None:
     """Load the model of `spec`, compile every bucket in this process and mark the configuration warm."""
     from splitfuse.compiled.loader import DTYPES, load_model
     from splitfuse.compiled.runner import ModelRunner
+    from splitfuse.kernels import ops
     use_cache_dir()
+    ops.batch_invariant = spec.batch_invariant
     model = load_model(Path(spec.model_dir), DTYPES[spec.dtype], torch.device(spec.device))
     runner = ModelRunner(model, num_blocks=PRECOMPILE_BLOCKS, block_size=spec.block_size,
                          max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len, buckets=list(spec.buckets),

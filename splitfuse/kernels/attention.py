@@ -162,9 +162,11 @@ def _programs_to_fill(device: torch.device) -> int:
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                           scale: float, sliding_window: int) -> torch.Tensor:
+                           scale: float, sliding_window: int, split_kv: bool = True) -> torch.Tensor:
     """Ragged causal attention of q [T, Hq, D] over the blocked cache; see kernels/reference.py.
-    Rows past query_start_loc[-1] are 0."""
+    Rows past query_start_loc[-1] are 0. Without split_kv, one program walks all of a row's keys, tile by
+    tile from key 0, as for any other row: a row's bits then do not depend on the batch (the split
+    count follows the batch's shape), nor on whether it is a decode or part of a prompt chunk."""
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError(f"expected q [T, Hq, D] and k/v caches [num_blocks, block_size, Hkv, D] of one layout, "
                          f"got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
@@ -183,7 +185,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.zeros_like(q)
     if T == 0 or S == 0:
         return out
-    geo = launch_geometry(T, S, Hq, Hkv, _programs_to_fill(q.device))
+    geo = launch_geometry(T, S, Hq, Hkv, _programs_to_fill(q.device) if split_kv else 1)
     splits = geo.grid[2]
     # fp32 partials of each split, zero where no program writes (padding rows): they reduce to 0.
     part_acc = q.new_zeros((splits, T, Hq, D), dtype=torch.float32) if splits > 1 else out

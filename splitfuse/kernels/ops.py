@@ -2,8 +2,15 @@
 splitfuse::* dispatches to Triton on CUDA and to the torch reference elsewhere; splitfuse_cpu::* are the
 C++ CPU kernels (kernels/cpu.py builds and loads them). The functions at the end pick one per call."""
 import torch
+from torch.nn import functional as F
 
 from splitfuse.kernels import cpu, reference
+
+# Set by a deterministic engine (EngineConfig.deterministic), before its model is compiled: on GPU, attention
+# then walks a row's keys in one program (no split-KV, whose split count follows the batch's shape) and
+# linear layers take the batch-invariant matmul (kernels/matmul.py) instead of cuBLAS. The CPU kernels are
+# batch-invariant whatever it says.
+batch_invariant = False
 
 
 def _store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -23,7 +30,7 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if q.is_cuda:
         from splitfuse.kernels.attention import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                      scale, sliding_window)
+                                      scale, sliding_window, split_kv=not batch_invariant)
     return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                      scale, sliding_window)
 
@@ -43,6 +50,17 @@ def _brgemm_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
     return reference.brgemm_linear(x, packed, bias, out_features, gated, fp32_out)
 
 
+def _invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      fp32_out: bool = False) -> torch.Tensor:
+    """x @ weight^T + bias with a row's bits independent of the row count: kernels/matmul.py on CUDA; on CPU
+    the library's linear (the CPU layers take the packed kernels, which are invariant)."""
+    if x.is_cuda:
+        from splitfuse.kernels.matmul import linear_triton
+        return linear_triton(x, weight, bias, fp32_out)
+    out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return out if fp32_out else out.to(x.dtype)
+
+
 SCHEMAS = {
     "store_kv": "(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
     "paged_attention": "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
@@ -50,6 +68,7 @@ SCHEMAS = {
     "packed_linear": "(Tensor x, Tensor packed, Tensor? bias, int out_features, bool gated=False) -> Tensor",
     "brgemm_linear": "(Tensor x, Tensor packed, Tensor? bias, int out_features, bool gated=False, "
                      "bool fp32_out=False) -> Tensor",
+    "invariant_linear": "(Tensor x, Tensor weight, Tensor? bias, bool fp32_out=False) -> Tensor",
 }
 # Declared with torch.library's schema API rather than the custom_op decorator: its wrappers cost more
 # per call than a small step's kernel (about 50 us against 15 us for the store, measured here).
@@ -58,7 +77,7 @@ for _name, _schema in SCHEMAS.items():
     for _lib in _libs.values():
         _lib.define(_name + _schema)
 for _name, _fn in (("store_kv", _store_kv), ("paged_attention", _paged_attention), ("packed_linear", _packed_linear),
-                   ("brgemm_linear", _brgemm_linear)):
+                   ("brgemm_linear", _brgemm_linear), ("invariant_linear", _invariant_linear)):
     _libs["splitfuse"].impl(_name, _fn, "CPU")
     _libs["splitfuse"].impl(_name, _fn, "CUDA")
 
@@ -79,9 +98,14 @@ def _fake_brgemm_linear(x, packed, bias, out_features, gated=False, fp32_out=Fal
     return x.new_empty(x.shape[0], out_features, dtype=torch.float32 if fp32_out else x.dtype)
 
 
+def _fake_invariant_linear(x, weight, bias, fp32_out=False):
+    return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32 if fp32_out else x.dtype)
+
+
 for _ns in _libs:
     for _name, _fake in (("store_kv", _fake_store_kv), ("paged_attention", _fake_paged_attention),
-                         ("packed_linear", _fake_packed_linear), ("brgemm_linear", _fake_brgemm_linear)):
+                         ("packed_linear", _fake_packed_linear), ("brgemm_linear", _fake_brgemm_linear),
+                         ("invariant_linear", _fake_invariant_linear)):
         torch.library.register_fake(f"{_ns}::{_name}", _fake)
 
 
@@ -108,3 +132,8 @@ def brgemm_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
                   gated: bool = False, fp32_out: bool = False) -> torch.Tensor:
     ops = torch.ops.splitfuse_cpu if cpu.library() is not None else torch.ops.splitfuse
     return ops.brgemm_linear(x, packed, bias, out_features, gated, fp32_out)
+
+
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     fp32_out: bool = False) -> torch.Tensor:
+    return torch.ops.splitfuse.invariant_linear(x, weight, bias, fp32_out)

@@ -14,6 +14,7 @@ from splitfuse.compiled.parallel import SINGLE, Shard, StepBroadcast
 from splitfuse.compiled.precompile import CompileSpec
 from splitfuse.compiled.runner import ModelRunner, SequenceChunk, default_buckets, kv_cache_bytes_per_block
 from splitfuse.config import EngineConfig, SamplingParams
+from splitfuse.kernels import ops
 from splitfuse.worker.block_manager import BlockManager
 from splitfuse.worker.grammars import Grammars
 from splitfuse.worker.request import Request, RequestOutput
@@ -41,6 +42,7 @@ class Engine:
             torch.cuda.set_device(device)
         self.config = config = config.for_device(device.type == "cuda")
         dtype = resolve_dtype(config.dtype, device)
+        ops.batch_invariant = config.deterministic  # read as the model is traced: before it is built
         self.model_dir = resolve_model_dir(config.model, config.cache_dir)
         hf_config = load_config(self.model_dir)
         model = load_model(self.model_dir, dtype, device, shard)
@@ -49,7 +51,8 @@ class Engine:
         buckets = config.buckets or default_buckets(config.token_budget, device.type == "cuda")
         # A tensor-parallel rank's graphs hold collectives of its group: they compile in place, never elsewhere.
         spec = CompileSpec(str(self.model_dir), str(dtype).removeprefix("torch."), device.type, config.block_size,
-                           config.max_num_seqs, self.max_model_len, tuple(buckets)) if shard.size == 1 else None
+                           config.max_num_seqs, self.max_model_len, tuple(buckets),
+                           config.deterministic and device.type == "cuda") if shard.size == 1 else None
         runner = functools.partial(ModelRunner, model, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
                                    max_model_len=self.max_model_len, buckets=buckets)
 

@@ -53,6 +53,8 @@ class Linear(nn.Linear):
         """x @ weight.T + bias; a row-parallel shard adds its bias only after summing the ranks' products."""
         if self.packed is not None:
             return packed_product(x, self.packed, bias, self.out_features)
+        if ops.batch_invariant:
+            return ops.invariant_linear(x, self.weight, bias)
         return F.linear(x, self.weight, bias)
 
 
@@ -136,6 +138,8 @@ class LMHead(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return packed_product(x, self.packed, None, self.out_features, fp32_out=True)
+        if ops.batch_invariant:
+            return ops.invariant_linear(x, self.weight, None, fp32_out=True)
         if self.weight.dtype == torch.float32:
             return F.linear(x, self.weight)
         return torch.mm(x, self.weight.t(), out_dtype=torch.float32)
