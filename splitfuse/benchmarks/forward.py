@@ -77,15 +77,14 @@ def time_step(runner: ModelRunner, chunks: list[SequenceChunk], reps: int) -> fl
     return (clock() - start) / reps
 
 
-def step_overhead(dtype: str, device: torch.device, eager: bool, decodes: int = 32) -> dict:
-    """Share of a decode-heavy engine step (`decodes` sequences generating) spent outside the model forward
-    and the sampler: scheduling and input preparation, the host work of a step."""
-    budget = max(64, decodes)
+def step_overhead(dtype: str, device: torch.device, eager: bool, decodes: int) -> dict:
+    """Share of a decode-only engine step (`decodes` sequences generating, bucket `decodes`) spent outside the
+    model (forward and LM head) and the sampler: scheduling, the inputs and the outputs, the host work of a step."""
     engine = Engine(EngineConfig(dtype=dtype, device=str(device), eager=eager, background_compile=False,
-                                 token_budget=budget, max_num_seqs=decodes, num_blocks=32 * decodes,
-                                 buckets=[budget]), progress=False)
+                                 token_budget=decodes, max_num_seqs=decodes, num_blocks=32 * decodes,
+                                 buckets=[decodes]), progress=False)
     spent = {"model": 0.0, "sampler": 0.0}
-    for name, obj, attr in (("model", engine.runner, "_run"), ("sampler", engine, "sampler")):
+    for name, obj, attr in (("model", engine.runner, "run_step"), ("sampler", engine, "sampler")):
         inner = getattr(obj, attr)
 
         def timed(*args, _inner=inner, _name=name):
@@ -131,6 +130,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 256, 512])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="eager only (compiling takes ~30 s per shape)")
+    ap.add_argument("--host-only", action="store_true", help="only the engine's host work per step (no forward table)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks (processes) the model is sharded over")
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)  # given to the ranks rank 0 starts
@@ -146,6 +146,25 @@ def main() -> None:
     report(f"# bundled SmolLM2-135M on {device}, {dtype}, {shard.size} rank(s) of {torch.get_num_threads()} threads; "
            f"matmul peak {peak / 1e9:.0f} GFLOP/s per rank")
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
+    rows = [] if args.host_only else forward_table(args, model, modes, peak, report)
+    # The engine's own overhead is a rank 0 matter, the same with any number of ranks: measured with one.
+    # Host work does not depend on the mode: measured at 256 sequences eagerly only.
+    runs = [(mode, 64) for mode in modes] + [("eager", 256)]
+    overhead = {f"{mode} {n}": step_overhead(args.dtype, device, mode == "eager", n) for mode, n in runs} \
+        if shard.size == 1 else {}
+    for name, o in overhead.items():
+        mode, n = name.split()
+        print(f"# {mode} decode-heavy step ({n} decodes, bucket {n}): {o['step_ms']:.1f} ms = model and LM head "
+              f"{o['model_ms']:.1f} + sampler {o['sampler_ms']:.1f} + host work (scheduling, inputs, outputs) "
+              f"{o['prep_ms']:.2f} ms ({100 * o['prep_fraction']:.1f}%)")
+    if args.json and shard.rank == 0:
+        with open(args.json, "w") as f:
+            json.dump({"dtype": str(dtype), "tensor_parallel_size": shard.size, "peak_flops": peak, "rows": rows,
+                       "overhead": overhead}, f, indent=1)
+
+
+def forward_table(args: argparse.Namespace, model, modes: list[str], peak: float, report) -> list[dict]:
+    """One forward per token count and mix, in each mode: the printed table's rows."""
     runners = {mode: ModelRunner(model, num_blocks=4096, block_size=BLOCK, max_num_seqs=64, max_model_len=2048,
                                  buckets=sorted(args.tokens), compile=mode == "compiled", cuda_graphs=mode == "compiled")
                for mode in modes}
@@ -165,20 +184,7 @@ def main() -> None:
             cells = " ".join(f"{row[m]['ms']:12.1f} {row[m]['tok_s']:13.0f} {100 * row[m]['mfu']:11.1f}%" for m in modes)
             speed = f"  {row['eager']['ms'] / row['compiled']['ms']:.2f}x" if len(modes) == 2 else ""
             report(f"{tokens:>6} {mix:>12} {cells}{speed}", flush=True)
-    # The engine's own overhead is a rank 0 matter, the same with any number of ranks: measured with one.
-    # Host work does not depend on the mode: measured at 256 sequences eagerly only.
-    runs = [(mode, 32) for mode in modes] + [("eager", 256)]
-    overhead = {f"{mode} {n}": step_overhead(args.dtype, device, mode == "eager", n) for mode, n in runs} \
-        if shard.size == 1 else {}
-    for name, o in overhead.items():
-        mode, n = name.split()
-        print(f"# {mode} decode-heavy step ({n} decodes, bucket {max(64, int(n))}): {o['step_ms']:.1f} ms = model "
-              f"{o['model_ms']:.1f} + sampler {o['sampler_ms']:.1f} + scheduling/input prep {o['prep_ms']:.2f} ms "
-              f"({100 * o['prep_fraction']:.1f}%)")
-    if args.json and shard.rank == 0:
-        with open(args.json, "w") as f:
-            json.dump({"dtype": str(dtype), "tensor_parallel_size": shard.size, "peak_flops": peak, "rows": rows,
-                       "overhead": overhead}, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":
