@@ -1,6 +1,7 @@
 """The C++ CPU kernels (cpu_kernels.cpp): built once per machine with the system C++ compiler (the one
 torch.compile's CPU backend uses too) against torch's headers for this CPU's named instruction set,
-cached by source, compiler, flags and torch version, and loaded as the torch operators splitfuse_cpu::* (kernels/ops.py declares their schemas).
+cached by source, compiler, flags and torch version, and loaded as the torch operators splitfuse_cpu::*
+(kernels/schemas.py declares them).
 
 If they cannot be built here the torch reference serves instead, with one warning."""
 import hashlib
@@ -67,7 +68,7 @@ def library() -> Path | None:
     global _library, _failed
     if _library is not None or _failed:
         return _library
-    from splitfuse.kernels import ops  # noqa: F401  the schemas the library implements
+    from splitfuse.kernels import schemas  # noqa: F401  the schemas the library implements
     with _lock:
         if _library is None and not _failed:
             try:

@@ -595,7 +595,7 @@ void brgemm_linear(const at::BFloat16* x, const at::BFloat16* w, const float* bi
 
 }  // namespace
 
-// The torch operators splitfuse_cpu::* (schemas in kernels/ops.py): a compiled step reaches them through
+// The torch operators splitfuse_cpu::* (schemas in kernels/schemas.py): a compiled step reaches them through
 // the dispatcher without entering Python, which cost about 25 us a call.
 namespace {
 
