@@ -20,7 +20,8 @@ import torch.distributed as dist
 from splitfuse.compiled.bundled import bundled_model_dir
 from splitfuse.compiled.loader import load_config, load_model
 from splitfuse.compiled.models.llama import LlamaForCausalLM
-from splitfuse.compiled.parallel import Shard, attention_heads
+from splitfuse.compiled.models.sharded import attention_heads
+from splitfuse.compiled.parallel import Shard
 from splitfuse.compiled.runner import ModelRunner, SequenceChunk, kv_cache_bytes_per_block
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.frontend.client import AsyncClient

@@ -89,7 +89,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, shard:
 
 
 def _slices(model: nn.Module) -> dict[str, tuple[int, int, int]]:
-    """Parameter name -> (dim, start, length) of the checkpoint tensor a sharded layer holds (parallel.py)."""
+    """Parameter name -> (dim, start, length) of the checkpoint tensor a sharded layer holds (models/sharded.py)."""
     slices = {}
     for prefix, module in model.named_modules(remove_duplicate=False):
         for name, (dim, start) in getattr(module, "shards", {}).items():

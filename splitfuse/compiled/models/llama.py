@@ -5,8 +5,8 @@ from torch import nn
 
 from splitfuse.compiled.batch import Batch
 from splitfuse.compiled.models.layers import GatedProjection, Projections, RMSNorm, Rotary, blocked_attention
-from splitfuse.compiled.parallel import SINGLE, ColumnLinear, RowLinear, Shard, VocabEmbedding, VocabLMHead, \
-    attention_heads
+from splitfuse.compiled.models.sharded import ColumnLinear, RowLinear, VocabEmbedding, VocabLMHead, attention_heads
+from splitfuse.compiled.parallel import SINGLE, Shard
 
 
 def _sliding_window(config) -> int:

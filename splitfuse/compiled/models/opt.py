@@ -6,8 +6,8 @@ from torch.nn import functional as F
 
 from splitfuse.compiled.batch import Batch
 from splitfuse.compiled.models.layers import Linear, blocked_attention
-from splitfuse.compiled.parallel import SINGLE, ColumnLinear, RowLinear, Shard, VocabEmbedding, VocabLMHead, \
-    attention_heads
+from splitfuse.compiled.models.sharded import ColumnLinear, RowLinear, VocabEmbedding, VocabLMHead, attention_heads
+from splitfuse.compiled.parallel import SINGLE, Shard
 
 _POSITION_OFFSET = 2  # OPT's position table reserves its first two rows
 
