@@ -18,7 +18,7 @@ BLOCK = 16
 
 
 def make(name: str, prompt: list[int], max_new: int = 4) -> Request:
-    return Request(name, list(prompt), len(prompt), SamplingParams(max_new_tokens=max_new), arrival=0)
+    return Request(name, list(prompt), len(prompt), SamplingParams(max_new_tokens=max_new))
 
 
 def fake_token(token_ids: list[int]) -> int:

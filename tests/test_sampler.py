@@ -15,7 +15,7 @@ LOGITS = torch.tensor(PROBS).log()
 
 
 def req(prompt=(0,), generated=(), **params) -> Request:
-    return Request("r", [*prompt, *generated], len(prompt), SamplingParams(**params), arrival=0)
+    return Request("r", [*prompt, *generated], len(prompt), SamplingParams(**params))
 
 
 def generator(seed: int) -> torch.Generator:

@@ -14,7 +14,12 @@ BLOCK = 16
 
 def make(i: int, prompt_len: int, max_new: int = 4) -> Request:
     return Request(f"r{i}", [(i * 7 + j) % 100 for j in range(prompt_len)], prompt_len,
-                   SamplingParams(max_new_tokens=max_new), arrival=i)
+                   SamplingParams(max_new_tokens=max_new))
+
+
+def arrival(r: Request) -> int:
+    """The order make() numbered it in: the order it arrives in every test here."""
+    return int(r.request_id[1:])
 
 
 def fake_token(token_ids: list[int]) -> int:
@@ -33,14 +38,14 @@ def simulate(sched: Scheduler, arrivals: dict[int, list[Request]], max_steps: in
     """Drive the scheduler as the engine does, checking the invariants after every schedule()."""
     steps: list[Step] = []
     pending = dict(arrivals)
-    while pending or sched.has_work():
+    while pending or sched.waiting or sched.running:
         assert len(steps) < max_steps, "no end in sight: the scheduler stalls or livelocks"
         for r in pending.pop(len(steps), []):
             sched.add(r)
         generating = [r for r in sched.running if r.num_generated > 0 and r.num_new_tokens == 1]
         wanted = {id(r): r.num_new_tokens for r in [*sched.running, *sched.waiting]}
         preemptions = sched.num_preemptions
-        had_work = sched.has_work()
+        had_work = bool(sched.waiting or sched.running)
         chunks = [(c.request, c.num_tokens) for c in sched.schedule()]
         step = Step(chunks, generating, sched.num_preemptions > preemptions)
         check_step(sched, step, wanted, had_work)
@@ -71,8 +76,8 @@ def check_step(sched: Scheduler, step: Step, wanted: dict[int, int], had_work: b
     assert all(0 <= b < blocks.num_blocks for b in held)
     # First come first served: nothing that arrived later runs while an earlier request waits.
     if sched.waiting:
-        first_waiting = min(r.arrival for r in sched.waiting)
-        assert all(r.arrival < first_waiting for r, _ in chunks)
+        first_waiting = min(arrival(r) for r in sched.waiting)
+        assert all(arrival(r) < first_waiting for r, _ in chunks)
     if sched.policy == "splitfuse" and not step.preempted:
         # Decodes first: every generating request gets exactly one token, ahead of any prompt chunk.
         assert chunks[:len(step.generating)] == [(r, 1) for r in step.generating]

@@ -1,6 +1,5 @@
 """The step loop of one worker: add and abort requests, schedule, run the model, sample, update."""
 import functools
-import itertools
 import os
 import random
 import threading
@@ -76,13 +75,12 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._pending: list[RequestOutput] = []  # aborts, reported by the next step
-        self._arrivals = itertools.count()
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
         self._check_prompt(prompt_token_ids, params)
-        request = Request(request_id, list(prompt_token_ids), len(prompt_token_ids), params, next(self._arrivals))
+        request = Request(request_id, list(prompt_token_ids), len(prompt_token_ids), params)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs.append(None)  # the first token has nothing before it
         if params.structured is not None:

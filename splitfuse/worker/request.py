@@ -10,7 +10,6 @@ class Request:
     token_ids: list[int]                    # prompt + generated
     prompt_len: int
     params: SamplingParams
-    arrival: int                            # admission order, for first-come-first-served
     num_computed_tokens: int = 0            # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0              # prompt tokens served from the prefix cache at its last admission

@@ -36,9 +36,6 @@ class Scheduler:
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def remove(self, request: Request) -> None:
         """Take a finished or aborted request out and free its blocks."""
         if request in self.running:
