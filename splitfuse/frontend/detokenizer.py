@@ -1,21 +1,19 @@
 """Incremental detokenization with stop strings, for streaming."""
 from splitfuse.frontend.tokenizer import Tokenizer
 
-_CONTEXT = 5  # earlier tokens decoded along with new ones, so word-boundary spaces come out right
+_CONTEXT = 5  # the prompt's last tokens the stream starts from, so word-boundary spaces come out right
 
 
 class IncrementalDetokenizer:
-    """Turns a request's new token ids into text deltas.
+    """Turns a request's new token ids into text deltas, through the tokenizers library's DecodeStream (one
+    decode per token, in Rust).
 
     Never emits half a multi-byte character (byte-fallback and byte-level tokens can split one),
     and holds back any tail that could still become a stop string, so the concatenated deltas
     always equal the final, stop-trimmed text."""
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str]):
-        self._tok = tokenizer
-        self._ids = list(prompt_ids)
-        self._prefix = max(len(self._ids) - _CONTEXT, 0)
-        self._read = len(self._ids)
+        self._step = tokenizer.decode_stream(prompt_ids[-_CONTEXT:])
         self._stop = stop
         self.text = ""       # generated text decoded so far (trimmed at a stop string)
         self._emitted = 0    # how much of self.text has been returned
@@ -25,13 +23,9 @@ class IncrementalDetokenizer:
         """Returns (text delta, whether a stop string ended the text)."""
         if self.stopped:
             return "", True
-        self._ids.extend(new_ids)
-        before = self._tok.decode(self._ids[self._prefix:self._read])
-        after = self._tok.decode(self._ids[self._prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            start = len(self.text)
-            self.text += after[len(before):]
-            self._prefix, self._read = self._read, len(self._ids)
+        start = len(self.text)
+        self.text += "".join(piece for piece in map(self._step, new_ids) if piece)
+        if len(self.text) > start:
             self._find_stop(start)
         end = len(self.text) if self.stopped else len(self.text) - self._held_back()
         return self._emit(end), self.stopped

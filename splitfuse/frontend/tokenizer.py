@@ -4,11 +4,13 @@ Uses the `tokenizers` library and jinja2 directly: transformers' tokenizer class
 and the frontend stays torch-free so it starts fast and stays small."""
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from splitfuse.config import SamplingParams
 
@@ -71,6 +73,12 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         return self._encode(self.render_chat(messages), add_special_tokens=False)
+
+    def decode_stream(self, context: list[int]) -> Callable[[int], str | None]:
+        """A text stream that continues `context`: called with each next token id, it returns the text that
+        token completes (None while a multi-byte character is still incomplete)."""
+        stream = DecodeStream(ids=context, skip_special_tokens=True)
+        return functools.partial(stream.step, self._tok)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
