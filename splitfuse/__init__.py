@@ -1,9 +1,12 @@
 """splitfuse: an LLM serving engine built around Dynamic SplitFuse."""
+from splitfuse import logs
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.frontend.client import AsyncClient, Client, CurveKeys
 from splitfuse.frontend.serve import Deployment, serve
 from splitfuse.frontend.pipeline import Pipeline, pipeline
 from splitfuse.frontend.response import Delta, Response
+
+logs.configure()
 
 __all__ = ["EngineConfig", "SamplingParams", "Pipeline", "pipeline", "Response", "Delta", "serve", "Deployment",
            "AsyncClient", "Client", "CurveKeys"]

@@ -7,6 +7,7 @@ model runs in worker processes, whose progress (loading, warm-up) goes to stderr
 import argparse
 import asyncio
 import json
+import logging
 import statistics
 import sys
 import time
@@ -16,12 +17,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import MISSING, fields
 
+from splitfuse import logs
 from splitfuse.config import EngineConfig, SamplingParams, read_token_file
 from splitfuse.frontend import server
 from splitfuse.frontend.client import AsyncClient, Client
 from splitfuse.frontend.core import MAX_QUEUED_REQUESTS
 from splitfuse.frontend.serve import serve
 from splitfuse.frontend.tools import TOOL_PARSERS
+
+log = logging.getLogger("splitfuse.cli")  # by name: run with -m, __name__ is __main__
 
 HELP = {
     "dtype": "weights and KV cache dtype: auto, bf16, fp16 or fp32",
@@ -77,6 +81,7 @@ DEMO_PROMPTS = [
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    logs.set_level(args.log_level)
     try:
         args.run(args)
     except ValueError as e:  # a bad option or prompt: say what to change, no traceback
@@ -204,6 +209,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1, help="worker processes")
     _add_dataclass_options(p.add_argument_group("sampling options"), SamplingParams, defaults={"max_new_tokens": 64})
     p.set_defaults(run=_demo)
+    for command in commands.choices.values():
+        command.add_argument("--log-level", choices=logs.LEVELS, default="info",
+                             help="what the server and its workers report: debug adds a line per request "
+                                  "(default: info, their progress; SPLITFUSE_LOG_FORMAT=json for JSON lines)")
     return parser
 
 
@@ -274,14 +283,13 @@ def _serve(args: argparse.Namespace) -> None:
         worker_curve = server.CurveOptions(args.worker_curve_secret, args.worker_curve_clients)
     remote = (server.RemoteWorkers(args.worker_address, args.worker_token_file, worker_curve)
               if args.worker_address else None)
-    print(f"starting {args.replicas} replica(s) of {args.model or 'the bundled model'}...", file=sys.stderr)
+    log.info("starting %d replica(s) of %s...", args.replicas, args.model or "the bundled model")
     start = time.perf_counter()
 
     def announce(where: dict) -> None:
         serving = " and ".join(filter(None, [where["address"], where["http_url"] and f"{where['http_url']}/v1"]))
         joining = f"; workers join at {where['worker_address']}" if where["worker_address"] else ""
-        print(f"serving on {serving} (ready in {time.perf_counter() - start:.1f}s){joining}; Ctrl-C stops",
-              file=sys.stderr, flush=True)
+        log.info("serving on %s (ready in %.1fs)%s; Ctrl-C stops", serving, time.perf_counter() - start, joining)
     server.run(EngineConfig.from_kwargs(**_engine_options(args)), args.replicas, address, http=http, curve=curve,
                request_timeout=args.request_timeout, max_queued_requests=args.max_queued_requests,
                max_queued_tokens=args.max_queued_tokens, shutdown_timeout=args.shutdown_timeout, remote=remote,
@@ -303,8 +311,7 @@ def _compile(args: argparse.Namespace) -> None:
     from splitfuse.compiled import precompile  # this command compiles: torch is wanted here
     start = time.perf_counter()
     precompile.compile_config(config)
-    print(f"splitfuse compile: ready in {precompile.cache_dir()} after {time.perf_counter() - start:.1f}s",
-          file=sys.stderr)
+    log.info("splitfuse compile: ready in %s after %.1fs", precompile.cache_dir(), time.perf_counter() - start)
 
 
 def _serve_node(args: argparse.Namespace) -> None:
@@ -321,8 +328,7 @@ def _connect(args: argparse.Namespace) -> Iterator[tuple[Client, dict]]:
     SamplingParams.from_kwargs(**sampling)
     deployment = None
     if args.address is None:
-        print(f"starting {args.model or 'the bundled model'} (use --address to reuse a running server)...",
-              file=sys.stderr)
+        log.info("starting %s (use --address to reuse a running server)...", args.model or "the bundled model")
         deployment = serve(**_engine_options(args))
     client = Client(args.address or deployment.address)
     try:
@@ -339,7 +345,7 @@ def _generate(args: argparse.Namespace) -> None:
         for delta in client.generate(prompt, **sampling):
             print(delta.text, end="", flush=True)
             if delta.error:
-                print(f"\nsplitfuse: error: {delta.error}", file=sys.stderr)
+                log.error("\nsplitfuse: error: %s", delta.error)
         print()
 
 
@@ -371,11 +377,11 @@ def _chat(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     sampling = _options(args, SamplingParams)
     SamplingParams.from_kwargs(**sampling)
-    print(f"splitfuse demo: starting {args.replicas} replica(s) of {args.model or 'SmolLM2-135M-Instruct'}; "
-          f"the workers report loading and warm-up below", file=sys.stderr, flush=True)
+    log.info("splitfuse demo: starting %d replica(s) of %s; the workers report loading and warm-up below",
+             args.replicas, args.model or "SmolLM2-135M-Instruct")
     start = time.perf_counter()
     with serve(replicas=args.replicas, **_engine_options(args)) as deployment:
-        print(f"ready at {deployment.address} in {time.perf_counter() - start:.1f}s\n", file=sys.stderr, flush=True)
+        log.info("ready at %s in %.1fs\n", deployment.address, time.perf_counter() - start)
         results = asyncio.run(_demo_requests(deployment.address, sampling))
     _print_summary(results)
 

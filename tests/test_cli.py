@@ -1,4 +1,9 @@
-"""The `splitfuse` command's options, made from the config dataclasses."""
+"""The `splitfuse` command's options, made from the config dataclasses, and its logs."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from splitfuse import cli
@@ -29,3 +34,21 @@ def test_serve_takes_http_backpressure_and_access_options():
             args.shutdown_timeout) == (8000, False, "k", 64, 65536, 5.0)
     with pytest.raises(SystemExit, match="both --curve-secret and --curve-clients"):
         cli.main(["serve", "--curve-secret", "server.key_secret"])
+
+
+def test_log_level_debug_gives_a_line_per_request_with_its_id_and_json_on_request(tmp_path):
+    """`--log-level debug`: the request's lines carry its id; SPLITFUSE_LOG_FORMAT=json: one object a line,
+    the workers' lines included (they inherit the level)."""
+    env = os.environ | {"SPLITFUSE_LOG_FORMAT": "json"}
+    run = subprocess.run([sys.executable, "-P", "-m", "splitfuse.cli", "generate", "Hello", "--max-new-tokens", "2",
+                          "--eager", "--num-blocks", "64", "--log-level", "debug"],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
+    about = [line for line in lines if line.get("request_id") == "0"]
+    assert [line["message"].split(":")[1].strip().split()[0] for line in about] == ["sent", "finished"]
+    assert {"splitfuse.cli", "splitfuse.worker.main"} <= {line["logger"] for line in lines}
+    quiet = subprocess.run([sys.executable, "-P", "-m", "splitfuse.cli", "generate", "Hello", "--max-new-tokens", "2",
+                            "--eager", "--num-blocks", "64", "--log-level", "warning"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert quiet.returncode == 0 and "replica 0: ready" not in quiet.stderr, quiet.stderr[-3000:]

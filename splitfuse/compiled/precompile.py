@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 
 from splitfuse.config import cache_root
+
+log = logging.getLogger("splitfuse.compiled.precompile")  # by name: run with -m, __name__ is __main__
 
 _SOURCES = Path(__file__).parents[1]  # the package: compiled/ and kernels/ shape the graphs
 # The KV cache's block count differs with memory; the graphs take it as a dynamic size, and the compile
@@ -90,8 +93,7 @@ def mark_warm(spec: CompileSpec) -> None:
 
 def discard(reason: str) -> None:
     """A cache that failed to load: removed whole, with one line; the next compile rebuilds it."""
-    print(f"splitfuse: the compile cache at {cache_dir()} could not be used ({reason}); rebuilding it",
-          file=sys.stderr, flush=True)
+    log.warning("splitfuse: the compile cache at %s could not be used (%s); rebuilding it", cache_dir(), reason)
     shutil.rmtree(cache_dir(), ignore_errors=True)
 
 
@@ -104,11 +106,11 @@ def compile_elsewhere(spec: CompileSpec, progress: bool) -> bool:
                              errors="replace")
     for line in child.stderr:
         if progress:
-            print(f"compile process: {line.rstrip()}", file=sys.stderr, flush=True)
+            log.info("compile process: %s", line.rstrip())
     ok = child.wait() == 0
     if progress:
-        print(f"compile process: {'done' if ok else f'failed ({child.returncode})'} in "
-              f"{time.perf_counter() - start:.1f}s; loading its code here", file=sys.stderr, flush=True)
+        log.info("compile process: %s in %.1fs; loading its code here",
+                 "done" if ok else f"failed ({child.returncode})", time.perf_counter() - start)
     return ok
 
 

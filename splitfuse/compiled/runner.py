@@ -14,9 +14,9 @@ kept on disk (precompile.py): a configuration compiles once per machine, in a pr
 steps run eagerly; a background thread then loads it, and the runner switches to the compiled forward
 once every bucket is ready (never to a half-compiled set, so the serving thread never enters
 torch.compile while it is compiling)."""
+import logging
 import math
 import functools
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +32,8 @@ from torch import nn
 from splitfuse.compiled import precompile
 from splitfuse.compiled.batch import Batch
 from splitfuse.compiled.precompile import CompileSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -245,8 +247,8 @@ class ModelRunner:
                 torch._dynamo.reset()
                 self._compile_bucket(buffers, bucket)
             if progress:
-                print(f"compiled {i + 1}/{len(self.buckets)}: bucket {bucket} tokens "
-                      f"in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+                log.info("compiled %d/%d: bucket %d tokens in %.1fs", i + 1, len(self.buckets), bucket,
+                         time.perf_counter() - start)
         if self.spec is not None:
             precompile.mark_warm(self.spec)
         self._forward = self._compiled

@@ -13,13 +13,12 @@ Not thread-safe: one thread polls the core, and other threads hand it work with 
 wakes the poll. Prompts are tokenized by a small thread pool (the tokenizers library releases the
 GIL), so a long prompt never holds up the others' streams. Never imports torch."""
 import itertools
+import logging
 import math
 import os
 import queue
-import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from splitfuse.frontend.metrics import Metrics
 from splitfuse.frontend.response import Delta, ResponseBuilder
 from splitfuse.frontend.router import RemoteWorkers, Router
 from splitfuse.frontend.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 TICK = 0.1               # seconds between checks for dead workers and expired requests
 TOKENIZER_THREADS = 2    # a long prompt being tokenized leaves a thread for the short ones
@@ -219,9 +220,11 @@ class Core:
             self._check_queued_tokens(len(prompt_ids))
         except (ValueError, Overloaded) as e:
             del self.requests[key]
+            _log_request(logging.INFO, key, "refused: %s", e)
             return req.sink(e)
         except Exception as e:  # whatever a client's input breaks (a chat template, say) ends that request only
             del self.requests[key]
+            _log_request(logging.INFO, key, "refused: %s", e)
             return req.sink(ValueError(str(e) or type(e).__name__))
         req.builder = ResponseBuilder(self.tokenizer, prompt_ids, req.params, prompt_text)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
@@ -230,7 +233,11 @@ class Core:
         except Exception as e:  # it could not be sent (encoded, routed): that request's error, never a hang
             self.router.abort(key)
             del self.requests[key]
+            _log_request(logging.WARNING, key, "could not be sent to a worker: %s", e)
             req.sink(ValueError(f"the request could not be sent to a worker: {e}"))
+            return
+        _log_request(logging.DEBUG, key, "sent to a worker: %d prompt tokens, at most %d new", len(prompt_ids),
+                     req.params.max_new_tokens)
 
     def _on_outputs(self, outputs: list[protocol.Output | protocol.Error]) -> None:
         for out in outputs:
@@ -239,12 +246,13 @@ class Core:
                 continue
             if isinstance(out, protocol.Error):  # the worker refused it
                 del self.requests[out.id]
+                _log_request(logging.INFO, out.id, "refused by its worker: %s", out.error)
                 req.sink(ValueError(out.error))
                 continue
             try:
                 self._deliver(req, out)
             except Exception as e:  # whatever one output breaks ends that request, never the loop serving all
-                traceback.print_exc(file=sys.stderr)
+                _log_request(logging.ERROR, out.id, "its output could not be handled", exc_info=True)
                 if self.requests.pop(out.id, None) is not None:
                     self.router.abort(out.id)
                     req.sink(Delta("", [], "error", f"the server could not handle this request's output: {e}"))
@@ -258,6 +266,8 @@ class Core:
                 self.router.abort(req.key)
             del self.requests[req.key]
             self.metrics.requests.labels(delta.finish_reason).inc()
+            _log_request(logging.DEBUG, req.key, "finished (%s) after %.2fs%s", delta.finish_reason,
+                         time.monotonic() - req.arrival, f": {delta.error}" if delta.error else "")
         if req.stream:
             req.sink(delta)
         elif done:
@@ -283,4 +293,9 @@ class Core:
             try:
                 fn()
             except Exception:  # one adapter's bug must not stop the loop that serves everyone
-                traceback.print_exc(file=sys.stderr)
+                log.exception("a call on the serving loop failed")
+
+
+def _log_request(level: int, key: str, message: str, *args, exc_info: bool = False) -> None:
+    """A line about one request: its id leads the text and rides on the record (`request_id`, for JSON logs)."""
+    log.log(level, "request %s: " + message, key, *args, exc_info=exc_info, extra={"request_id": key})

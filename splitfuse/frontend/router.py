@@ -19,6 +19,7 @@ they are refused and get nothing. Each becomes a replica like the local ones unt
 is dropped. Its supervisor restarts it, and it joins again."""
 import hmac
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -35,6 +36,8 @@ import zmq
 from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams, model_fingerprint, read_token_file
 from splitfuse.frontend.curve import CurveOptions, curve_server
+
+log = logging.getLogger(__name__)
 
 MAX_RESTART_DELAY = 30.0  # seconds between restarts of a worker that keeps dying while it loads
 HEARTBEAT_INTERVAL = 1.0  # seconds between the heartbeats sent to joined workers
@@ -212,7 +215,7 @@ class Router:
         for replica in local:
             self._spawn(replica)
         if not local:
-            print(f"router: waiting for a worker to join at {self.remote_address}", file=sys.stderr, flush=True)
+            log.info("router: waiting for a worker to join at %s", self.remote_address)
         deadline = time.monotonic() + self.startup_timeout
         poller = zmq.Poller()
         for socket in self.sockets:
@@ -268,7 +271,7 @@ class Router:
         try:
             msg = protocol.decode(frame.bytes, protocol.WORKER_REPLIES)
         except protocol.ProtocolError as e:
-            print(f"router: dropped a worker message: {e}", file=sys.stderr, flush=True)
+            log.warning("router: dropped a worker message: %s", e)
             return []
         if isinstance(msg, protocol.Ready):
             if socket is self.socket:
@@ -365,8 +368,8 @@ class Router:
         except OSError as e:
             replica.failures += 1
             replica.restart_at = time.monotonic() + min(2.0 ** replica.failures, MAX_RESTART_DELAY)
-            print(f"replica {replica.index} could not be started ({e}); trying again in "
-                  f"{replica.restart_at - time.monotonic():.0f}s", file=sys.stderr, flush=True)
+            log.warning("replica %d could not be started (%s); trying again in %.0fs", replica.index, e,
+                        replica.restart_at - time.monotonic())
 
     def _spawn(self, replica: Replica) -> None:
         cmd = [sys.executable, "-P", "-m", "splitfuse.worker.main", "--address", self.address,
@@ -383,7 +386,7 @@ class Router:
 
     def _on_ready(self, identity: bytes, msg: protocol.Ready) -> None:
         if not hmac.compare_digest(msg.secret.encode(), self._secret.encode()):
-            print("router: ignored a ready message without this frontend's secret", file=sys.stderr, flush=True)
+            log.warning("router: ignored a ready message without this frontend's secret")
             return
         replica = self.replicas[msg.replica] if 0 <= msg.replica < len(self.replicas) else None
         if replica is None or replica.process is None or replica.process.pid != msg.pid:
@@ -396,15 +399,14 @@ class Router:
         joined = any(r.identity == identity for r in self.replicas)
         refusal = protocol.Refuse("this connection has joined already", False) if joined else self._refusal(msg)
         if refusal is not None:
-            print(f"router: refused a worker from {peer} (name {msg.name!r}): {refusal.error}",
-                  file=sys.stderr, flush=True)
+            log.warning("router: refused a worker from %s (name %r): %s", peer, msg.name, refusal.error)
             return self._reply(identity, refusal)
         replica = Replica(self._next_index, identity=identity, name=msg.name, socket=self.remote_socket,
                           pid=msg.pid, last_seen=time.monotonic())
         self._next_index += 1
         self.replicas.append(replica)
         self._reply(identity, protocol.Welcome(replica.index))
-        print(f"router: worker {msg.name!r} from {peer} joined as replica {replica.index}", file=sys.stderr, flush=True)
+        log.info("router: worker %r from %s joined as replica %d", msg.name, peer, replica.index)
         self._serving(msg)
 
     def _refusal(self, msg: protocol.Ready) -> protocol.Refuse | None:
@@ -467,7 +469,7 @@ class Router:
         return self._lost(replica, reason)
 
     def _lost(self, replica: Replica, reason: str) -> list[protocol.Output]:
-        print(f"{reason}; restarting it", file=sys.stderr, flush=True)
+        log.warning("%s; restarting it", reason)
         failed = self._fail_jobs(replica, reason)
         replica.failures = 0 if replica.ready else replica.failures + 1
         replica.restart_at = time.monotonic() + min(2.0 ** replica.failures - 1, MAX_RESTART_DELAY)
@@ -506,7 +508,7 @@ class Router:
 
     def _drop(self, replica: Replica, reason: str) -> list[protocol.Output]:
         """A joined worker is gone: its replica with it, until its supervisor restarts it and it joins again."""
-        print(f"{reason}; dropped it", file=sys.stderr, flush=True)
+        log.warning("%s; dropped it", reason)
         self.replicas.remove(replica)
         return self._fail_jobs(replica, reason)
 

@@ -10,10 +10,10 @@ stops at once. Never imports torch."""
 import argparse
 import contextlib
 import json
+import logging
 import os
 import resource
 import signal
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -28,6 +28,8 @@ from splitfuse.frontend.curve import CurveOptions, curve_server
 from splitfuse.frontend.http_server import HttpOptions, HttpServer
 from splitfuse.frontend.response import Delta
 from splitfuse.frontend.router import RemoteWorkers
+
+log = logging.getLogger("splitfuse.frontend.server")  # by name: run with -m, __name__ is __main__
 
 MAX_BATCH = 1000         # client messages handled per loop turn, so worker outputs keep flowing
 DESCRIPTOR_RESERVE = 256  # files kept from HTTP connections: worker restarts (pipes), ZeroMQ sockets, logs
@@ -164,8 +166,8 @@ def run(config: EngineConfig, replicas: int = 1, address: str | None = "tcp://12
     descriptors = raise_descriptor_limit()
     if http is not None and http.max_connections > descriptors - DESCRIPTOR_RESERVE:
         http.max_connections = max(1, descriptors - DESCRIPTOR_RESERVE)
-        print(f"splitfuse: at most {http.max_connections} HTTP connections at once: {descriptors} file "
-              f"descriptors, {DESCRIPTOR_RESERVE} kept for workers and ZeroMQ", file=sys.stderr, flush=True)
+        log.info("splitfuse: at most %d HTTP connections at once: %d file descriptors, %d kept for workers and "
+                 "ZeroMQ", http.max_connections, descriptors, DESCRIPTOR_RESERVE)
     core = Core(config, replicas, **core_options)
     server = Server(core, None, None, shutdown_timeout)
     signal.signal(signal.SIGTERM, server.stop)

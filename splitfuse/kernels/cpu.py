@@ -5,9 +5,9 @@ cached by source, compiler, flags and torch version, and loaded as the torch ope
 
 If they cannot be built here the torch reference serves instead, with one warning."""
 import hashlib
+import logging
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from splitfuse.config import cache_root
+
+log = logging.getLogger("splitfuse.kernels.cpu")  # by name: run with -m, __name__ is __main__
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -77,8 +79,8 @@ def library() -> Path | None:
                 _library = path
             except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
                 _failed = True
-                print(f"splitfuse: the CPU kernels could not be built or loaded here ({_first_error(e)}); "
-                      "the slower torch reference serves instead.", file=sys.stderr)
+                log.warning("splitfuse: the CPU kernels could not be built or loaded here (%s); the slower torch "
+                            "reference serves instead.", _first_error(e))
     return _library
 
 

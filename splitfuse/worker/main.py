@@ -14,6 +14,7 @@ a frontend on another machine: see `join`."""
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import platform
 import secrets
@@ -31,6 +32,8 @@ from splitfuse.config import EngineConfig, SamplingParams, model_fingerprint, re
 from splitfuse.worker import tp_group
 from splitfuse.worker.engine import Engine
 from splitfuse.worker.request import Request, RequestOutput
+
+log = logging.getLogger("splitfuse.worker.main")  # by name: run with -m, __name__ is __main__
 
 HEARTBEAT_INTERVAL = 1.0  # seconds; the frontend's heartbeat timeout is many of these
 MAX_FAILED_STEPS = 3      # failed steps in a row after which the worker exits to be restarted
@@ -95,7 +98,7 @@ class Worker:
         try:
             msg = protocol.decode(frame, protocol.WORKER_REQUESTS)
         except protocol.ProtocolError as e:  # only our frontend talks to us: a bug, not a user error
-            print(f"replica {self.replica}: dropped a message: {e}", file=sys.stderr, flush=True)
+            log.warning("replica %d: dropped a message: %s", self.replica, e)
             return
         self._heard = time.monotonic()
         if isinstance(msg, protocol.Generate):
@@ -107,7 +110,7 @@ class Worker:
         elif isinstance(msg, protocol.Abort):
             self.engine.abort(msg.id)
         elif isinstance(msg, protocol.Refuse):  # the frontend dropped us (or restarted): join again
-            print(f"replica {self.replica}: {msg.error}", file=sys.stderr, flush=True)
+            log.warning("replica %d: %s", self.replica, msg.error)
             self.running = False
         # a Heartbeat (or a late Welcome) only says that the frontend is there
 
@@ -124,8 +127,7 @@ class Worker:
         if self.frontend_timeout is None and os.getppid() != self.parent:  # it died without telling us
             self.running = False
         elif self.frontend_timeout is not None and self._last_heartbeat - self._heard > self.frontend_timeout:
-            print(f"replica {self.replica}: nothing from the frontend for {self.frontend_timeout:.0f}s",
-                  file=sys.stderr, flush=True)
+            log.warning("replica %d: nothing from the frontend for %.0fs", self.replica, self.frontend_timeout)
             self.running = False
         self._send(protocol.Heartbeat(self.engine.stats()))
 
@@ -186,17 +188,15 @@ def join(context: zmq.Context, engine: Engine, address: str, ready: protocol.Rea
             deadline = time.monotonic() + wait
             answer = _answer(socket, deadline)
             if isinstance(answer, protocol.Welcome):
-                print(f"worker {ready.name!r}: joined {address} as replica {answer.replica}", file=sys.stderr,
-                      flush=True)
+                log.info("worker %r: joined %s as replica %d", ready.name, address, answer.replica)
                 Worker(engine, socket, answer.replica, frontend_timeout).run()
                 wait = JOIN_WAIT[0]
                 continue
             if isinstance(answer, protocol.Refuse) and not answer.retry:
-                print(f"worker {ready.name!r}: the frontend at {address} refused it: {answer.error}",
-                      file=sys.stderr, flush=True)
+                log.error("worker %r: the frontend at %s refused it: %s", ready.name, address, answer.error)
                 raise SystemExit(1)
             why = answer.error if answer else f"no answer from a frontend at {address} within {wait:.0f}s"
-            print(f"worker {ready.name!r}: {why}; trying again", file=sys.stderr, flush=True)
+            log.warning("worker %r: %s; trying again", ready.name, why)
             time.sleep(max(0.0, deadline - time.monotonic()))
             wait = min(2 * wait, JOIN_WAIT[1])
         finally:
@@ -256,11 +256,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.threads and not config.device.startswith("cuda"):
             torch.set_num_threads(args.threads)  # replicas sharing the CPU split its cores
         start = time.perf_counter()
-        print(f"replica {args.replica}: loading {config.model or 'the bundled model'} "
-              f"(device {config.device}, pid {os.getpid()})...", file=sys.stderr, flush=True)
+        log.info("replica %d: loading %s (device %s, pid %d)...", args.replica, config.model or "the bundled model",
+                 config.device, os.getpid())
         engine = (tp_group.start_leader(config, args.replica, sharing) if config.tensor_parallel_size > 1
                   else Engine(config, replicas_on_device=sharing))
-        print(f"replica {args.replica}: ready in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+        log.info("replica %d: ready in %.1fs", args.replica, time.perf_counter() - start)
         name = (args.name or platform.node()) if args.connect else None
         ready = protocol.Ready(args.replica if socket else -1, os.getpid(), str(engine.model_dir), engine.max_model_len,
                                list(engine.eos_token_ids), secret, name, model_fingerprint(engine.model_dir),

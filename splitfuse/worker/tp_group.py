@@ -15,6 +15,7 @@ import argparse
 import ctypes
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -30,6 +31,8 @@ from splitfuse.compiled.loader import resolve_model_dir
 from splitfuse.compiled.parallel import Shard, StepBroadcast
 from splitfuse.config import EngineConfig
 from splitfuse.worker.engine import Engine
+
+log = logging.getLogger("splitfuse.worker.tp_group")  # by name: run with -m, __name__ is __main__
 
 RENDEZVOUS_TIMEOUT = timedelta(minutes=15)  # ranks on other hosts may start late and load slowly
 # Ranks other than 0 wait in a broadcast for as long as rank 0 has no work: a collective never times out.
@@ -91,8 +94,7 @@ def _watch(children: list[subprocess.Popen]) -> None:
     this thread, because the serving thread may be waiting in a collective; the children die with us."""
     def wait(child: subprocess.Popen) -> None:
         code = child.wait()
-        print(f"tensor-parallel rank (pid {child.pid}) exited with code {code}; the group ends",
-              file=sys.stderr, flush=True)
+        log.warning("tensor-parallel rank (pid %d) exited with code %s; the group ends", child.pid, code)
         os._exit(1)
     for child in children:
         threading.Thread(target=wait, args=(child,), name=f"rank-{child.pid}", daemon=True).start()
@@ -122,7 +124,7 @@ def serve_node(config: EngineConfig, node_rank: int) -> None:
             for child in children:
                 child.kill()
                 child.wait()
-        print(f"node {node_rank}: the tensor-parallel group ended; joining the next one", file=sys.stderr, flush=True)
+        log.warning("node %d: the tensor-parallel group ended; joining the next one", node_rank)
         time.sleep(NODE_RESTART_DELAY)
 
 
