@@ -78,13 +78,16 @@ def time_step(runner: ModelRunner, chunks: list[SequenceChunk], reps: int) -> fl
 
 
 def step_overhead(dtype: str, device: torch.device, eager: bool, decodes: int) -> dict:
-    """Share of a decode-only engine step (`decodes` sequences generating, bucket `decodes`) spent outside the
-    model (forward and LM head) and the sampler: scheduling, the inputs and the outputs, the host work of a step."""
+    """A decode-only engine step (`decodes` sequences generating, bucket `decodes`) in parts: the model (forward
+    and LM head), the sampler, and the host work: scheduling and the step's inputs (what the issue of O(1)
+    work per sequence bounds), then the outputs (tokens appended, requests finished, the logits freed)."""
     engine = Engine(EngineConfig(dtype=dtype, device=str(device), eager=eager, background_compile=False,
                                  token_budget=decodes, max_num_seqs=decodes, num_blocks=32 * decodes,
                                  buckets=[decodes]), progress=False)
-    spent = {"model": 0.0, "sampler": 0.0}
-    for name, obj, attr in (("model", engine.runner, "run_step"), ("sampler", engine, "sampler")):
+    spent = {"model": 0.0, "sampler": 0.0, "schedule": 0.0, "execute": 0.0, "chunks": 0.0}
+    for name, obj, attr in (("model", engine.runner, "run_step"), ("sampler", engine, "sampler"),
+                            ("schedule", engine.scheduler, "schedule"), ("execute", engine.runner, "execute"),
+                            ("chunks", engine, "_chunks")):
         inner = getattr(obj, attr)
 
         def timed(*args, _inner=inner, _name=name):
@@ -97,15 +100,16 @@ def step_overhead(dtype: str, device: torch.device, eager: bool, decodes: int) -
         engine.add_request(str(i), [5] * 100, SamplingParams(max_new_tokens=60, ignore_eos=True))
     while engine.scheduler.waiting or any(r.num_new_tokens > 1 for r in engine.scheduler.running):
         engine.step()  # prompts in
-    spent.update(model=0.0, sampler=0.0)
+    spent.update(dict.fromkeys(spent, 0.0))
     steps, start = 30, clock()
     for _ in range(steps):
         engine.step()
     total = clock() - start
-    prep = total - spent["model"] - spent["sampler"]
+    inputs = spent["schedule"] + spent["chunks"] + spent["execute"] - spent["model"]
+    outputs = total - spent["execute"] - spent["sampler"] - spent["schedule"] - spent["chunks"]
     return {"step_ms": 1000 * total / steps, "model_ms": 1000 * spent["model"] / steps,
-            "sampler_ms": 1000 * spent["sampler"] / steps, "prep_ms": 1000 * prep / steps,
-            "prep_fraction": prep / total}
+            "sampler_ms": 1000 * spent["sampler"] / steps, "inputs_ms": 1000 * inputs / steps,
+            "outputs_ms": 1000 * outputs / steps, "host_fraction": (inputs + outputs) / total}
 
 
 def join_group(args: argparse.Namespace) -> Shard:
@@ -154,9 +158,9 @@ def main() -> None:
         if shard.size == 1 else {}
     for name, o in overhead.items():
         mode, n = name.split()
-        print(f"# {mode} decode-heavy step ({n} decodes, bucket {n}): {o['step_ms']:.1f} ms = model and LM head "
-              f"{o['model_ms']:.1f} + sampler {o['sampler_ms']:.1f} + host work (scheduling, inputs, outputs) "
-              f"{o['prep_ms']:.2f} ms ({100 * o['prep_fraction']:.1f}%)")
+        print(f"# {mode} decode step, {n} sequences: {o['step_ms']:.1f} ms = model and LM head {o['model_ms']:.1f} "
+              f"+ sampler {o['sampler_ms']:.1f} + scheduling and inputs {o['inputs_ms']:.2f} + outputs "
+              f"{o['outputs_ms']:.2f} (host work {100 * o['host_fraction']:.1f}%)")
     if args.json and shard.rank == 0:
         with open(args.json, "w") as f:
             json.dump({"dtype": str(dtype), "tensor_parallel_size": shard.size, "peak_flops": peak, "rows": rows,

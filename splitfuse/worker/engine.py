@@ -140,12 +140,7 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return outputs
-        chunks = [SequenceChunk(s.request.token_ids[s.request.num_computed_tokens:
-                                                    s.request.num_computed_tokens + s.num_tokens],
-                                s.request.num_computed_tokens, s.request.block_table,
-                                s.request.num_computed_tokens + s.num_tokens == len(s.request.token_ids),
-                                s.request.scores_prompt)
-                  for s in scheduled]
+        chunks = self._chunks(scheduled)
         sampling = [s.request for s, c in zip(scheduled, chunks) if c.sample]
         constrained = [i for i, r in enumerate(sampling) if r.request_id in self.grammars]
         masks = self._masks.submit(self.grammars.forbidden, [sampling[i].request_id for i in constrained]) \
@@ -165,6 +160,17 @@ class Engine:
         if not self._requests:
             self._idle.set()
         return outputs
+
+    @staticmethod
+    def _chunks(scheduled) -> list[SequenceChunk]:
+        """What the runner computes for each scheduled request: its next tokens from where its cache ends."""
+        chunks = []
+        for s in scheduled:
+            r, start = s.request, s.request.num_computed_tokens
+            end = start + s.num_tokens
+            chunks.append(SequenceChunk(r.token_ids[start:end], start, r.block_table, end == len(r.token_ids),
+                                        r.scores_prompt))
+        return chunks
 
     def _score_prompts(self, scheduled, chunks: list[SequenceChunk], logits: torch.Tensor) -> torch.Tensor:
         """Record the prompt log-probabilities the scoring chunks' rows give; returns the sampled rows."""

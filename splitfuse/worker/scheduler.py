@@ -74,17 +74,20 @@ class Scheduler:
         """One token for every running request that is generating, preempting on block shortage."""
         chunks: list[ScheduledChunk] = []
         preempted: set[Request] = set()
+        block_size = self.blocks.block_size
         for request in list(self.running):
-            if request in preempted or request.num_new_tokens != 1:
-                continue  # preempted meanwhile, or still on its prompt
-            while self.blocks.blocks_needed(request, 1) > self.blocks.num_free:
-                victim = self._preempt_newest()
-                preempted.add(victim)
-                if victim is request:
-                    break
-            if request not in preempted:
+            if request.num_new_tokens != 1 or request in preempted:
+                continue  # still on its prompt, or preempted meanwhile
+            if len(request.block_table) * block_size <= request.num_computed_tokens:  # its blocks are full
+                while not self.blocks.num_free:
+                    victim = self._preempt_newest()
+                    preempted.add(victim)
+                    if victim is request:
+                        break
+                if request in preempted:
+                    continue
                 self.blocks.allocate(request, 1)
-                chunks.append(ScheduledChunk(request, 1))
+            chunks.append(ScheduledChunk(request, 1))
         return chunks
 
     def _add_prompt_chunk(self, request: Request, budget: int, chunks: list[ScheduledChunk]) -> int:
