@@ -163,7 +163,7 @@ class EngineConfig:
     scheduler: str = "splitfuse"
     eager: bool = False               # True: no torch.compile, no CUDA graphs
     background_compile: bool = True   # serve eagerly at once and switch to compiled when it is ready
-    deterministic: bool = False       # a request's outputs do not depend on the batch, the prefix cache or the chunking, from the first step (README)
+    deterministic: bool = False       # outputs independent of batch, prefix cache and chunking from the first step
     buckets: list[int] | None = None  # token-count shapes; None: 1, and token_budget and its halves down to 8 (GPU: quarters down to 16)
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed before
     prefix_routing: bool = True       # frontend, several replicas: prefer the replica that holds a prompt's prefix
