@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,8 +21,7 @@ import pytest
 import zmq
 
 from splitfuse import protocol
-from splitfuse.compiled.bundled import bundled_model_dir
-from splitfuse.config import model_fingerprint
+from splitfuse.benchmarks.frontend import InstantWorker
 from splitfuse.frontend.client import Client
 from splitfuse.frontend.http_server import Gate, HttpOptions
 from splitfuse.frontend.serve import serve
@@ -195,22 +193,13 @@ def _healthy(url: str) -> bool:
         return False
 
 
-class FakeWorker:
+class FakeWorker(InstantWorker):
     """A worker that holds the token and joins, then answers every request with what `reply` makes of it."""
 
     def __init__(self, address: str, token: str, reply):
-        self.socket = zmq.Context.instance().socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
+        super().__init__(address, token)
         self.socket.setsockopt(zmq.RCVTIMEO, 500)
-        self.socket.connect(address)
-        self.token, self.reply, self.received = token, reply, []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def ready(self) -> None:
-        model = bundled_model_dir()
-        self.socket.send(protocol.encode(protocol.Ready(-1, os.getpid(), str(model), 512, [2], self.token,
-                                                        "fake", model_fingerprint(model), 16)))
+        self.reply, self.received = reply, []
 
     def run(self) -> None:
         self.ready()
@@ -222,11 +211,6 @@ class FakeWorker:
             self.received.append(msg)
             if isinstance(msg, protocol.Generate):
                 self.socket.send(protocol.encode(self.reply(msg)))
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.socket.close()
 
 
 def test_a_worker_holding_the_token_cannot_crash_the_frontend(tmp_path):
