@@ -114,7 +114,7 @@ class Engine:
         if request is None:
             return
         self._forget(request)
-        self._pending.append(RequestOutput(request_id, [], "abort"))
+        self._pending.append(RequestOutput(request_id, [], "abort", num_cached_tokens=request.num_cached_tokens))
 
     def fail_running(self, error: str) -> list[RequestOutput]:
         """After a step raised: end every request holding KV blocks (those of the failed step among them,
@@ -123,7 +123,12 @@ class Engine:
         failed = list(self.scheduler.running)
         for request in failed:
             self._forget(request)
-        return [RequestOutput(r.request_id, [], "error", error=error) for r in failed]
+        return [RequestOutput(r.request_id, [], "error", error=error, num_cached_tokens=r.num_cached_tokens)
+                for r in failed]
+
+    def abort_all(self) -> None:
+        for request_id in list(self._requests):
+            self.abort(request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests or self._pending)
@@ -193,8 +198,10 @@ class Engine:
             self._forget(request)
         wants = request.params.logprobs is not None
         first = request.num_generated == 1 and request.params.prompt_logprobs is not None
+        done = request.finish_reason is not None
         return RequestOutput(request.request_id, [token], request.finish_reason, [logprob] if wants else None,
-                             [top] if wants else None, error, request.prompt_logprobs if first else None)
+                             [top] if wants else None, error, request.prompt_logprobs if first else None,
+                             request.num_cached_tokens if done else None)
 
     def _forget(self, request: Request) -> None:
         self.scheduler.remove(request)

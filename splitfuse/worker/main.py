@@ -31,7 +31,7 @@ from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams, model_fingerprint, read_token_file
 from splitfuse.worker import tp_group
 from splitfuse.worker.engine import Engine
-from splitfuse.worker.request import Request, RequestOutput
+from splitfuse.worker.request import RequestOutput
 
 log = logging.getLogger("splitfuse.worker.main")  # by name: run with -m, __name__ is __main__
 
@@ -54,7 +54,6 @@ class Worker:
         self._last_heartbeat = 0.0
         self._heard = time.monotonic()  # the frontend's latest message
         self._failed_steps = 0
-        self._requests: dict[str, Request] = {}  # until their last output, which reports their cached tokens
 
     def run(self) -> None:
         """Serve until a signal, or until the frontend is gone: then its requests are dropped here too."""
@@ -68,8 +67,7 @@ class Worker:
             drained = busy and not self.engine.has_unfinished()
             if drained or time.monotonic() - self._last_heartbeat >= HEARTBEAT_INTERVAL:
                 self._heartbeat()
-        for request_id in list(self._requests):
-            self.engine.abort(request_id)
+        self.engine.abort_all()
 
     def _step(self) -> list[RequestOutput]:
         """One engine step; if it raises, its requests end with the error instead of the whole replica."""
@@ -103,8 +101,7 @@ class Worker:
         self._heard = time.monotonic()
         if isinstance(msg, protocol.Generate):
             try:
-                self._requests[msg.id] = self.engine.add_request(msg.id, msg.prompt_ids,
-                                                                 SamplingParams.from_kwargs(**msg.params))
+                self.engine.add_request(msg.id, msg.prompt_ids, SamplingParams.from_kwargs(**msg.params))
             except Exception as e:  # this request only; the worker keeps serving
                 self._send(protocol.Error(msg.id, str(e) or type(e).__name__))
         elif isinstance(msg, protocol.Abort):
@@ -114,13 +111,10 @@ class Worker:
             self.running = False
         # a Heartbeat (or a late Welcome) only says that the frontend is there
 
-    def _wire(self, out: RequestOutput) -> protocol.Output:
-        cached = None
-        if out.finish_reason is not None:
-            request = self._requests.pop(out.request_id, None)
-            cached = request.num_cached_tokens if request is not None else 0
+    @staticmethod
+    def _wire(out: RequestOutput) -> protocol.Output:
         return protocol.Output(out.request_id, out.new_token_ids, out.finish_reason, out.error, out.logprobs,
-                               out.top_logprobs, cached, out.prompt_logprobs)
+                               out.top_logprobs, out.num_cached_tokens, out.prompt_logprobs)
 
     def _heartbeat(self) -> None:
         self._last_heartbeat = time.monotonic()

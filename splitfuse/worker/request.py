@@ -44,3 +44,4 @@ class RequestOutput:
     top_logprobs: list[dict[int, float]] | None = None
     error: str | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None  # with the first token, when asked
+    num_cached_tokens: int | None = None    # with the last: prompt tokens that came from the prefix cache
