@@ -8,7 +8,6 @@ import torch
 
 from splitfuse.kernels import cpu, reference
 
-pytestmark = pytest.mark.skipif(cpu.library() is None, reason="the C++ CPU kernels are not built here")
 DTYPES = [torch.float32, torch.bfloat16]
 
 

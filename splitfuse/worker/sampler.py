@@ -43,8 +43,7 @@ class Sampler:
         return SampleResult(tokens, *_logprobs(logits, chosen, requests))
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> None:
-        rows = [i for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0
-                or r.params.presence_penalty or r.params.frequency_penalty]
+        rows = [i for i, r in enumerate(requests) if _penalized(r.params)]
         for i in rows:  # only requests that ask pay for this
             p, r = requests[i].params, requests[i]
             if p.repetition_penalty != 1.0:
@@ -81,11 +80,14 @@ class Sampler:
         return _argmax(probs / noise)
 
 
+def _penalized(p) -> bool:
+    return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
+
+
 def _adjusts(request: Request) -> bool:
     """Whether the request's logits are changed before the choice: penalties, biases, or stops blocked."""
     p = request.params
-    return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.logit_bias
-                or request.num_generated < p.min_new_tokens)
+    return _penalized(p) or bool(p.logit_bias) or request.num_generated < p.min_new_tokens
 
 
 def _argmax(rows: torch.Tensor) -> torch.Tensor:

@@ -29,10 +29,10 @@ class Linear(nn.Linear):
     library, even prepacked, at every row count measured (1 to 256; 1.25x at 256, 3x at 16), since the
     weights come from memory each step and the library streams them poorly at these sizes. bf16 where the
     CPU has bf16 dot products or AMX tiles: the brgemm kernel (pack_brgemm_weight), which oneDNN's
-    micro-kernels run; other weights pack for the packed kernel (bf16 and fp16 exactly). Both give a row the same bits
-    whatever the row count, which the library's GEMM does not (tests/test_batch_invariance.py). A packed
-    weight is an ordinary tensor, so a compiled graph takes it as an input and nothing is frozen into the
-    graph (Inductor's cache can then key on the graph alone)."""
+    micro-kernels run; other weights pack for the packed kernel (bf16 and fp16 exactly). Both give a row
+    the same bits whatever the row count, which the library's GEMM does not (tests/test_batch_invariance.py).
+    A packed weight is an ordinary tensor, so a compiled graph takes it as an input and nothing is frozen
+    into the graph (Inductor's cache can then key on the graph alone)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
