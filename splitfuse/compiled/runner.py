@@ -17,6 +17,7 @@ torch.compile while it is compiling)."""
 import logging
 import math
 import functools
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -220,8 +221,7 @@ class ModelRunner:
             return
         if background:
             _confine_fx_patches_to_their_thread()
-            threading.Thread(target=self._compile_in_background, args=(progress, start), name="compile",
-                             daemon=True).start()
+            _in_compile_thread(functools.partial(self._compile_in_background, progress, start))
         else:
             self._compile_all(progress)
 
@@ -258,6 +258,33 @@ class ModelRunner:
         # This thread's current CUDA device is not the serving thread's: Triton launches on the current one.
         with torch.inference_mode(), (torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()):
             self._compiled(_bucket_slice(buffers.batch, bucket, self.seqs_in_bucket(bucket)), self.kv_caches)
+
+
+_compile_jobs: "queue.SimpleQueue[Callable[[], None]]" = queue.SimpleQueue()
+_compile_thread_lock = threading.Lock()
+_compile_thread: threading.Thread | None = None
+
+
+def _in_compile_thread(job: Callable[[], None]) -> None:
+    """Run `job` in the process's one compile thread, which lives as long as the process: a thread that
+    ran the compiler leaves Python objects in PyTorch's native thread-locals, and a thread that ends while
+    the interpreter shuts down aborts the process on freeing them ("terminate called without an active
+    exception", pytorch/pytorch#38228)."""
+    global _compile_thread
+    with _compile_thread_lock:
+        if _compile_thread is None:
+            _compile_thread = threading.Thread(target=_run_compile_jobs, name="compile", daemon=True)
+            _compile_thread.start()
+    _compile_jobs.put(job)
+
+
+def _run_compile_jobs() -> None:
+    while True:
+        job = _compile_jobs.get()
+        try:
+            job()
+        except Exception:  # the engine keeps serving eagerly; the next job still runs
+            log.exception("splitfuse: the background compile failed; serving eagerly")
 
 
 def _confine_fx_patches_to_their_thread() -> None:
