@@ -4,7 +4,8 @@ from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.frontend.client import AsyncClient, Client, CurveKeys
 from splitfuse.frontend.serve import Deployment, serve
 from splitfuse.frontend.pipeline import Pipeline, pipeline
-from splitfuse.frontend.response import Delta, Response
+from splitfuse.frontend.response import Response
+from splitfuse.protocol import Delta
 
 logs.configure()
 

@@ -109,7 +109,7 @@ def test_compiled_bf16_greedy_matches_fp32_transformers(hf_model, tokenizer):
     ours: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
     while engine.has_unfinished():
         for o in engine.step():
-            ours[o.request_id] += o.new_token_ids
+            ours[o.id] += o.token_ids
     compared = 0
     for i, ids in enumerate(prompts):
         with torch.no_grad():

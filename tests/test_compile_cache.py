@@ -38,7 +38,7 @@ done = set()
 for i in range(8):
     engine.add_request(str(i), [1 + i, 2, 3, 4], SamplingParams(max_new_tokens=8, ignore_eos=True))
 while engine.has_unfinished():
-    done.update(o.request_id for o in engine.step() if o.finish_reason)
+    done.update(o.id for o in engine.step() if o.finish_reason)
 served_while_compiling = len(done) if not engine.runner.compiled.is_set() else None
 assert engine.runner.compiled.wait(600)
 report(was_warm=was_warm, served_while_compiling=served_while_compiling)

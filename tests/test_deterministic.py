@@ -61,8 +61,8 @@ def answers(outputs) -> dict[str, tuple]:
     """Each request's tokens, their log-probabilities and top log-probabilities, and its prompt's."""
     got = {}
     for out in outputs:
-        tokens, logprobs, tops, prompt = got.setdefault(out.request_id, ([], [], [], []))
-        tokens += out.new_token_ids
+        tokens, logprobs, tops, prompt = got.setdefault(out.id, ([], [], [], []))
+        tokens += out.token_ids
         logprobs += out.logprobs or []
         tops += out.top_logprobs or []
         prompt += out.prompt_logprobs or []

@@ -6,8 +6,8 @@ import torch
 import transformers
 
 from splitfuse.config import CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET, MAX_NUM_SEQS, EngineConfig, SamplingParams
+from splitfuse.protocol import Output
 from splitfuse.worker.engine import Engine
-from splitfuse.worker.request import RequestOutput
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def make_engine(path, **options) -> Engine:
     return Engine(EngineConfig(**(config | options)), progress=False)
 
 
-def drive(engine: Engine, steps: int | None = None) -> list[RequestOutput]:
+def drive(engine: Engine, steps: int | None = None) -> list[Output]:
     """Run `steps` steps, or until nothing is left (bounded, so a stall fails instead of hanging)."""
     outputs = []
     for _ in range(steps or 5000):
@@ -33,13 +33,13 @@ def drive(engine: Engine, steps: int | None = None) -> list[RequestOutput]:
     return outputs
 
 
-def summary(outputs: list[RequestOutput]) -> dict[str, tuple[list[int], str | None]]:
+def summary(outputs: list[Output]) -> dict[str, tuple[list[int], str | None]]:
     tokens, reasons = defaultdict(list), {}
     for out in outputs:
-        assert out.request_id not in reasons, "output after the finish"
-        tokens[out.request_id] += out.new_token_ids
+        assert out.id not in reasons, "output after the finish"
+        tokens[out.id] += out.token_ids
         if out.finish_reason:
-            reasons[out.request_id] = out.finish_reason
+            reasons[out.id] = out.finish_reason
     return {rid: (tokens[rid], reasons.get(rid)) for rid in tokens | reasons}
 
 

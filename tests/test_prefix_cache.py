@@ -196,7 +196,7 @@ def run(engine: Engine, prompts: dict[str, list[int]], max_new: int) -> tuple[di
         if not engine.has_unfinished():
             break
         for out in engine.step():
-            tokens[out.request_id] += out.new_token_ids
+            tokens[out.id] += out.token_ids
     assert engine.stats()["blocks_in_use"] == 0
     return tokens, {rid: r.num_cached_tokens for rid, r in requests.items()}
 
@@ -258,7 +258,7 @@ def test_bundled_model_gives_the_same_greedy_tokens_with_and_without_the_cache()
 def fake_router(prefix_routing: bool) -> Router:
     """A router whose two replicas count as ready without processes (sends to them go nowhere)."""
     router = Router(EngineConfig(prefix_routing=prefix_routing), replicas=2)
-    router.info = protocol.Ready(0, 0, "", 4096, [], "")
+    router.info = protocol.Ready(0, 0, "", 4096, "")
     for r in router.replicas:
         r.identity = b"w%d" % r.index
     return router

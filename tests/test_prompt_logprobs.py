@@ -56,7 +56,7 @@ def test_prompt_logprobs_match_transformers_chunked_batched_and_cached(llama, bu
     while engine.has_unfinished():
         for out in engine.step():
             if out.prompt_logprobs is not None:
-                scored[out.request_id] = out.prompt_logprobs
+                scored[out.id] = out.prompt_logprobs
     for i, ids in enumerate(prompts):
         check(scored[f"p{i}"], ids, hf_prompt_logprobs(hf, ids), 2 * i)
     assert set(scored) == {f"p{i}" for i in range(len(prompts))}
@@ -77,7 +77,7 @@ def test_a_preempted_request_keeps_its_prompt_logprobs(llama):
     while engine.has_unfinished():
         for out in engine.step():
             if out.prompt_logprobs is not None:
-                scored[out.request_id] = out.prompt_logprobs
+                scored[out.id] = out.prompt_logprobs
     assert engine.scheduler.num_preemptions > 0
     for i, ids in enumerate(prompts):
         check(scored[str(i)], ids, hf_prompt_logprobs(hf, ids), 0)

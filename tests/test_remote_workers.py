@@ -172,7 +172,7 @@ def test_a_process_without_the_token_is_refused_and_gets_no_requests(frontend, m
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(frontend.worker_address)
     try:  # everything right but the token
-        sock.send(protocol.encode(protocol.Ready(-1, os.getpid(), model, 256, [2], secrets.token_hex(32), "impostor",
+        sock.send(protocol.encode(protocol.Ready(-1, os.getpid(), model, 256, secrets.token_hex(32), "impostor",
                                                  model_fingerprint(model), 16)))
         answer = protocol.decode(sock.recv(), protocol.WORKER_REQUESTS)
         assert isinstance(answer, protocol.Refuse) and not answer.retry and "token" in answer.error, answer
@@ -271,7 +271,7 @@ def _joining(address: str, token_file: str, model: str, name: str, server_public
         sock.curve_serverkey = zmq.auth.load_certificate(server_public)[0]
         sock.curve_publickey, sock.curve_secretkey = zmq.auth.load_certificate(secret_cert)
     sock.connect(address)
-    sock.send(protocol.encode(protocol.Ready(-1, os.getpid(), model, 256, [2], Path(token_file).read_text(), name,
+    sock.send(protocol.encode(protocol.Ready(-1, os.getpid(), model, 256, Path(token_file).read_text(), name,
                                              model_fingerprint(model), 16)))
     return sock
 

@@ -66,10 +66,10 @@ def workload(engine: Engine, vocab: int) -> dict[str, list[int]]:
                                SamplingParams(max_new_tokens=6, ignore_eos=True))
         for _ in range(3):
             for o in engine.step():
-                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+                out.setdefault(o.id, []).extend(o.token_ids)
     while engine.has_unfinished():
         for o in engine.step():
-            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+            out.setdefault(o.id, []).extend(o.token_ids)
     return out
 
 

@@ -18,13 +18,18 @@ def req(prompt=(0,), generated=(), **params) -> Request:
     return Request("r", [*prompt, *generated], len(prompt), SamplingParams(**params))
 
 
+def tokens(outputs: list) -> list[int]:
+    """The token each Output of one sampler call carries."""
+    return [out.token_ids[0] for out in outputs]
+
+
 def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
 def draw(logits: torch.Tensor, request: Request, n: int = 2000, seed: int = 0) -> Counter:
     sampler, g = Sampler([]), generator(seed)
-    return Counter(sampler(logits[None], [request], [g]).token_ids[0] for _ in range(n))
+    return Counter(sampler(logits[None], [request], [g])[0].token_ids[0] for _ in range(n))
 
 
 def assert_distribution(counts: Counter, expected: dict[int, float], n: int = 2000) -> None:
@@ -43,7 +48,7 @@ def test_greedy_is_argmax_also_next_to_sampled_rows():
     requests = [req(), req(do_sample=True, seed=1), req(), req(do_sample=True, temperature=0.0)]
     result = Sampler([])(logits, requests, [None, generator(1), None, None])
     expected = logits.argmax(dim=-1).tolist()
-    assert [result.token_ids[i] for i in (0, 2, 3)] == [expected[i] for i in (0, 2, 3)]
+    assert [tokens(result)[i] for i in (0, 2, 3)] == [expected[i] for i in (0, 2, 3)]
 
 
 def test_plain_sampling_follows_the_softmax():
@@ -77,7 +82,7 @@ def run_seeded(rows: list[tuple[torch.Tensor, int]], steps: int = 20) -> list[li
     requests = [req(do_sample=True, top_p=0.9) for _ in rows]
     gens = [generator(seed) for _, seed in rows]
     logits = torch.stack([lg for lg, _ in rows])
-    return [list(col) for col in zip(*(sampler(logits, requests, gens).token_ids for _ in range(steps)))]
+    return [list(col) for col in zip(*(tokens(sampler(logits, requests, gens)) for _ in range(steps)))]
 
 
 def test_seeded_sampling_reproduces_and_ignores_the_rest_of_the_batch():
@@ -90,7 +95,7 @@ def test_seeded_sampling_reproduces_and_ignores_the_rest_of_the_batch():
 
 
 def greedy_pick(logits: list[float], **kw) -> int:
-    return Sampler([])(torch.tensor([logits]), [req(**kw)], [None]).token_ids[0]
+    return Sampler([])(torch.tensor([logits]), [req(**kw)], [None])[0].token_ids[0]
 
 
 @pytest.mark.parametrize("logits,kw,expected", [
@@ -111,13 +116,13 @@ def greedy_pick(logits: list[float], **kw) -> int:
     ([1.0, 0.6, 0.5], dict(generated=[0, 0], frequency_penalty=0.25), 1),
 ])
 def test_penalties_move_the_greedy_choice_exactly_at_the_hand_computed_point(logits, kw, expected):
-    assert Sampler([])(torch.tensor([logits]), [req(**kw)], [None]).token_ids[0] == expected
+    assert Sampler([])(torch.tensor([logits]), [req(**kw)], [None])[0].token_ids[0] == expected
 
 
 def test_min_new_tokens_blocks_eos_and_stop_tokens():
     logits = torch.tensor([[0.0, 1.0, 2.0, 9.0, 8.0]])     # EOS (3) is the argmax, then token 4
     sampler = Sampler([EOS])
-    pick = lambda r, g=None: sampler(logits, [r], [g]).token_ids[0]  # noqa: E731
+    pick = lambda r, g=None: sampler(logits, [r], [g])[0].token_ids[0]  # noqa: E731
     assert pick(req(min_new_tokens=2, max_new_tokens=5)) == 4
     assert pick(req(generated=[1], min_new_tokens=2, max_new_tokens=5)) == 4
     assert pick(req(generated=[1, 1], min_new_tokens=2, max_new_tokens=5)) == EOS
@@ -132,18 +137,18 @@ def test_logprobs_of_the_chosen_token_and_the_top_n():
     requests = [req(logprobs=0), req(logprobs=5), req()]
     result = Sampler([])(logits, requests, [None] * 3)
     expected = torch.log_softmax(logits.double(), dim=-1)
-    for i, token in enumerate(result.token_ids):
-        assert math.isclose(result.logprobs[i], expected[i, token].item(), abs_tol=1e-5)
-    assert result.top_logprobs[0] == {}
+    for i, out in enumerate(result[:2]):
+        assert math.isclose(out.logprobs[0], expected[i, out.token_ids[0]].item(), abs_tol=1e-5)
+    assert result[0].top_logprobs == [{}] and result[2].logprobs is None and result[2].top_logprobs is None
     top5 = expected[1].argsort(descending=True)[:5].tolist()
-    assert sorted(result.top_logprobs[1]) == sorted(top5)
-    for token, lp in result.top_logprobs[1].items():
+    assert sorted(result[1].top_logprobs[0]) == sorted(top5)
+    for token, lp in result[1].top_logprobs[0].items():
         assert math.isclose(lp, expected[1, token].item(), abs_tol=1e-5)
 
 
 def test_no_logprobs_when_nobody_asks():
     result = Sampler([])(torch.randn(2, 10), [req(), req()], [None, None])
-    assert result.logprobs is None and result.top_logprobs is None
+    assert all(o.logprobs is None and o.top_logprobs is None for o in result)
 
 
 def test_every_tensor_follows_the_logits_device():
@@ -170,10 +175,10 @@ def test_sampling_with_filters_and_penalties_on_the_gpu():
 
     def draw_seeded() -> list[int]:
         gens = [torch.Generator("cuda").manual_seed(s) for s in (0, 1)]
-        return Sampler([0])(logits, requests, gens).token_ids
+        return tokens(Sampler([0])(logits, requests, gens))
 
-    tokens = draw_seeded()
-    assert all(0 <= t < 50 for t in tokens) and tokens[0] not in (0, 7) and tokens == draw_seeded()
+    drawn = draw_seeded()
+    assert all(0 <= t < 50 for t in drawn) and drawn[0] not in (0, 7) and drawn == draw_seeded()
 
 
 def test_a_grammar_mask_has_the_last_word():
@@ -185,6 +190,6 @@ def test_a_grammar_mask_has_the_last_word():
     forbidden[0, [5, 6]] = False
     forbidden[1, EOS] = False
     for seed in range(20):
-        tokens = Sampler([EOS])(logits, requests, [None, generator(seed), None], [0, 1], forbidden).token_ids
-        assert tokens[0] == 5 + int(logits[0, 6] > logits[0, 5]) and tokens[1] == EOS
-        assert tokens[2] == logits[2].argmax()
+        picked = tokens(Sampler([EOS])(logits, requests, [None, generator(seed), None], [0, 1], forbidden))
+        assert picked[0] == 5 + int(logits[0, 6] > logits[0, 5]) and picked[1] == EOS
+        assert picked[2] == logits[2].argmax()

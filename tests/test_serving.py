@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -54,7 +53,7 @@ def raw_socket(address: str) -> zmq.Socket:
 
 
 def send(sock: zmq.Socket, **body) -> None:
-    sock.send(msgpack.packb({"v": 1, **body}))
+    sock.send(msgpack.packb({"v": 2, **body}))
 
 
 def receive(sock: zmq.Socket) -> dict:
@@ -213,13 +212,16 @@ def test_bad_messages_get_an_error_reply_and_the_server_keeps_serving(deployment
         ([b"two", b"frames"], None, "exactly one frame"),
         ([b"\xc1"], None, "not valid msgpack"),
         ([msgpack.packb([1, 2])], None, "msgpack map"),
-        ([msgpack.packb({"type": "frobnicate", "v": 1, "id": "t"})], "t", "unknown message type"),
+        ([msgpack.packb({"type": "frobnicate", "v": 2, "id": "t"})], "t", "unknown message type"),
         ([msgpack.packb({"type": "generate", "v": 99, "id": "v", "prompt": "hi"})], "v", "version 99"),
-        ([msgpack.packb({"type": "generate", "v": 1, "id": "p", "prompt": "hi", "params": {"max_tokens": 3}})],
+        # A client of version 1, whose prompt ids were packed bytes, learns of the version, not of a field.
+        ([msgpack.packb({"type": "generate", "v": 1, "id": "v1", "prompt_ids": b"\x01\x00\x00\x00"})], "v1",
+         "protocol version 1 is not supported; this peer speaks v2"),
+        ([msgpack.packb({"type": "generate", "v": 2, "id": "p", "prompt": "hi", "params": {"max_tokens": 3}})],
          "p", "unknown sampling parameter"),
-        ([msgpack.packb({"type": "generate", "v": 1, "id": "o", "prompt_ids": struct.pack("<600i", *[1] * 600)})],
+        ([msgpack.packb({"type": "generate", "v": 2, "id": "o", "prompt_ids": [1] * 600})],
          "o", "maximum length is 512"),
-        ([msgpack.packb({"type": "generate", "v": 1, "id": "m", "messages": [{"role": "user"}]})], "m", "content"),
+        ([msgpack.packb({"type": "generate", "v": 2, "id": "m", "messages": [{"role": "user"}]})], "m", "content"),
     ]
     for frames, request_id, words in cases:
         sock.send_multipart(frames)
@@ -254,13 +256,13 @@ def test_a_raw_zmq_program_speaks_the_documented_protocol(deployment, tokenizer)
     health = receive(sock)
     assert health["type"] == "health" and health["id"] == "h" and health["ok"] and len(health["replicas"]) == 2
     prompt_ids = tokenizer.encode("The capital of France is")
-    send(sock, type="generate", id="g", prompt_ids=struct.pack(f"<{len(prompt_ids)}i", *prompt_ids),
+    send(sock, type="generate", id="g", prompt_ids=prompt_ids,
          params={"max_new_tokens": 8, "logprobs": 2}, stream=True)
     ids, text, reply = [], "", {"finish_reason": None}
     while reply["finish_reason"] is None:
         reply = receive(sock)
         assert reply["type"] == "delta" and reply["id"] == "g"
-        new = list(struct.unpack(f"<{len(reply['token_ids']) // 4}i", reply["token_ids"]))
+        new = reply["token_ids"]
         assert len(reply["logprobs"]) == len(new) == len(reply["top_logprobs"])
         ids, text = ids + new, text + reply["text"]
     assert reply["prompt_length"] == len(prompt_ids) and text == tokenizer.decode(ids)

@@ -52,8 +52,8 @@ def one_rank() -> list[tuple[list[int], list[float]]]:
     tokens, logprobs = {}, {}
     while engine.has_unfinished():
         for out in engine.step():
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-            logprobs.setdefault(out.request_id, []).extend(out.logprobs)
+            tokens.setdefault(out.id, []).extend(out.token_ids)
+            logprobs.setdefault(out.id, []).extend(out.logprobs)
     return [(tokens[str(i)], logprobs[str(i)]) for i in range(len(prompts()))]
 
 

@@ -44,7 +44,7 @@ class InstantWorker:
     def ready(self) -> None:
         """Say it is ready, as a worker that joins (replica -1) with the bundled model."""
         model = bundled_model_dir()
-        self.socket.send(protocol.encode(protocol.Ready(-1, os.getpid(), str(model), 2048, [2], self.token,
+        self.socket.send(protocol.encode(protocol.Ready(-1, os.getpid(), str(model), 2048, self.token,
                                                         "instant", model_fingerprint(model), 16)))
 
     def run(self) -> None:

@@ -19,7 +19,8 @@ import zmq.auth
 
 from splitfuse import protocol
 from splitfuse.config import SamplingParams
-from splitfuse.frontend.response import Delta, Response
+from splitfuse.frontend.response import Response
+from splitfuse.protocol import Delta
 
 Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages [{"role": ..., "content": ...}]
 
@@ -74,13 +75,13 @@ class AsyncClient:
         """Stream the response to a prompt as Deltas; the last one has a finish_reason."""
         async with aclosing(self._request(prompt, sampling, stream=True, timeout=timeout)) as messages:
             async for msg in messages:
-                yield _delta(msg)
+                yield msg
 
     async def complete(self, prompt: Prompt, *, timeout: float | None = None, **sampling) -> Response:
         """The whole response to a prompt at once."""
         async with aclosing(self._request(prompt, sampling, stream=False, timeout=timeout)) as messages:
             msg = await anext(messages)  # stream=False: a single delta holding everything
-        return Response.of(_delta(msg))
+        return Response.of(msg)
 
     async def chat(self, messages: list[dict], *, timeout: float | None = None, **sampling) -> Response:
         """The assistant's reply to a conversation (the model's chat template is applied by the server)."""
@@ -104,12 +105,13 @@ class AsyncClient:
         self._reader = self._watchdog = self._socket = self._context = None
 
     async def _request(self, prompt: Prompt, sampling: dict, stream: bool,
-                       timeout: float | None) -> AsyncIterator[protocol.Delta]:
+                       timeout: float | None) -> AsyncIterator[Delta]:
         rid = str(next(self._ids))
         params = SamplingParams.from_kwargs(**sampling).to_dict()
-        # Bad values fail here, as ValueError, before anything is sent.
+        # Bad values fail here, as ValueError, before anything is sent: the server's own checks.
         frame = protocol.encode(protocol.Generate(rid, params=params, stream=stream, timeout=timeout,
                                                   **protocol.prompt_fields(prompt)))
+        protocol.decode(frame, protocol.CLIENT_REQUESTS)
         queue = self._open(rid)
         finished = False
         try:
@@ -202,11 +204,6 @@ class AsyncClient:
     def _fail_all(self, error: ConnectionError) -> None:
         for queue in self._queues.values():
             queue.put_nowait(error)
-
-
-def _delta(msg: protocol.Delta) -> Delta:
-    return Delta(msg.text, msg.token_ids, msg.finish_reason, msg.error, msg.logprobs, msg.top_logprobs,
-                 msg.prompt_length, msg.num_cached_tokens, msg.prompt_logprobs)
 
 
 class Client:

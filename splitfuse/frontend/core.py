@@ -27,8 +27,9 @@ import zmq
 
 from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams
+from splitfuse.protocol import Delta
 from splitfuse.frontend.metrics import Metrics
-from splitfuse.frontend.response import Delta, ResponseBuilder
+from splitfuse.frontend.response import ResponseBuilder
 from splitfuse.frontend.router import RemoteWorkers, Router
 from splitfuse.frontend.tokenizer import Tokenizer
 
@@ -55,6 +56,7 @@ class Unavailable(Exception):
 class Tracked:
     """A request between submit and its last delta."""
     key: str
+    id: str  # as its submitter named it, on its deltas
     sink: Sink
     params: SamplingParams
     stream: bool
@@ -111,15 +113,16 @@ class Core:
 
     def submit(self, sink: Sink, params: SamplingParams, *, prompt: str | None = None, messages: list | None = None,
                prompt_ids: list[int] | None = None, tools: list[dict] | None = None, stream: bool = True,
-               timeout: float | None = None) -> str:
+               timeout: float | None = None, id: str | None = None) -> str:
         """Start a request from exactly one of prompt, messages (with the tools the chat template is given)
-        or prompt_ids; returns its key. Raises Unavailable or Overloaded at once; a prompt that cannot be
+        or prompt_ids; returns its key. Its deltas carry `id` (by default the key). Raises Unavailable or Overloaded at once; a prompt that cannot be
         taken reaches the sink as ValueError."""
         self._admit()
         key = str(next(self._keys))
         now = time.monotonic()
         timeout = timeout or self.request_timeout
-        self.requests[key] = Tracked(key, sink, params, stream, now + timeout if timeout else math.inf, now)
+        self.requests[key] = Tracked(key, key if id is None else id, sink, params, stream,
+                                     now + timeout if timeout else math.inf, now)
         future = self._pool.submit(self.tokenizer.encode_prompt, params, prompt=prompt, messages=messages,
                                    prompt_ids=prompt_ids, tools=tools)
         future.add_done_callback(lambda f: self.call_soon(lambda: self._on_encoded(key, f)))
@@ -134,7 +137,7 @@ class Core:
         self.router.abort(key)
         if req.builder is None:  # still being tokenized: nothing was generated
             del self.requests[key]
-            req.sink(Delta("", [], finish_reason, error))
+            req.sink(Delta(req.id, finish_reason=finish_reason, error=error))
         else:
             self._deliver(req, protocol.Output(key, [], finish_reason, error))
 
@@ -226,7 +229,7 @@ class Core:
             del self.requests[key]
             _log_request(logging.INFO, key, "refused: %s", e)
             return req.sink(ValueError(str(e) or type(e).__name__))
-        req.builder = ResponseBuilder(self.tokenizer, prompt_ids, req.params, prompt_text)
+        req.builder = ResponseBuilder(req.id, self.tokenizer, prompt_ids, req.params, prompt_text)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         try:
             self.router.submit(key, prompt_ids, req.params)
@@ -255,7 +258,8 @@ class Core:
                 _log_request(logging.ERROR, out.id, "its output could not be handled", exc_info=True)
                 if self.requests.pop(out.id, None) is not None:
                     self.router.abort(out.id)
-                    req.sink(Delta("", [], "error", f"the server could not handle this request's output: {e}"))
+                    req.sink(Delta(req.id, finish_reason="error",
+                                   error=f"the server could not handle this request's output: {e}"))
 
     def _deliver(self, req: Tracked, out: protocol.Output) -> None:
         self._observe(req, out)

@@ -34,7 +34,7 @@ from splitfuse.config import (MAX_INT32, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENAL
                               MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MIN_TEMPERATURE, REPETITION_PENALTY,
                               SamplingParams)
 from splitfuse.frontend.core import Core, Overloaded, Unavailable
-from splitfuse.frontend.response import Delta
+from splitfuse.protocol import Delta
 from splitfuse.frontend.tools import ToolFormat
 from splitfuse.grammar import MAX_CHOICES as MAX_GRAMMAR_CHOICES
 

@@ -9,7 +9,8 @@ from functools import partial
 from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.frontend.core import Core
-from splitfuse.frontend.response import Delta, Response
+from splitfuse.frontend.response import Response
+from splitfuse.protocol import Delta
 
 POLL = 0.1  # seconds; the core checks that the worker is alive between waits
 

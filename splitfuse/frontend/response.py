@@ -1,27 +1,13 @@
 """What a request returns (streamed Deltas, a whole Response), and the per-request bookkeeping that
-builds them from the worker's outputs (text deltas, stop strings, logprobs). Used by the frontend core."""
+builds them from the worker's outputs (text deltas, stop strings, logprobs). Used by the frontend core.
+A Delta is the wire's (protocol.py): what a client receives is what pipeline() hands its caller."""
 from dataclasses import dataclass, field
 
 from splitfuse import protocol
+from splitfuse.protocol import Delta
 from splitfuse.config import SamplingParams
 from splitfuse.frontend.detokenizer import IncrementalDetokenizer
 from splitfuse.frontend.tokenizer import Tokenizer
-
-
-@dataclass(slots=True)
-class Delta:
-    """One streamed piece of a response. The last one has a finish_reason ("stop", "length", "abort" or
-    "error", the latter with `error` set), the prompt_length and num_cached_tokens; a request that is not
-    streamed gets only that one, holding the whole response."""
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    error: str | None = None
-    logprobs: list[float] | None = None     # of token_ids, when the request asked for logprobs
-    top_logprobs: list[dict[int, float]] | None = None
-    prompt_length: int | None = None
-    num_cached_tokens: int | None = None    # prompt tokens whose KV came from the prefix cache
-    prompt_logprobs: list[dict[int, float] | None] | None = None  # see protocol.Delta; with the first token
 
 
 @dataclass(slots=True)
@@ -48,6 +34,7 @@ class Response:
 @dataclass(slots=True)
 class ResponseBuilder:
     """Accumulates a request's outputs into text deltas and, at the end, the whole response."""
+    id: str  # the request's id as its submitter named it: its deltas carry it
     tokenizer: Tokenizer
     prompt_ids: list[int]
     params: SamplingParams
@@ -69,7 +56,7 @@ class ResponseBuilder:
     def add(self, out: protocol.Output) -> Delta:
         """A stop string also finishes the request (reason "stop"); the caller then aborts it upstream."""
         if self.finish_reason is not None:
-            return Delta("", [], self.finish_reason)
+            return Delta(self.id, finish_reason=self.finish_reason)
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
         if not self._detok.stopped:
@@ -79,19 +66,19 @@ class ResponseBuilder:
         text, stopped = self._detok.add(out.token_ids)
         finish_reason = "stop" if stopped else out.finish_reason
         if finish_reason is None:
-            return Delta(self._prefixed(text), list(out.token_ids), None, None, out.logprobs, out.top_logprobs,
-                         prompt_logprobs=out.prompt_logprobs)
+            return Delta(self.id, out.token_ids, self._prefixed(text), logprobs=out.logprobs,
+                         top_logprobs=out.top_logprobs, prompt_logprobs=out.prompt_logprobs)
         self.finish_reason, self.error = finish_reason, out.error
         self.num_cached_tokens = out.num_cached_tokens or 0
         text += self._detok.flush()
-        return Delta(self._prefixed(text), list(out.token_ids), finish_reason, out.error, out.logprobs,
+        return Delta(self.id, out.token_ids, self._prefixed(text), finish_reason, out.error, out.logprobs,
                      out.top_logprobs, len(self.prompt_ids), self.num_cached_tokens, out.prompt_logprobs)
 
     def whole(self) -> Delta:
         """Once finished: the whole response as one Delta."""
         wants = self.params.logprobs is not None
         text = (self.prompt_text if self.params.return_full_text else "") + self._detok.text
-        return Delta(text, self.token_ids, self.finish_reason, self.error, self.logprobs if wants else None,
+        return Delta(self.id, self.token_ids, text, self.finish_reason, self.error, self.logprobs if wants else None,
                      self.top_logprobs if wants else None, len(self.prompt_ids), self.num_cached_tokens,
                      self.prompt_logprobs)
 

@@ -26,8 +26,8 @@ from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.frontend.core import TICK, Core, Overloaded, Unavailable
 from splitfuse.frontend.curve import CurveOptions, curve_server
 from splitfuse.frontend.http_server import HttpOptions, HttpServer
-from splitfuse.frontend.response import Delta
 from splitfuse.frontend.router import RemoteWorkers
+from splitfuse.protocol import Delta
 
 log = logging.getLogger("splitfuse.frontend.server")  # by name: run with -m, __name__ is __main__
 
@@ -90,7 +90,7 @@ class ZmqFrontend:
             params = SamplingParams.from_kwargs(**msg.params)
             key = self.core.submit(partial(self._reply, client, msg.id), params, prompt=msg.prompt,
                                    messages=msg.messages, prompt_ids=msg.prompt_ids, stream=msg.stream,
-                                   timeout=msg.timeout)
+                                   timeout=msg.timeout, id=msg.id)
         except (ValueError, Overloaded, Unavailable) as e:
             return self._send(client, protocol.Error(msg.id, str(e)))
         self.keys[(client, msg.id)] = key
@@ -104,9 +104,7 @@ class ZmqFrontend:
             return self._send(client, protocol.Error(rid, str(event)))
         if event.finish_reason is not None:
             del self.keys[(client, rid)]
-        self._send(client, protocol.Delta(rid, event.token_ids, event.text, event.finish_reason, event.error,
-                                          event.logprobs, event.top_logprobs, event.prompt_length,
-                                          event.num_cached_tokens, event.prompt_logprobs))
+        self._send(client, event)
 
     def _send(self, client: bytes, msg: protocol.Message) -> None:
         try:

@@ -16,7 +16,8 @@ from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.kernels import ops
 from splitfuse.worker.block_manager import BlockManager
 from splitfuse.worker.grammars import Grammars
-from splitfuse.worker.request import Request, RequestOutput
+from splitfuse.protocol import Output
+from splitfuse.worker.request import Request
 from splitfuse.worker.sampler import Sampler, token_logprobs
 from splitfuse.worker.scheduler import Scheduler
 
@@ -74,7 +75,7 @@ class Engine:
         self._masks = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         self._requests: dict[str, Request] = {}
         self._generators: dict[str, torch.Generator] = {}
-        self._pending: list[RequestOutput] = []  # aborts, reported by the next step
+        self._pending: list[Output] = []  # aborts, reported by the next step
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         if request_id in self._requests:
@@ -114,16 +115,16 @@ class Engine:
         if request is None:
             return
         self._forget(request)
-        self._pending.append(RequestOutput(request_id, [], "abort", num_cached_tokens=request.num_cached_tokens))
+        self._pending.append(Output(request_id, [], "abort", num_cached_tokens=request.num_cached_tokens))
 
-    def fail_running(self, error: str) -> list[RequestOutput]:
+    def fail_running(self, error: str) -> list[Output]:
         """After a step raised: end every request holding KV blocks (those of the failed step among them,
         which it may have left half-updated) with finish_reason "error" and free their blocks. Waiting
         requests go on, and so does the engine."""
         failed = list(self.scheduler.running)
         for request in failed:
             self._forget(request)
-        return [RequestOutput(r.request_id, [], "error", error=error, num_cached_tokens=r.num_cached_tokens)
+        return [Output(r.request_id, [], "error", error=error, num_cached_tokens=r.num_cached_tokens)
                 for r in failed]
 
     def abort_all(self) -> None:
@@ -140,7 +141,7 @@ class Engine:
                 "prefix_cache_queries": self.blocks.queries, "prefix_cache_hits": self.blocks.hits,
                 "blocks_cached": self.blocks.num_cached}
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[Output]:
         outputs, self._pending = self._pending, []
         scheduled = self.scheduler.schedule()
         if not scheduled:
@@ -156,12 +157,10 @@ class Engine:
         for s in scheduled:
             s.request.num_computed_tokens += s.num_tokens
         if sampling:
-            result = self.sampler(logits, sampling, [self._generators.get(r.request_id) for r in sampling],
-                                  constrained, masks and masks.result())
-            for i, request in enumerate(sampling):
-                outputs.append(self._append(request, result.token_ids[i],
-                                            result.logprobs[i] if result.logprobs else None,
-                                            result.top_logprobs[i] if result.top_logprobs else None))
+            sampled = self.sampler(logits, sampling, [self._generators.get(r.request_id) for r in sampling],
+                                   constrained, masks and masks.result())
+            for request, out in zip(sampling, sampled):
+                outputs.append(self._append(request, out))
         if not self._requests:
             self._idle.set()
         return outputs
@@ -190,18 +189,18 @@ class Engine:
                 row += 1
         return logits[sampled]
 
-    def _append(self, request: Request, token: int, logprob: float | None, top: dict | None) -> RequestOutput:
+    def _append(self, request: Request, out: Output) -> Output:
+        """The sampled token joins its request; `out` gets how the request ends, if it does."""
+        token = out.token_ids[0]
         request.token_ids.append(token)
-        error = self.grammars.accept(request.request_id, token) if request.request_id in self.grammars else None
-        request.finish_reason = "error" if error else self._finish_reason(request, token)
+        out.error = self.grammars.accept(request.request_id, token) if request.request_id in self.grammars else None
+        out.finish_reason = request.finish_reason = "error" if out.error else self._finish_reason(request, token)
         if request.finish_reason is not None:
             self._forget(request)
-        wants = request.params.logprobs is not None
-        first = request.num_generated == 1 and request.params.prompt_logprobs is not None
-        done = request.finish_reason is not None
-        return RequestOutput(request.request_id, [token], request.finish_reason, [logprob] if wants else None,
-                             [top] if wants else None, error, request.prompt_logprobs if first else None,
-                             request.num_cached_tokens if done else None)
+            out.num_cached_tokens = request.num_cached_tokens
+        if request.num_generated == 1 and request.params.prompt_logprobs is not None:
+            out.prompt_logprobs = request.prompt_logprobs
+        return out
 
     def _forget(self, request: Request) -> None:
         self.scheduler.remove(request)

@@ -31,7 +31,6 @@ from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams, model_fingerprint, read_token_file
 from splitfuse.worker import tp_group
 from splitfuse.worker.engine import Engine
-from splitfuse.worker.request import RequestOutput
 
 log = logging.getLogger("splitfuse.worker.main")  # by name: run with -m, __name__ is __main__
 
@@ -63,13 +62,13 @@ class Worker:
             if self.engine.has_unfinished():
                 outputs = self._step()
                 if outputs:
-                    self._send(protocol.Step([self._wire(out) for out in outputs]))
+                    self._send(protocol.Step(outputs))
             drained = busy and not self.engine.has_unfinished()
             if drained or time.monotonic() - self._last_heartbeat >= HEARTBEAT_INTERVAL:
                 self._heartbeat()
         self.engine.abort_all()
 
-    def _step(self) -> list[RequestOutput]:
+    def _step(self) -> list[protocol.Output]:
         """One engine step; if it raises, its requests end with the error instead of the whole replica."""
         try:
             outputs = self.engine.step()
@@ -110,11 +109,6 @@ class Worker:
             log.warning("replica %d: %s", self.replica, msg.error)
             self.running = False
         # a Heartbeat (or a late Welcome) only says that the frontend is there
-
-    @staticmethod
-    def _wire(out: RequestOutput) -> protocol.Output:
-        return protocol.Output(out.request_id, out.new_token_ids, out.finish_reason, out.error, out.logprobs,
-                               out.top_logprobs, out.num_cached_tokens, out.prompt_logprobs)
 
     def _heartbeat(self) -> None:
         self._last_heartbeat = time.monotonic()
@@ -257,8 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         log.info("replica %d: ready in %.1fs", args.replica, time.perf_counter() - start)
         name = (args.name or platform.node()) if args.connect else None
         ready = protocol.Ready(args.replica if socket else -1, os.getpid(), str(engine.model_dir), engine.max_model_len,
-                               list(engine.eos_token_ids), secret, name, model_fingerprint(engine.model_dir),
-                               engine.config.block_size)
+                               secret, name, model_fingerprint(engine.model_dir), engine.config.block_size)
         if socket is None:
             join(context, engine, args.connect, ready, args.frontend_timeout, curve)
         else:

@@ -32,16 +32,3 @@ class Request:
     def num_new_tokens(self) -> int:
         """Tokens not yet in the cache: 1 for a request that is generating, more for a prompt."""
         return len(self.token_ids) - self.num_computed_tokens
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    """What one step produced for one request."""
-    request_id: str
-    new_token_ids: list[int]
-    finish_reason: str | None = None        # "stop", "length", "abort" or "error"
-    logprobs: list[float] | None = None     # of the new tokens, when asked
-    top_logprobs: list[dict[int, float]] | None = None
-    error: str | None = None
-    prompt_logprobs: list[dict[int, float] | None] | None = None  # with the first token, when asked
-    num_cached_tokens: int | None = None    # with the last: prompt tokens that came from the prefix cache

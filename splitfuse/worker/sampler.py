@@ -2,18 +2,10 @@
 
 A request's random draws come from its own generator, seeded per request, so its samples do not
 depend on what else is in the batch."""
-from dataclasses import dataclass
-
 import torch
 
+from splitfuse.protocol import Output
 from splitfuse.worker.request import Request
-
-
-@dataclass(slots=True)
-class SampleResult:
-    token_ids: list[int]
-    logprobs: list[float] | None          # of the chosen tokens, when any request asked
-    top_logprobs: list[dict[int, float]] | None
 
 
 class Sampler:
@@ -21,10 +13,11 @@ class Sampler:
         self.eos_token_ids = eos_token_ids
 
     def __call__(self, logits: torch.Tensor, requests: list[Request], generators: list[torch.Generator | None],
-                 constrained: list[int] = (), forbidden: torch.Tensor | None = None) -> SampleResult:
-        """logits: fp32 [len(requests), vocab]; generators[i] is None for a greedy request, else on
-        logits.device. Everything built here lives on logits.device too. Rows `constrained` follow a
-        grammar: forbidden[j] (bool [vocab]) holds the tokens row constrained[j] may not take."""
+                 constrained: list[int] = (), forbidden: torch.Tensor | None = None) -> list[Output]:
+        """Each request's Output of this step, with its token (and log-probabilities when it asked); the
+        engine adds how it ends. logits: fp32 [len(requests), vocab]; generators[i] is None for a greedy
+        request, else on logits.device. Everything built here lives on logits.device too. Rows `constrained`
+        follow a grammar: forbidden[j] (bool [vocab]) holds the tokens row constrained[j] may not take."""
         if constrained or any(_adjusts(r) for r in requests):
             logits = logits.clone()  # written below; the caller's stay as they are (a copy costs 13 ms at 256 rows)
         self._apply_penalties(logits, requests)
@@ -39,8 +32,9 @@ class Sampler:
         if sampled:
             chosen[sampled] = self._sample(logits[sampled], [requests[i] for i in sampled],
                                            [generators[i] for i in sampled])
-        tokens = chosen.tolist()
-        return SampleResult(tokens, *_logprobs(logits, chosen, requests))
+        outputs = [Output(r.request_id, [token]) for r, token in zip(requests, chosen.tolist())]
+        _fill_logprobs(outputs, logits, chosen, requests)
+        return outputs
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> None:
         rows = [i for i, r in enumerate(requests) if _penalized(r.params)]
@@ -115,13 +109,16 @@ def _filter(probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, requests: list[Request]):
-    """Log-probabilities under the model's distribution (after penalties, before temperature)."""
+def _fill_logprobs(outputs: list[Output], logits: torch.Tensor, chosen: torch.Tensor, requests: list[Request]) -> None:
+    """Log-probabilities under the model's distribution (after penalties, before temperature), for the
+    requests that asked."""
     wanted = [r.params.logprobs for r in requests]
     if all(w is None for w in wanted):
-        return None, None
+        return
     chosen_lp, tops = token_logprobs(logits, chosen, max(w or 0 for w in wanted))
-    return chosen_lp, [dict(list(top.items())[:w or 0]) for top, w in zip(tops, wanted)]
+    for out, w, lp, top in zip(outputs, wanted, chosen_lp, tops):
+        if w is not None:
+            out.logprobs, out.top_logprobs = [lp], [dict(list(top.items())[:w])]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> tuple[list[float], list[dict[int, float]]]:
