@@ -6,7 +6,6 @@ setting of either is available here under its own name. Never imports torch itse
 model runs in worker processes, whose progress (loading, warm-up) goes to stderr."""
 import argparse
 import asyncio
-import json
 import logging
 import statistics
 import sys
@@ -15,7 +14,8 @@ import types
 import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import MISSING, fields
+
+import msgspec
 
 from splitfuse import logs
 from splitfuse.config import EngineConfig, SamplingParams, read_token_file
@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="HTTP clients must send `Authorization: Bearer KEY` (on every path but "
                                      "/health, /metrics and /openapi.json)")
     limits = p.add_argument_group("HTTP limits")
-    defaults = {f.name: f.default for f in fields(server.HttpOptions)}
+    defaults = server.HttpOptions()
     for name, text in (("max_body_bytes", "a larger request body is refused (413) before it is read"),
                        ("read_timeout", "seconds a connection may take to send a request head (then it is closed), "
                                         "and a body may stall between two of its parts (408)"),
@@ -125,8 +125,8 @@ def _parser() -> argparse.ArgumentParser:
                        ("keep_alive", "seconds an idle HTTP connection is kept between requests"),
                        ("max_choices", "answers one request may ask for (prompts times n)"),
                        ("max_messages", "messages of one chat")):
-        limits.add_argument("--http-" + name.replace("_", "-"), dest=name, type=type(defaults[name]),
-                            default=defaults[name],
+        limits.add_argument("--http-" + name.replace("_", "-"), dest=name, type=type(getattr(defaults, name)),
+                            default=getattr(defaults, name),
                             help=f"{text} (default: %(default)s)")
     p.add_argument("--served-model-name", help="the model name HTTP clients give (default: the model directory's)")
     p.add_argument("--tool-call-parser", choices=TOOL_PARSERS, default="hermes",
@@ -207,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
                                         "shut down.")
     _add_model_options(p)
     p.add_argument("--replicas", type=int, default=1, help="worker processes")
-    _add_dataclass_options(p.add_argument_group("sampling options"), SamplingParams, defaults={"max_new_tokens": 64})
+    _add_struct_options(p.add_argument_group("sampling options"), SamplingParams, defaults={"max_new_tokens": 64})
     p.set_defaults(run=_demo)
     for command in commands.choices.values():
         command.add_argument("--log-level", choices=logs.LEVELS, default="info",
@@ -219,24 +219,24 @@ def _parser() -> argparse.ArgumentParser:
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a local Hugging Face model directory (default: the bundled "
                                         "SmolLM2-135M-Instruct)")
-    _add_dataclass_options(parser.add_argument_group("engine options"), EngineConfig, skip=("model",))
+    _add_struct_options(parser.add_argument_group("engine options"), EngineConfig, skip=("model",))
 
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="a running server, e.g. tcp://127.0.0.1:5555 (default: start one)")
     _add_model_options(parser)
-    _add_dataclass_options(parser.add_argument_group("sampling options"), SamplingParams)
+    _add_struct_options(parser.add_argument_group("sampling options"), SamplingParams)
 
 
-def _add_dataclass_options(group, cls: type, skip: tuple[str, ...] = (), defaults: dict | None = None) -> None:
+def _add_struct_options(group, cls: type, skip: tuple[str, ...] = (), defaults: dict | None = None) -> None:
     """One --option per field. Only options given on the command line (or in `defaults`, which override
-    the field's own default) are passed on, so the dataclass stays the one place defaults live."""
+    the field's own default) are passed on, so the class stays the one place defaults live."""
     defaults = defaults or {}
-    for f in fields(cls):
+    for f in msgspec.structs.fields(cls):
         if f.name in skip:
             continue
         kind, many = _option_type(f.type)
-        shown = defaults.get(f.name, f.default if f.default is not MISSING else f.default_factory())
+        shown = defaults.get(f.name, f.default if f.default is not msgspec.NODEFAULT else f.default_factory())
         help_text = HELP.get(f.name, f.name.replace("_", " ")) + ("" if shown is None else f" (default: {shown})")
         flag = "--" + f.name.replace("_", "-")
         default = defaults.get(f.name, argparse.SUPPRESS)
@@ -257,7 +257,7 @@ def _option_type(annotation) -> tuple[type, bool]:
 
 
 def _options(args: argparse.Namespace, cls: type) -> dict:
-    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return {name: getattr(args, name) for name in cls.__struct_fields__ if hasattr(args, name)}
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
@@ -300,7 +300,7 @@ def _worker(args: argparse.Namespace) -> None:
     config = EngineConfig.from_kwargs(**_engine_options(args))  # bad options fail here, before torch loads
     read_token_file(args.token_file)
     from splitfuse.worker import main as worker  # this command is the worker process: torch is wanted here
-    worker.run(["--connect", args.connect, "--token-file", args.token_file, "--config", json.dumps(config.to_dict()),
+    worker.run(["--connect", args.connect, "--token-file", args.token_file, "--config", config.to_json(),
                 "--frontend-timeout", str(args.heartbeat_timeout)] + (["--name", args.name] if args.name else [])
                + (["--curve-server-cert", args.curve_server_cert] if args.curve_server_cert else [])
                + (["--curve-secret", args.curve_secret] if args.curve_secret else []))

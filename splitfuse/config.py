@@ -1,10 +1,13 @@
-"""Engine and sampling configuration: plain dataclasses, validated once at construction.
+"""Engine and sampling configuration: msgspec Structs, validated once, when built or decoded (the wire
+carries SamplingParams as they are, a worker process gets its EngineConfig as JSON).
 Imported by both the frontend and the worker, so it must not import torch."""
 import hashlib
 import os
 import reprlib
-from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
+
+import msgspec
 
 from splitfuse.grammar import grammar
 
@@ -66,8 +69,7 @@ MAX_LOGIT_BIAS = 100.0          # as OpenAI's API: a bias in [-100, 100] per tok
 MAX_LOGIT_BIAS_TOKENS = 1024
 
 
-@dataclass(slots=True)
-class SamplingParams:
+class SamplingParams(msgspec.Struct, forbid_unknown_fields=True):
     """Per-request generation settings; names follow DeepSpeed-MII and transformers."""
     max_new_tokens: int = 128
     min_new_tokens: int = 0
@@ -80,14 +82,14 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
-    stop: list[str] = field(default_factory=list)          # stop strings, applied on text
-    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] | str = []    # stop strings, applied on text; one string is a list of one
+    stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: int | None = None   # None: none; 0: the chosen token's; n: also the top n
     prompt_logprobs: int | None = None  # the same for each prompt token (the first has none)
     return_full_text: bool = False
-    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits of these token ids
-    structured: dict | None = None  # what the text must match: {"json": schema}, {"regex": ...}, ... (grammar.py)
+    logit_bias: dict[int, float] = {}  # added to the logits of these token ids
+    structured: dict[str, Any] | None = None  # what the text must match: {"json": schema}, {"regex": ...}, ... (grammar.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -143,13 +145,10 @@ class SamplingParams:
     def from_kwargs(cls, **kwargs) -> "SamplingParams":
         return _from_kwargs(cls, "sampling parameter", kwargs)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-
-@dataclass(slots=True)
-class EngineConfig:
-    """What one worker runs. `model=None` means the bundled SmolLM2-135M-Instruct."""
+class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """What one worker runs. `model=None` means the bundled SmolLM2-135M-Instruct. A worker process is
+    given it as JSON (`to_json`), the one form it travels in."""
     model: str | None = None
     dtype: str = "auto"               # auto: bf16 where the hardware has it natively
     device: str = "auto"              # auto: cuda if available, else cpu
@@ -208,20 +207,28 @@ class EngineConfig:
         budget = self.token_budget or (GPU_TOKEN_BUDGET if gpu else CPU_TOKEN_BUDGET)
         if self.token_budget is None and self.buckets:
             budget = min(budget, max(self.buckets))
-        return replace(self, token_budget=budget, max_num_seqs=self.max_num_seqs or min(budget, MAX_NUM_SEQS))
+        return msgspec.structs.replace(self, token_budget=budget,
+                                       max_num_seqs=self.max_num_seqs or min(budget, MAX_NUM_SEQS))
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
         return _from_kwargs(cls, "engine option", kwargs)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_json(self) -> str:
+        return msgspec.json.encode(self).decode()
+
+    @classmethod
+    def from_json(cls, text: str) -> "EngineConfig":
+        try:
+            return msgspec.json.decode(text, type=cls)
+        except msgspec.DecodeError as e:
+            raise ValueError(f"invalid engine configuration: {e}") from None
 
 
 def _from_kwargs(cls, what: str, kwargs: dict):
-    unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+    unknown = sorted(set(kwargs) - set(cls.__struct_fields__))
     if unknown:
-        raise ValueError(f"unknown {what}(s) {', '.join(unknown)}; valid: {', '.join(f.name for f in fields(cls))}")
+        raise ValueError(f"unknown {what}(s) {', '.join(unknown)}; valid: {', '.join(cls.__struct_fields__)}")
     return cls(**kwargs)
 
 

@@ -15,15 +15,18 @@ peer that is not ours can speak this, and a malformed message is an error reply,
 Imported by the frontend and the worker alike, so it imports neither torch nor zmq."""
 import functools
 import reprlib
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 from msgspec import Meta
+
+from splitfuse.config import SamplingParams
 
 VERSION = 2
 MAX_MESSAGE_BYTES = 16 << 20   # larger frames are refused before they are unpacked
 MAX_TIMEOUT = 86400.0          # seconds: a request's timeout is at most a day
 TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]  # int32 in the worker's tensors
+Count = Annotated[int, Meta(ge=0)]
 
 
 class ProtocolError(ValueError):
@@ -43,12 +46,12 @@ class _Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, kw_
 
 class Generate(_Message, tag="generate"):
     """Start a request. Exactly one of prompt (text), messages (chat) or prompt_ids is given;
-    the worker link always carries prompt_ids. `params` holds SamplingParams fields."""
+    the worker link always carries prompt_ids and every field of `params`."""
     id: Annotated[str, Meta(min_length=1)]
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     prompt_ids: list[TokenId] | None = None
-    params: dict[str, Any] = {}
+    params: SamplingParams = msgspec.field(default_factory=SamplingParams)
     stream: bool = True
     timeout: Annotated[float, Meta(gt=0, le=MAX_TIMEOUT)] | None = None  # seconds; None: the server's default
 
@@ -147,15 +150,23 @@ class Refuse(_Message, tag="refuse"):
 class Output(msgspec.Struct, forbid_unknown_fields=True):
     """What one step produced for one request, as the engine returns it: an entry of Step.outputs, not a
     message of its own. The last output of a request has a finish_reason (and `error` when that is
-    "error") and its `num_cached_tokens`."""
+    "error") and its `num_cached_tokens`. The frontend checks its token ids against the vocabulary."""
     id: str
     token_ids: list[int] = []
-    finish_reason: str | None = None        # "stop", "length", "abort" or "error"
+    finish_reason: Literal["stop", "length", "abort", "error"] | None = None
     error: str | None = None
     logprobs: list[float] | None = None     # of token_ids, when the request asked for logprobs
     top_logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob}
-    num_cached_tokens: int | None = None    # prompt tokens that came from the prefix cache
+    num_cached_tokens: Count | None = None  # prompt tokens that came from the prefix cache
     prompt_logprobs: list[dict[int, float] | None] | None = None  # as Delta's
+
+    def __post_init__(self) -> None:
+        for name in ("logprobs", "top_logprobs"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != len(self.token_ids):
+                raise ValueError(f"{name} must have one entry per token")
+        if self.prompt_logprobs is not None and (not self.prompt_logprobs or self.prompt_logprobs[0] is not None
+                                                 or None in self.prompt_logprobs[1:]):
+            raise ValueError("prompt_logprobs must be nil, then one map per prompt token")
 
 
 class Step(_Message, tag="step"):
@@ -166,7 +177,7 @@ class Step(_Message, tag="step"):
 class Heartbeat(_Message, tag="heartbeat"):
     """Sent by an idle or busy worker every second, and when it drains; carries Engine.stats(). The frontend
     sends joined workers one (stats empty) every second, so they notice when it is gone."""
-    stats: dict[str, Any]
+    stats: dict[str, Count]  # the router and /metrics add them up
 
 
 Message = Generate | Abort | Health | Stats | Delta | Error | Ready | Welcome | Refuse | Step | Heartbeat

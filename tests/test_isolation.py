@@ -177,7 +177,7 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_worker_keeps_ser
         assert isinstance(protocol.decode(frame, protocol.WORKER_REPLIES), protocol.Heartbeat)
 
         def send(rid: str) -> None:
-            params = SamplingParams(max_new_tokens=8, ignore_eos=True).to_dict()
+            params = SamplingParams(max_new_tokens=8, ignore_eos=True)
             frontend.send_multipart([identity, protocol.encode(protocol.Generate(rid, prompt_ids=[1, 2, 3],
                                                                                  params=params))])
 
@@ -264,7 +264,7 @@ def test_a_worker_whose_frontend_died_while_it_loaded_exits(make_checkpoint, tmp
              "stdout=subprocess.DEVNULL); "
              "worker.stdin.write(b'secret\\n'); worker.stdin.close(); print(worker.pid)")
     # Only the stand-in's stdout is read (the worker's goes elsewhere): reading a pipe the worker holds would wait for it.
-    pid = int(subprocess.run([sys.executable, "-P", "-c", start, json.dumps(config.to_dict())], stdout=subprocess.PIPE,
+    pid = int(subprocess.run([sys.executable, "-P", "-c", start, config.to_json()], stdout=subprocess.PIPE,
                              text=True, check=True).stdout)
     deadline = time.monotonic() + 120
     try:
@@ -292,7 +292,7 @@ def deployment():
     """The frontend of `splitfuse.serve`, started by hand so that SLOW takes 5 s to tokenize."""
     options = {"request_timeout": 600.0, "heartbeat_timeout": 30.0, "startup_timeout": 300.0}
     process = subprocess.Popen([sys.executable, "-P", "-c", FRONTEND, "--replicas", "1",
-                                "--config", json.dumps(EngineConfig(**ENGINE).to_dict()),
+                                "--config", EngineConfig(**ENGINE).to_json(),
                                 "--options", json.dumps(options), "--watch-parent"],
                                stdout=subprocess.PIPE, text=True, start_new_session=True)
     deployment = Deployment(None, process)

@@ -218,7 +218,7 @@ def test_bad_messages_get_an_error_reply_and_the_server_keeps_serving(deployment
         ([msgpack.packb({"type": "generate", "v": 1, "id": "v1", "prompt_ids": b"\x01\x00\x00\x00"})], "v1",
          "protocol version 1 is not supported; this peer speaks v2"),
         ([msgpack.packb({"type": "generate", "v": 2, "id": "p", "prompt": "hi", "params": {"max_tokens": 3}})],
-         "p", "unknown sampling parameter"),
+         "p", "unknown field `max_tokens` - at `$.params`"),
         ([msgpack.packb({"type": "generate", "v": 2, "id": "o", "prompt_ids": [1] * 600})],
          "o", "maximum length is 512"),
         ([msgpack.packb({"type": "generate", "v": 2, "id": "m", "messages": [{"role": "user"}]})], "m", "content"),

@@ -55,7 +55,7 @@ class InstantWorker:
             while self.socket.poll(0 if left else 50):
                 msg = protocol.decode(self.socket.recv(), protocol.WORKER_REQUESTS)
                 if isinstance(msg, protocol.Generate):
-                    left[msg.id] = msg.params.get("max_new_tokens", 16)
+                    left[msg.id] = msg.params.max_new_tokens
                 elif isinstance(msg, protocol.Abort):
                     left.pop(msg.id, None)
             if left:

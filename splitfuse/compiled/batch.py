@@ -1,4 +1,4 @@
-"""The flat batch every forward pass takes (the design's "A batch", ../shared/DESIGN.md beside the repository)."""
+"""The flat batch every forward pass takes: a step's sequences, their tokens laid end to end."""
 from dataclasses import dataclass
 
 import torch

@@ -11,7 +11,6 @@ splitfuse.compiled.precompile`), which fills the caches while the engine serves 
 speed; the engine then compiles against the warm caches, which takes seconds. `splitfuse compile` and
 `make model` run the same ahead of time."""
 import argparse
-import dataclasses
 import hashlib
 import json
 import logging
@@ -23,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import msgspec
 import torch
 
 from splitfuse.config import cache_root
@@ -136,7 +136,7 @@ def compile_config(config) -> None:
         raise ValueError("--eager compiles nothing; drop it to compile")
     if config.tensor_parallel_size > 1:
         raise ValueError("tensor-parallel ranks compile as they start (their graphs hold the group's collectives)")
-    Engine(dataclasses.replace(config, num_blocks=PRECOMPILE_BLOCKS, background_compile=False))
+    Engine(msgspec.structs.replace(config, num_blocks=PRECOMPILE_BLOCKS, background_compile=False))
 
 
 def main() -> None:

@@ -107,7 +107,7 @@ class AsyncClient:
     async def _request(self, prompt: Prompt, sampling: dict, stream: bool,
                        timeout: float | None) -> AsyncIterator[Delta]:
         rid = str(next(self._ids))
-        params = SamplingParams.from_kwargs(**sampling).to_dict()
+        params = SamplingParams.from_kwargs(**sampling)
         # Bad values fail here, as ValueError, before anything is sent: the server's own checks.
         frame = protocol.encode(protocol.Generate(rid, params=params, stream=stream, timeout=timeout,
                                                   **protocol.prompt_fields(prompt)))

@@ -18,7 +18,6 @@ they are refused and get nothing. Each becomes a replica like the local ones unt
 (a heartbeat sent to it fails) or goes silent; then its requests end with an error and its replica
 is dropped. Its supervisor restarts it, and it joins again."""
 import hmac
-import json
 import logging
 import os
 import secrets
@@ -271,8 +270,11 @@ class Router:
         try:
             msg = protocol.decode(frame.bytes, protocol.WORKER_REPLIES)
         except protocol.ProtocolError as e:
-            log.warning("router: dropped a worker message: %s", e)
-            return []
+            replica = next((r for r in self.replicas if r.identity == identity), None)
+            if replica is None:
+                log.warning("router: dropped a message from an unknown worker: %s", e)
+                return []
+            return self._reject(replica, str(e))
         if isinstance(msg, protocol.Ready):
             if socket is self.socket:
                 self._on_ready(identity, msg)
@@ -287,8 +289,6 @@ class Router:
             return []  # else from a local worker instance that has been replaced
         replica.last_seen = time.monotonic()
         if isinstance(msg, protocol.Heartbeat):
-            if not _valid_stats(msg.stats):
-                return self._reject(replica, "heartbeat stats must map names to non-negative integers")
             replica.engine_stats = msg.stats
             return []
         outputs = msg.outputs if isinstance(msg, protocol.Step) else [msg]
@@ -374,7 +374,7 @@ class Router:
     def _spawn(self, replica: Replica) -> None:
         cmd = [sys.executable, "-P", "-m", "splitfuse.worker.main", "--address", self.address,
                "--replica", str(replica.index), "--replicas", str(self.local_replicas), "--threads", str(self._threads),
-               "--config", json.dumps(self.config.to_dict()), "--parent-pid", str(os.getpid())]
+               "--config", self.config.to_json(), "--parent-pid", str(os.getpid())]
         # Its own session: a terminal's Ctrl-C reaches only the frontend, which then stops the workers.
         replica.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, start_new_session=True)
         replica.pid, replica.started = replica.process.pid, time.monotonic()
@@ -447,7 +447,7 @@ class Router:
         replica.remember(job.prefix)
         replica.jobs[job.key] = job
         replica.served += 1
-        self._send(replica, protocol.Generate(job.key, prompt_ids=job.prompt_ids, params=job.params.to_dict()))
+        self._send(replica, protocol.Generate(job.key, prompt_ids=job.prompt_ids, params=job.params))
 
     def _send(self, replica: Replica, msg: protocol.Message) -> bool:
         """False if the worker is gone (then check() fails its jobs)."""
@@ -478,24 +478,10 @@ class Router:
         return failed
 
     def _invalid(self, out: protocol.Output | protocol.Error) -> str | None:
-        """What is wrong with a worker's output, which the frontend decodes and counts: None if nothing."""
-        if isinstance(out, protocol.Error):
-            return None
-        if out.finish_reason not in FINISH_REASONS:
-            return f"unknown finish reason {out.finish_reason!r}"
-        if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in out.token_ids):
+        """What is wrong with a worker's output that its decoding could not tell: None if nothing."""
+        if isinstance(out, protocol.Output) and self.vocab_size is not None and not all(
+                0 <= t < self.vocab_size for t in out.token_ids):
             return f"token ids outside the vocabulary [0, {self.vocab_size})"
-        if out.logprobs is not None and (len(out.logprobs) != len(out.token_ids) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in out.logprobs)):
-            return "logprobs must be one number per token"
-        if out.top_logprobs is not None and (len(out.top_logprobs) != len(out.token_ids)
-                                             or not all(map(_is_logprob_map, out.top_logprobs))):
-            return "top_logprobs must be one map of token ids to numbers per token"
-        if out.prompt_logprobs is not None and (not out.prompt_logprobs or out.prompt_logprobs[0] is not None
-                                                or not all(map(_is_logprob_map, out.prompt_logprobs[1:]))):
-            return "prompt_logprobs must be nil, then one map of token ids to numbers per prompt token"
-        if out.num_cached_tokens is not None and out.num_cached_tokens < 0:
-            return "num_cached_tokens must not be negative"
         return None
 
     def _reject(self, replica: Replica, problem: str) -> list[protocol.Output]:
@@ -534,16 +520,3 @@ def resolve_model_dir(config: EngineConfig) -> str:
         raise ValueError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else
                          f"cannot find the model {config.model!r}")
     return result.stdout.strip()
-
-
-FINISH_REASONS = (None, "stop", "length", "abort", "error")
-
-
-def _valid_stats(stats) -> bool:
-    """A worker's heartbeat stats: names to non-negative integers (the router and /metrics add them up)."""
-    return isinstance(stats, dict) and all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in stats.items())
-
-
-def _is_logprob_map(top) -> bool:
-    return isinstance(top, dict) and all(isinstance(k, int) and isinstance(v, (int, float)) and not isinstance(v, bool)
-                                         for k, v in top.items())

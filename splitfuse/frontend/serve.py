@@ -78,7 +78,7 @@ def serve(model: str | None = None, replicas: int = 1, port: int | str | None = 
                "startup_timeout": ready_timeout, "max_queued_requests": max_queued_requests,
                "max_queued_tokens": max_queued_tokens, "shutdown_timeout": shutdown_timeout}
     cmd = [sys.executable, "-P", "-m", "splitfuse.frontend.server", "--address", address if zmq else "none",
-           "--replicas", str(replicas), "--config", json.dumps(config.to_dict()), "--options", json.dumps(options),
+           "--replicas", str(replicas), "--config", config.to_json(), "--options", json.dumps(options),
            "--watch-parent"]
     if curve_secret is not None or curve_clients is not None:
         cmd += ["--curve", json.dumps({"server_secret_file": curve_secret, "clients_dir": curve_clients})]

@@ -22,7 +22,7 @@ from pathlib import Path
 import zmq
 
 from splitfuse import protocol
-from splitfuse.config import EngineConfig, SamplingParams
+from splitfuse.config import EngineConfig
 from splitfuse.frontend.core import TICK, Core, Overloaded, Unavailable
 from splitfuse.frontend.curve import CurveOptions, curve_server
 from splitfuse.frontend.http_server import HttpOptions, HttpServer
@@ -87,8 +87,7 @@ class ZmqFrontend:
         if (client, msg.id) in self.keys:
             return self._send(client, protocol.Error(msg.id, f"request id {msg.id!r} is already in flight"))
         try:
-            params = SamplingParams.from_kwargs(**msg.params)
-            key = self.core.submit(partial(self._reply, client, msg.id), params, prompt=msg.prompt,
+            key = self.core.submit(partial(self._reply, client, msg.id), msg.params, prompt=msg.prompt,
                                    messages=msg.messages, prompt_ids=msg.prompt_ids, stream=msg.stream,
                                    timeout=msg.timeout, id=msg.id)
         except (ValueError, Overloaded, Unavailable) as e:
@@ -207,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--remote", help="RemoteWorkers fields as JSON; absent: no workers join from elsewhere")
     parser.add_argument("--watch-parent", action="store_true", help="exit when the parent process is gone")
     args = parser.parse_args(argv)
-    run(EngineConfig.from_kwargs(**json.loads(args.config)), args.replicas,
+    run(EngineConfig.from_json(args.config), args.replicas,
         None if args.address == "none" else args.address,
         http=HttpOptions(**json.loads(args.http)) if args.http else None,
         curve=CurveOptions(**json.loads(args.curve)) if args.curve else None,

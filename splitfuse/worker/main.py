@@ -12,8 +12,6 @@ and by itself when its parent, the frontend, is gone.
 Started by itself instead (`splitfuse worker --connect ADDRESS`, the token in --token-file), it joins
 a frontend on another machine: see `join`."""
 import argparse
-import dataclasses
-import json
 import logging
 import os
 import platform
@@ -23,12 +21,13 @@ import sys
 import time
 import traceback
 
+import msgspec
 import torch
 import zmq
 import zmq.auth
 
 from splitfuse import protocol
-from splitfuse.config import EngineConfig, SamplingParams, model_fingerprint, read_token_file
+from splitfuse.config import EngineConfig, model_fingerprint, read_token_file
 from splitfuse.worker import tp_group
 from splitfuse.worker.engine import Engine
 
@@ -100,7 +99,7 @@ class Worker:
         self._heard = time.monotonic()
         if isinstance(msg, protocol.Generate):
             try:
-                self.engine.add_request(msg.id, msg.prompt_ids, SamplingParams.from_kwargs(**msg.params))
+                self.engine.add_request(msg.id, msg.prompt_ids, msg.params)
             except Exception as e:  # this request only; the worker keeps serving
                 self._send(protocol.Error(msg.id, str(e) or type(e).__name__))
         elif isinstance(msg, protocol.Abort):
@@ -238,9 +237,9 @@ def main(argv: list[str] | None = None) -> None:
         socket = _dealer(context, f"replica-{args.replica}-{os.getpid()}")
         socket.connect(args.address)
     try:
-        config = EngineConfig.from_kwargs(**json.loads(args.config))
+        config = EngineConfig.from_json(args.config)
         sharing = replicas_sharing(config.device, args.replica, args.replicas)
-        config = dataclasses.replace(config, device=replica_device(config.device, args.replica))
+        config = msgspec.structs.replace(config, device=replica_device(config.device, args.replica))
         if args.threads and not config.device.startswith("cuda"):
             torch.set_num_threads(args.threads)  # replicas sharing the CPU split its cores
         start = time.perf_counter()

@@ -13,8 +13,6 @@ and exit; a child dies with its parent (PR_SET_PDEATHSIG), so nothing outlives r
 supervisor. The router then restarts rank 0, and errors the requests it held, as for any worker."""
 import argparse
 import ctypes
-import dataclasses
-import json
 import logging
 import os
 import signal
@@ -24,6 +22,7 @@ import threading
 import time
 from datetime import timedelta
 
+import msgspec
 import torch
 import torch.distributed as dist
 
@@ -58,7 +57,7 @@ def start_leader(config: EngineConfig, replica: int, replicas_on_device: int) ->
     torch.set_num_threads(threads)
     store = dist.TCPStore(config.master_addr, config.master_port or 0, is_master=True, wait_for_workers=False,
                           timeout=RENDEZVOUS_TIMEOUT)
-    config = dataclasses.replace(config, master_port=store.port)  # the free one it took, when none was given
+    config = msgspec.structs.replace(config, master_port=store.port)  # the free one it took, when none was given
     children = [_spawn(config, rank, replica * local + rank, replicas_on_device, threads) for rank in range(1, local)]
     _watch(children)
     shard = _join(config, 0, store)
@@ -68,7 +67,7 @@ def start_leader(config: EngineConfig, replica: int, replicas_on_device: int) ->
 def _on_device(config: EngineConfig, index: int) -> EngineConfig:
     """On GPU every rank of a host has its own device: the `index`th (round-robin over the visible ones)."""
     gpu = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
-    return dataclasses.replace(config, device=f"cuda:{index % torch.cuda.device_count()}") if gpu else config
+    return msgspec.structs.replace(config, device=f"cuda:{index % torch.cuda.device_count()}") if gpu else config
 
 
 def _backend(config: EngineConfig) -> str:
@@ -85,7 +84,7 @@ def _spawn(config: EngineConfig, rank: int, device_index: int, replicas_on_devic
            threads: int) -> subprocess.Popen:
     cmd = [sys.executable, "-P", "-m", "splitfuse.worker.tp_group", "--rank", str(rank), "--device-index", str(device_index),
            "--replicas-on-device", str(replicas_on_device), "--threads", str(threads),
-           "--config", json.dumps(config.to_dict())]
+           "--config", config.to_json()]
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
 
@@ -139,7 +138,7 @@ def rank_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _die_with_parent()
     torch.set_num_threads(args.threads)
-    config = _on_device(EngineConfig.from_kwargs(**json.loads(args.config)), args.device_index)
+    config = _on_device(EngineConfig.from_json(args.config), args.device_index)
     store = dist.TCPStore(config.master_addr, config.master_port, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
     shard = _join(config, args.rank, store)
     engine = Engine(config, progress=False, replicas_on_device=args.replicas_on_device, shard=shard)
