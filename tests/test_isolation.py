@@ -24,6 +24,7 @@ from splitfuse import protocol
 from splitfuse.compiled.bundled import bundled_model_dir
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.frontend.client import AsyncClient, Client
+from splitfuse.frontend.replicas import Supervisor
 from splitfuse.frontend.router import Router
 from splitfuse.frontend.serve import Deployment, wait_ready
 from splitfuse.frontend.tokenizer import Tokenizer
@@ -223,33 +224,33 @@ def test_the_engine_refuses_token_ids_outside_the_vocabulary(make_checkpoint):
 def test_a_foreign_process_cannot_take_a_replica_nor_receive_prompts(make_checkpoint):
     config = EngineConfig(model=str(make_checkpoint("llama")), dtype="float32", device="cpu", eager=True,
                           num_blocks=64)
-    router = Router(config, startup_timeout=300)
-    link_dir = router.address.removeprefix("ipc://").rsplit("/", 1)[0]
+    supervisor = Supervisor(config, startup_timeout=300)
+    router = Router(supervisor)
+    link_dir = supervisor.address.removeprefix("ipc://").rsplit("/", 1)[0]
     impostor = zmq.Context.instance().socket(zmq.DEALER)
     impostor.setsockopt(zmq.LINGER, 0)
     try:
-        assert router.address.startswith("ipc://") and os.stat(link_dir).st_mode & 0o777 == 0o700
-        router.start()
-        real = router.replicas[0]
+        assert supervisor.address.startswith("ipc://") and os.stat(link_dir).st_mode & 0o777 == 0o700
+        supervisor.start()
+        real = supervisor.replicas[0]
         worker_identity = real.identity
         # Root, or the same user, can still reach the socket: the secret is what keeps it out.
-        impostor.connect(router.address)
+        impostor.connect(supervisor.address)
         impostor.send(protocol.encode(protocol.Ready(0, real.process.pid, "/fake", 512, "a guess")))
         time.sleep(0.5)
-        router.receive()
-        assert real.identity == worker_identity
+        assert supervisor.receive() == [] and real.identity == worker_identity
         router.submit("victim", [1, 2, 3], SamplingParams(max_new_tokens=4, ignore_eos=True))
         outputs = []
         deadline = time.monotonic() + 60
         while not any(o.finish_reason for o in outputs) and time.monotonic() < deadline:
-            router.socket.poll(100)
-            outputs += router.receive()
+            supervisor.socket.poll(100)
+            outputs += router.handle(supervisor.receive())
         assert [o.finish_reason for o in outputs][-1] == "length"
         assert sum(len(o.token_ids) for o in outputs) == 4
         assert not impostor.poll(0), "the impostor received a prompt"
     finally:
         impostor.close()
-        router.close()
+        supervisor.close()
     assert not os.path.exists(link_dir)
 
 

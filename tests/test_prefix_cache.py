@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams
+from splitfuse.frontend.replicas import Supervisor
 from splitfuse.frontend.router import Router
 from splitfuse.worker.block_manager import BlockManager, block_hash
 from splitfuse.worker.engine import Engine
@@ -256,12 +257,12 @@ def test_bundled_model_gives_the_same_greedy_tokens_with_and_without_the_cache()
 # Routing: a repeated prefix goes to the replica that holds it, until that replica is overloaded.
 
 def fake_router(prefix_routing: bool) -> Router:
-    """A router whose two replicas count as ready without processes (sends to them go nowhere)."""
-    router = Router(EngineConfig(prefix_routing=prefix_routing), replicas=2)
-    router.info = protocol.Ready(0, 0, "", 4096, "")
-    for r in router.replicas:
+    """A router over two replicas that count as ready without processes (sends to them go nowhere)."""
+    supervisor = Supervisor(EngineConfig(prefix_routing=prefix_routing), replicas=2)
+    supervisor.info = protocol.Ready(0, 0, "", 4096, "")
+    for r in supervisor.replicas:
         r.identity = b"w%d" % r.index
-    return router
+    return Router(supervisor)
 
 
 @pytest.mark.parametrize("prefix_routing", [True, False])
@@ -282,7 +283,7 @@ def test_two_replicas_route_a_repeated_prefix_to_the_same_replica(prefix_routing
             router.submit(f"chat{i}", system + [i] * 5, params)
         hot = [router.jobs[f"chat{i}"].replica.index for i in range(40)]
         assert 0 < hot.count(0) < hot.count(1)
-        busy = sorted(r.outstanding for r in router.replicas)
+        busy = sorted(r.outstanding for r in router.supervisor.replicas)
         assert busy[1] - busy[0] <= len(system) + 32 + 5
     finally:
-        router.close()
+        router.supervisor.close()

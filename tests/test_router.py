@@ -1,6 +1,7 @@
 """Routing: each request goes to the ready replica with the least outstanding work."""
 from splitfuse.config import SamplingParams
-from splitfuse.frontend.router import Job, Replica, least_loaded
+from splitfuse.frontend.replicas import Replica
+from splitfuse.frontend.router import Job, least_loaded
 
 
 def _replica(index: int, *jobs: Job, ready: bool = True) -> Replica:

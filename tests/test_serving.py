@@ -78,7 +78,7 @@ async def drained(client: AsyncClient) -> bool:
 
 def test_frontend_modules_do_not_import_torch():
     code = ("import sys, splitfuse.cli, splitfuse.frontend.server, splitfuse.frontend.client, "
-            "splitfuse.frontend.router, splitfuse.frontend.serve, splitfuse.protocol, splitfuse.frontend.core, "
+            "splitfuse.frontend.router, splitfuse.frontend.replicas, splitfuse.frontend.serve, splitfuse.protocol, splitfuse.frontend.core, "
             "splitfuse.frontend.http_server, splitfuse.frontend.pipeline\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'numpy'))\n"
             "assert not heavy, heavy")

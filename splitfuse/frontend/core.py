@@ -30,7 +30,8 @@ from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.protocol import Delta
 from splitfuse.frontend.metrics import Metrics
 from splitfuse.frontend.response import ResponseBuilder
-from splitfuse.frontend.router import RemoteWorkers, Router
+from splitfuse.frontend.replicas import RemoteWorkers, Supervisor
+from splitfuse.frontend.router import Router
 from splitfuse.frontend.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,9 @@ class Core:
         for name, limit in (("max_queued_requests", max_queued_requests), ("max_queued_tokens", max_queued_tokens)):
             if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
                 raise ValueError(f"{name} must be a positive integer or None (no limit), got {limit!r}")
-        self.router = Router(config, replicas, heartbeat_timeout=heartbeat_timeout, startup_timeout=startup_timeout,
-                             remote=remote)
+        self.supervisor = Supervisor(config, replicas, heartbeat_timeout=heartbeat_timeout,
+                                     startup_timeout=startup_timeout, remote=remote)
+        self.router = Router(self.supervisor)
         self.request_timeout = request_timeout
         self.max_queued_requests = max_queued_requests
         self.max_queued_tokens = max_queued_tokens
@@ -96,20 +98,30 @@ class Core:
         self._closing = threading.Lock()  # no call_soon writes to the pipe once close() closed it
         self._closed = False
         self._poller = zmq.Poller()
-        for socket in self.router.sockets:
+        for socket in self.supervisor.sockets:
             self._poller.register(socket, zmq.POLLIN)
         self._poller.register(self._wake_read, zmq.POLLIN)
         self._next_tick = 0.0
 
     def start(self) -> None:
         """Start the replicas and wait until every one is ready (without any: until a worker joins)."""
-        self.router.start()
-        self.tokenizer = Tokenizer(self.router.model_dir, self.router.info.max_model_len)
-        self.router.vocab_size = self.tokenizer.vocab_size
+        self.supervisor.start()
+        self.tokenizer = Tokenizer(self.supervisor.model_dir, self.supervisor.info.max_model_len)
+        self.supervisor.vocab_size = self.tokenizer.vocab_size
 
     @property
     def max_model_len(self) -> int:
-        return self.router.info.max_model_len
+        return self.supervisor.info.max_model_len
+
+    @property
+    def model_dir(self) -> str:
+        """The frontend's copy of the served model (its tokenizer's files)."""
+        return self.supervisor.model_dir
+
+    @property
+    def worker_address(self) -> str | None:
+        """Where workers on other machines join; None when they cannot."""
+        return self.supervisor.remote_address
 
     def submit(self, sink: Sink, params: SamplingParams, *, prompt: str | None = None, messages: list | None = None,
                prompt_ids: list[int] | None = None, tools: list[dict] | None = None, stream: bool = True,
@@ -144,19 +156,19 @@ class Core:
     def poll(self, timeout: float) -> None:
         """Wait up to `timeout` seconds for something to happen, and handle what did."""
         ready = dict(self._poller.poll(timeout * 1000))
-        if any(socket in ready for socket in self.router.sockets):
-            self._on_outputs(self.router.receive())
+        if any(socket in ready for socket in self.supervisor.sockets):
+            self._on_outputs(self.router.handle(self.supervisor.receive()))
         if self._wake_read in ready:
             os.read(self._wake_read, 1 << 16)
             self._run_calls()
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + TICK
-            self._on_outputs(self.router.check())
+            self._on_outputs(self.router.handle(self.supervisor.check()))
             for req in [r for r in self.requests.values() if now > r.deadline]:
                 self.abort(req.key, "error", "the request timed out")
             tokenizing = sum(r.builder is None for r in self.requests.values())
-            self.metrics.update_engines(self.router.stats(), tokenizing + len(self.router.waiting))
+            self.metrics.update_engines(self.supervisor.stats(), tokenizing + len(self.router.waiting))
 
     def register(self, socket: zmq.Socket) -> None:
         """Make `poll` return as soon as `socket` is readable (an adapter's own socket)."""
@@ -174,12 +186,12 @@ class Core:
                 pass  # the pipe is full of wake-ups already
 
     def health(self) -> dict:
-        replicas = [{k: s[k] for k in ("replica", "ready", "restarts")} for s in self.router.stats()]
+        replicas = [{k: s[k] for k in ("replica", "ready", "restarts")} for s in self.supervisor.stats()]
         return {"ok": self.accepting and any(r["ready"] for r in replicas), "replicas": replicas}
 
     def stats(self) -> dict:
         return {"in_flight": len(self.requests), "queued": sum(r.queued for r in self.requests.values()),
-                "waiting": len(self.router.waiting), "replicas": self.router.stats()}
+                "waiting": len(self.router.waiting), "replicas": self.supervisor.stats()}
 
     def close(self) -> None:
         """End every request with an error, stop the workers."""
@@ -187,7 +199,7 @@ class Core:
         self._pool.shutdown(cancel_futures=True)  # waits for a tokenization under way: it writes to the pipe
         for key in list(self.requests):
             self.abort(key, "error", "the server is shutting down")
-        self.router.close()
+        self.supervisor.close()
         with self._closing:
             self._closed = True
             os.close(self._wake_read)
@@ -196,7 +208,7 @@ class Core:
     def _admit(self) -> None:
         if not self.accepting:
             raise Unavailable("the server is shutting down")
-        if not any(r.ready for r in self.router.replicas):
+        if not any(r.ready for r in self.supervisor.replicas):
             raise Unavailable("no replica is ready (one is being restarted, or no worker has joined); "
                               "try again shortly")
         queued = sum(r.queued for r in self.requests.values())

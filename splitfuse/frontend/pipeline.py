@@ -61,7 +61,7 @@ class Pipeline:
 
     def stats(self) -> dict:
         """The worker engine's latest counters (running, waiting, blocks_in_use, ...)."""
-        return self._core_or_closed().router.stats()[0]["engine"]
+        return self._core_or_closed().stats()["replicas"][0]["engine"]
 
     def close(self) -> None:
         if self._core is not None:

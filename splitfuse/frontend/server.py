@@ -26,7 +26,7 @@ from splitfuse.config import EngineConfig
 from splitfuse.frontend.core import TICK, Core, Overloaded, Unavailable
 from splitfuse.frontend.curve import CurveOptions, curve_server
 from splitfuse.frontend.http_server import HttpOptions, HttpServer
-from splitfuse.frontend.router import RemoteWorkers
+from splitfuse.frontend.replicas import RemoteWorkers
 from splitfuse.protocol import Delta
 
 log = logging.getLogger("splitfuse.frontend.server")  # by name: run with -m, __name__ is __main__
@@ -41,7 +41,7 @@ class ZmqFrontend:
 
     def __init__(self, core: Core, address: str, curve: CurveOptions | None = None):
         self.core = core
-        self.socket = core.router.context.socket(zmq.ROUTER)
+        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone client raises: abort its requests
         self.socket.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
         self.socket.setsockopt(zmq.LINGER, 1000)
@@ -174,10 +174,10 @@ def run(config: EngineConfig, replicas: int = 1, address: str | None = "tcp://12
         if address is not None:
             server.zmq = ZmqFrontend(core, address, curve)
         if http is not None:
-            server.http = HttpServer(core, http, http.model_name or Path(core.router.model_dir).name)
+            server.http = HttpServer(core, http, http.model_name or Path(core.model_dir).name)
             server.http.start()
         announce({"address": server.zmq and server.zmq.address, "http_url": server.http and server.http.url,
-                  "worker_address": core.router.remote_address})
+                  "worker_address": core.worker_address})
         server.run(watch_parent)
     finally:
         server.close()
