@@ -89,7 +89,7 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True):
     prompt_logprobs: int | None = None  # the same for each prompt token (the first has none)
     return_full_text: bool = False
     logit_bias: dict[int, float] = {}  # added to the logits of these token ids
-    structured: dict[str, Any] | None = None  # what the text must match: {"json": schema}, {"regex": ...}, ... (grammar.py)
+    structured: dict[str, Any] | None = None  # what the text must match: {"json": schema}, ... (grammar.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -18,7 +18,12 @@ def grammar(structured: dict) -> str:
     if not isinstance(structured, dict) or len(structured) != 1 or next(iter(structured)) not in KINDS:
         raise ValueError(f"a structured output constraint is one of {', '.join(KINDS)}, got {_keys(structured)}")
     (kind, value), = structured.items()
-    text = _grammar(kind, value)
+    try:
+        text = _grammar(kind, value)
+    except ValueError:
+        raise
+    except Exception as e:  # llguidance's GBNF reader and json raise other types on some malformed input
+        raise ValueError(f"{kind}: cannot be read ({type(e).__name__}: {e})") from None
     if error := llguidance.LLMatcher.validate_grammar(text):
         raise ValueError(f"{kind}: {error.strip()}")
     return text

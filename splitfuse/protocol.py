@@ -1,13 +1,6 @@
 """Wire messages of both links: client <-> frontend and frontend <-> worker (docs/protocol.md).
 
 Every message is one ZeroMQ frame holding a msgpack map with a "type", the protocol version "v"
-and the fields of that type. Token ids travel as packed little-endian int32 bytes. msgpack only,
-never a Python object serializer: a peer that is not ours can speak this, and a malformed message
-is an error reply, never code.
-Imported by the frontend and the worker alike, so it imports neither torch nor zmq."""
-"""Wire messages of both links: client <-> frontend and frontend <-> worker (docs/protocol.md).
-
-Every message is one ZeroMQ frame holding a msgpack map with a "type", the protocol version "v"
 and the fields of that type. The message types below are declared once and used end to end: the
 worker fills Output, the frontend hands clients the same Delta its users get. msgspec decodes and
 validates a frame into one of them in one pass. msgpack only, never a Python object serializer: a
@@ -224,6 +217,8 @@ def decode(frame: bytes, accepted: tuple[type, ...]) -> Message:
         raise ProtocolError(f"a message must be a msgpack map ({e})") from None
     except msgspec.DecodeError as e:
         raise ProtocolError(f"message is not valid msgpack ({e})") from None
+    except RecursionError:
+        raise ProtocolError("message is nested too deeply") from None
     request_id = head.id if isinstance(head.id, str) else None
     if type(head.v) is not int or head.v != VERSION:  # by type too: true == 1 in Python
         raise ProtocolError(f"protocol version {reprlib.repr(head.v)} is not supported; this peer speaks "
@@ -235,3 +230,5 @@ def decode(frame: bytes, accepted: tuple[type, ...]) -> Message:
         return decoder.decode(frame)
     except msgspec.DecodeError as e:
         raise ProtocolError(f"invalid {head.type} message: {e}", request_id) from None
+    except Exception as e:  # RecursionError, or what a check in a __post_init__ let through: still a refusal
+        raise ProtocolError(f"invalid {head.type} message: {type(e).__name__}: {e}", request_id) from None

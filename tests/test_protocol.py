@@ -81,7 +81,8 @@ def _refusal(body, accepted=protocol.CLIENT_REQUESTS) -> ProtocolError:
     ({"type": "generate", "v": 2, "id": "a"}, "a", "exactly one of prompt, messages or prompt_ids"),
     ({"type": "generate", "v": 2, "id": "a", "prompt": "x", "prompt_ids": []}, "a", "exactly one"),
     ({"type": "generate", "v": 2, "id": "a", "prompt": 5}, "a", "got `int` - at `$.prompt`"),
-    ({"type": "generate", "v": 2, "id": "a", "prompt_ids": b"\x01\x00\x00\x00"}, "a", "got `bytes` - at `$.prompt_ids`"),
+    ({"type": "generate", "v": 2, "id": "a", "prompt_ids": b"\x01\x00\x00\x00"}, "a",
+     "got `bytes` - at `$.prompt_ids`"),
     ({"type": "generate", "v": 2, "id": "a", "prompt": "x", "stream": 1}, "a", "got `int` - at `$.stream`"),
     ({"type": "generate", "v": 2, "id": "a", "prompt": "x", "timeout": -1}, "a", "> 0.0 - at `$.timeout`"),
     ({"type": "generate", "v": 2, "id": "a", "prompt": "x", "timeout": float("nan")}, "a", "at `$.timeout`"),
@@ -98,6 +99,21 @@ def test_malformed_messages_are_refused_with_a_reason(body, request_id, words):
     error = _refusal(body)
     assert words in str(error)
     assert error.request_id == request_id
+
+
+def test_frames_nested_too_deeply_or_constraints_that_break_their_reader_are_refused():
+    """msgspec raises RecursionError on deep nesting, and a grammar's reader raises what it raises: each is a
+    refusal, never an exception out of decode (which would end the loop serving everyone)."""
+    pack = msgpack.packb
+    head = pack("type") + pack("generate") + pack("v") + pack(2)
+    deep_id = b"\x84" + head + pack("id") + b"\x91" * 200_000 + b"\x01" + pack("prompt") + pack("x")
+    deep_messages = b"\x84" + head + pack("id") + pack("a") + pack("messages") + b"\x91" * 200_000 + b"\x01"
+    for frame in (deep_id, deep_messages):
+        assert "nested too deeply" in str(_refusal(frame))
+    for structured, words in (({"grammar": "root ::= x"}, "Rule 'x' not found"),
+                              ({"grammar": "root ::= [\\"}, "IndexError"), ({"json": "[" * 100_000}, "RecursionError")):
+        error = _refusal({"type": "generate", "v": 2, "id": "a", "prompt": "x", "params": {"structured": structured}})
+        assert words in str(error) and error.request_id == "a"
 
 
 def test_oversized_frames_are_refused_before_unpacking():

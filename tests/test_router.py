@@ -1,7 +1,8 @@
 """Routing: each request goes to the ready replica with the least outstanding work."""
-from splitfuse.config import SamplingParams
-from splitfuse.frontend.replicas import Replica
-from splitfuse.frontend.router import Job, least_loaded
+from splitfuse import protocol
+from splitfuse.config import EngineConfig, SamplingParams
+from splitfuse.frontend.replicas import Lost, Replica, Serving, Supervisor
+from splitfuse.frontend.router import Job, Router, least_loaded
 
 
 def _replica(index: int, *jobs: Job, ready: bool = True) -> Replica:
@@ -36,3 +37,20 @@ def test_routing_picks_the_ready_replica_with_the_least_outstanding_work():
     assert least_loaded(replicas).index == 1
     assert least_loaded([_replica(0), _replica(1)]).index == 0
     assert least_loaded([_replica(0, ready=False)]) is None
+
+
+def test_a_replica_lost_in_the_drain_that_made_it_ready_leaves_the_waiting_jobs_waiting():
+    """The router handles a drain's events after the supervisor saw them all: a replica that said ready may
+    be gone (here: never ready) by then, and the requests that waited for one must wait on, not crash."""
+    supervisor = Supervisor(EngineConfig(), replicas=1)
+    try:
+        supervisor.info = protocol.Ready(0, 0, "", 4096, "")
+        router = Router(supervisor)
+        router.submit("a", [1, 2, 3], SamplingParams())
+        replica = supervisor.replicas[0]
+        assert router.handle([Serving(replica), Lost(replica, "replica 0 exited")]) == []
+        assert [job.key for job in router.waiting] == ["a"] and "a" in router.jobs
+        replica.identity = b"w0"  # it serves after all: the waiting request goes to it
+        assert router.handle([Serving(replica)]) == [] and not router.waiting and "a" in replica.jobs
+    finally:
+        supervisor.close()

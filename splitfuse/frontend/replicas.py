@@ -221,7 +221,9 @@ class Supervisor:
             if local and time.monotonic() > deadline:
                 raise RuntimeError(f"replicas not ready after {self.startup_timeout:.0f}s")
             if poller.poll(100):
-                self.receive()  # nothing was routed yet: only ready messages matter
+                for event in self.receive():  # nothing was routed yet: only a lost replica of ours matters
+                    if isinstance(event, Lost) and isinstance(event.replica, LocalReplica):
+                        raise RuntimeError(f"{event.reason} while the replicas were loading")
         self.started = True
 
     def send(self, replica: Replica, msg: protocol.Message) -> bool:

@@ -94,14 +94,17 @@ class Router:
         outputs = []
         for event in events:
             if isinstance(event, Serving):
-                while self.waiting:
-                    job = self.waiting.popleft()
-                    self._dispatch(job, self._choose(job))
+                self._dispatch_waiting()
             elif isinstance(event, Lost):
                 outputs += self._fail_jobs(event.replica, event.reason)
             else:
                 outputs += self._track(event)
         return outputs
+
+    def _dispatch_waiting(self) -> None:
+        """Events are handled after the supervisor saw them all: a replica that became ready may be lost already."""
+        while self.waiting and (replica := self._choose(self.waiting[0])) is not None:
+            self._dispatch(self.waiting.popleft(), replica)
 
     def _track(self, event: Outputs) -> list[protocol.Output | protocol.Error]:
         tracked = []
