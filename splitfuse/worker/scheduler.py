@@ -74,11 +74,10 @@ class Scheduler:
         """One token for every running request that is generating, preempting on block shortage."""
         chunks: list[ScheduledChunk] = []
         preempted: set[Request] = set()
-        block_size = self.blocks.block_size
         for request in list(self.running):
             if request.num_new_tokens != 1 or request in preempted:
                 continue  # still on its prompt, or preempted meanwhile
-            if len(request.block_table) * block_size <= request.num_computed_tokens:  # its blocks are full
+            if self.blocks.blocks_needed(request, 1):  # its blocks are full
                 while not self.blocks.num_free:
                     victim = self._preempt_newest()
                     preempted.add(victim)
