@@ -32,8 +32,10 @@ _TARGETS = {"AVX512": ["-march=x86-64-v4", "-mtune=native"], "AVX2": ["-march=x8
 
 
 def target() -> list[str]:
-    """The compiler's instruction-set flags for this CPU (the compiler's default where none is named)."""
-    return _TARGETS.get(torch.backends.cpu.get_cpu_capability(), [])
+    """The compiler's instruction-set flags for this CPU (the compiler's default where none is named), with
+    AVX-512 BF16's dot products where the CPU has them (no x86-64 level includes them): bf16 attention uses them."""
+    flags = _TARGETS.get(torch.backends.cpu.get_cpu_capability(), [])
+    return [*flags, "-mavx512bf16"] if "-march=x86-64-v4" in flags and torch.cpu._is_avx512_bf16_supported() else flags
 
 
 def _flags() -> list[str]:

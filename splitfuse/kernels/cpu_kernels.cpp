@@ -435,12 +435,174 @@ void attend_decode(const Item& it, const Shape& sh, const T* q, const T* k_cache
     }
 }
 
+#if defined(__AVX512BF16__)
+// bf16 attention through ATen's batch-reduce GEMM (oneDNN's micro-kernels: AMX tiles, or AVX-512 BF16 dot
+// products), reading the cache unwidened. One function serves every item, a decode or a prompt chunk of any
+// size, and a query row gets the same bits in each: the GEMMs give a row the same bits at any row count
+// (tests/test_batch_invariance.py), and the softmax is the row's own vector code. Keys go in spans of SPAN
+// aligned to key 0, each one step of the online softmax: the span's scores in one product, the weights rounded
+// to bf16 (as flash attention does in bf16), and the weighted values added to the rescaled sums in a second.
+// A span's keys past the item's last are zero and a row's unseen keys weigh 0, so neither adds anything.
+constexpr int SPAN = 256;
+constexpr int GEMM_ROWS = 16;    // a product's rows are padded to a multiple of this: fewer kernels to generate
+constexpr int PROMPT_ROWS = 96;  // query rows of a prompt item (a product of more rows ran slower per row)
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+// exp of 16 lanes: exp8's reduction and polynomial, 16 wide.
+inline v16f exp16(v16f x) {
+    auto fma = [](v16f a, v16f b, v16f c) { return (v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); };
+    x = x < -87.f ? v16f{} - 87.f : x;
+    x = x > 88.f ? v16f{} + 88.f : x;
+    const float shift = 12582912.f;
+    const v16f n = fma(x, v16f{} + 1.44269504f, v16f{} + shift) - shift;
+    const v16f r = fma(n, v16f{} + 2.12194440e-4f, fma(-n, v16f{} + 0.693359375f, x));
+    v16f p = v16f{} + 1.f / 720;
+    for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = fma(p, r, v16f{} + c);
+    return (v16f)((v16i)p + (__builtin_convertvector(n, v16i) << 23));
+}
+
+// Sixteen rows of sixteen 32-bit values become sixteen columns: pairs of 32 bits, then of 64, then 128-bit lanes.
+inline void transpose16(__m512i (&r)[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    __m512i u[16];  // u[4 g + c]: rows 4 g .. 4 g + 3 of columns 4 L + c, in 128-bit lane L
+    for (int g = 0; g < 4; ++g) {
+        const __m512i *a = t + 4 * g, *b = t + 4 * g + 2;
+        u[4 * g] = _mm512_unpacklo_epi64(a[0], b[0]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(a[0], b[0]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(a[1], b[1]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(a[1], b[1]);
+    }
+    for (int c = 0; c < 4; ++c) {
+        const __m512i ab_lo = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), ab_hi = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xee);
+        const __m512i cd_lo = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+        const __m512i cd_hi = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xee);
+        r[c] = _mm512_shuffle_i32x4(ab_lo, cd_lo, 0x88);
+        r[4 + c] = _mm512_shuffle_i32x4(ab_lo, cd_lo, 0xdd);
+        r[8 + c] = _mm512_shuffle_i32x4(ab_hi, cd_hi, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(ab_hi, cd_hi, 0xdd);
+    }
+}
+
+// Sixteen keys of one head (n of them from `first`, the rest zero) as the scores' right operand (VNNI,
+// pairs of dims): kt[p * ld + j] holds key j's dims 2 p and 2 p + 1.
+inline void pack_keys(const bf16* first, int64_t stride, int n, int dim, uint32_t* kt, int64_t ld) {
+    for (int p0 = 0; p0 < dim / 2; p0 += 16) {
+        __m512i r[16];
+        for (int j = 0; j < 16; ++j) r[j] = j < n ? _mm512_loadu_si512(first + j * stride + 2 * p0) : _mm512_setzero_si512();
+        transpose16(r);
+        for (int p = 0; p < 16; ++p) _mm512_storeu_si512(kt + (p0 + p) * ld, r[p]);
+    }
+}
+
+// And their values as the weighted sum's right operand: row j of vv holds keys 2 j and 2 j + 1 side by side
+// for every dim. The unpacks interleave within 128-bit lanes, so column col is dim value_dim(col).
+inline void pack_values(const bf16* first, int64_t stride, int n, int dim, uint32_t* vv) {
+    for (int j = 0; j < 8; ++j)
+        for (int c = 0; c < dim; c += 32) {
+            const __m512i a = 2 * j < n ? _mm512_loadu_si512(first + 2 * j * stride + c) : _mm512_setzero_si512();
+            const __m512i b = 2 * j + 1 < n ? _mm512_loadu_si512(first + (2 * j + 1) * stride + c) : _mm512_setzero_si512();
+            _mm512_storeu_si512(vv + j * dim + c, _mm512_unpacklo_epi16(a, b));
+            _mm512_storeu_si512(vv + j * dim + c + 16, _mm512_unpackhi_epi16(a, b));
+        }
+}
+
+inline int value_dim(int col) { return col / 32 * 32 + col % 16 / 4 * 8 + col / 16 % 2 * 4 + col % 4; }
+
+inline void gemm(int64_t M, int64_t N, int64_t K, const void* a, const void* b, float* c, bool add) {
+    at::native::cpublas::brgemm(M, N, K, K, N, N, add, static_cast<const at::BFloat16*>(a),
+                                static_cast<const at::BFloat16*>(b), c, true);
+}
+
+// One KV head's rows of an item (its tokens x that head's query heads), span by span.
+void attend_head(const Item& it, const Shape& sh, int kv_head, const bf16* q, const bf16* k_cache,
+                 const bf16* v_cache, const int32_t* block_tables, bf16* out, std::vector<float>& scratch) {
+    const int group = sh.hq / sh.hkv, dim = sh.dim, rows = it.count * group;
+    const int padded = (rows + GEMM_ROWS - 1) / GEMM_ROWS * GEMM_ROWS;
+    const size_t sizes[] = {size_t(padded) * dim / 2, size_t(padded) * SPAN, size_t(padded) * SPAN / 2,
+                            size_t(dim) * SPAN / 2, size_t(SPAN) * dim / 2, size_t(padded) * dim, size_t(padded),
+                            size_t(padded)};  // in floats, each part rounded up to 64 bytes
+    size_t total = 0;
+    for (const size_t n : sizes) total += (n + 15) / 16 * 16;
+    if (scratch.size() < total + 16) scratch.resize(total + 16);
+    float* at = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+    float* part[8];
+    for (int i = 0; i < 8; ++i, at += (sizes[i - 1] + 15) / 16 * 16) part[i] = at;
+    bf16* queries = reinterpret_cast<bf16*>(part[0]);   // [padded][dim]
+    float* scores = part[1];                             // [padded][width]
+    bf16* weights = reinterpret_cast<bf16*>(part[2]);   // [padded][width]
+    uint32_t* kt = reinterpret_cast<uint32_t*>(part[3]);  // [dim / 2][width]
+    uint32_t* vv = reinterpret_cast<uint32_t*>(part[4]);  // [width / 2][dim]
+    float *acc = part[5], *m = part[6], *l = part[7];    // [padded][dim], [padded], [padded]
+    for (int r = 0; r < rows; ++r) std::memcpy(queries + r * dim, q + query_row(it, sh, kv_head, r), dim * sizeof(bf16));
+    std::memset(static_cast<void*>(queries + rows * dim), 0, size_t(padded - rows) * dim * sizeof(bf16));
+    std::fill(acc, acc + size_t(padded) * dim, 0.f);
+    std::fill(m, m + padded, MASKED);
+    std::fill(l, l + padded, 0.f);
+    const int last = it.pos + it.count - 1;
+    const int lo = sh.window > 0 ? std::max(0, it.pos - sh.window + 1) : 0;
+    const int64_t stride = int64_t(sh.hkv) * dim;  // between consecutive keys of a block
+    const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (int s0 = lo / SPAN * SPAN; s0 <= last; s0 += SPAN) {
+        const int n = std::min(SPAN, last + 1 - s0), width = (n + 31) / 32 * 32;  // keys s0 .. s0 + n - 1, then zeros
+        for (int j0 = 0; j0 < width; j0 += 16) {
+            const int valid = std::clamp(n - j0, 0, 16);
+            const int64_t first = valid > 0 ? key_row(it, sh, block_tables, s0 + j0) + int64_t(kv_head - it.kv_head) * dim : 0;
+            pack_keys(k_cache + first, stride, valid, dim, kt + j0, width);
+            pack_values(v_cache + first, stride, valid, dim, vv + j0 / 2 * dim);
+        }
+        gemm(padded, width, dim, queries, kt, scores, false);
+        for (int r = 0; r < rows; ++r) {
+            const int pos = it.pos + r / group, from = sh.window > 0 ? pos - sh.window + 1 : 0;  // keys it sees
+            float* row = scores + r * width;
+            float top = m[r];
+            for (int j = 0; j < width; j += 16) {
+                const v16i key = lane + (s0 + j);
+                const v16f x = (key >= from) & (key <= pos) ? (v16f)_mm512_loadu_ps(row + j) * sh.scale : v16f{} + MASKED;
+                _mm512_storeu_ps(row + j, (__m512)x);
+                top = std::max(top, _mm512_reduce_max_ps((__m512)x));
+            }
+            v16f sum = {};
+            for (int j = 0; j < width; j += 16) {
+                const v16f x = (v16f)_mm512_loadu_ps(row + j);
+                const __m256bh w = _mm512_cvtneps_pbh((__m512)(x == MASKED ? v16f{} : exp16(x - top)));
+                std::memcpy(weights + r * width + j, &w, sizeof w);
+                sum += (v16f)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)w), 16));
+            }
+            const float factor = exp16(v16f{} + (m[r] - top))[0];  // on the sums before this span
+            m[r] = top;
+            l[r] = l[r] * factor + _mm512_reduce_add_ps((__m512)sum);
+            for (int d = 0; d < dim; d += 16)
+                _mm512_storeu_ps(acc + r * dim + d, _mm512_mul_ps(_mm512_loadu_ps(acc + r * dim + d), _mm512_set1_ps(factor)));
+        }
+        std::memset(static_cast<void*>(weights + rows * width), 0, size_t(padded - rows) * width * sizeof(bf16));
+        gemm(padded, dim, width, weights, vv, acc, true);
+    }
+    for (int r = 0; r < rows; ++r) {
+        bf16* dst = out + query_row(it, sh, kv_head, r);
+        const float inv = 1.f / l[r];
+        for (int col = 0; col < dim; ++col) narrow(acc[r * dim + col] * inv, dst + value_dim(col));
+    }
+}
+#endif
+
 template <typename T>
 void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
                      const int32_t* seq_lens, const int32_t* query_start_loc, int num_seqs, int num_rows,
                      const Shape& sh, T* out) {
     const int group = sh.hq / sh.hkv;
+#if defined(__AVX512BF16__)
+    // bf16 over cache blocks that hold whole runs of 16 keys: the GEMM path above.
+    const bool gemm_path = std::is_same_v<T, bf16> && sh.dim % 32 == 0 && sh.block_size % 16 == 0;
+    const int tile = std::max(1, (gemm_path ? PROMPT_ROWS : MAX_ROWS) / group);  // tokens per item
+#else
     const int tile = std::max(1, MAX_ROWS / group);  // tokens per item
+#endif
     // With sequences enough to share out, a decode is one item for all its KV heads: it copies each block
     // whole, one contiguous run that streams from memory, where one head's rows are strided.
     const bool whole = num_seqs >= 2 * omp_get_max_threads();
@@ -462,6 +624,15 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
 #pragma omp for schedule(dynamic)
         for (size_t i = 0; i < items.size(); ++i) {
             const int rows = items[i].count * group;
+#if defined(__AVX512BF16__)
+            if constexpr (std::is_same_v<T, bf16>)
+                if (gemm_path) {
+                    for (int h = 0; h < items[i].heads; ++h)
+                        attend_head(items[i], sh, items[i].kv_head + h, q, k_cache, v_cache, block_tables, out,
+                                    scratch);
+                    continue;
+                }
+#endif
             if (rows > TILE)
                 attend_rows(items[i], sh, q, k_cache, v_cache, block_tables, out, scratch);
             else
@@ -470,6 +641,9 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
                                                           scratch);
                 });
         }
+#if defined(__AVX512BF16__)
+        if (gemm_path) at::native::cpublas::brgemm_release();
+#endif
     }
 }
 
