@@ -9,6 +9,7 @@ import torch
 
 from splitfuse.compiled.models.layers import Linear, Projections
 from splitfuse.kernels import cpu, reference
+from splitfuse.kernels.reference import BRGEMM_CHUNK
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
@@ -158,7 +159,7 @@ def test_gated_brgemm_linear_matches_silu_of_gate_times_up_in_fp64(rows, feature
     n, k = features
     x, gate, bias = bf16_case(rows, n, k, rows + n)
     up = bf16_case(rows, n, k, rows + n + 1)[1]
-    packed = torch.cat([reference.pack_brgemm_weight(gate), reference.pack_brgemm_weight(up)], dim=1)
+    packed = torch.cat([reference.pack_brgemm_weight(gate), reference.pack_brgemm_weight(up)])
     xd = x.double()
     expected = (torch.nn.functional.silu(xd @ gate.double().T + bias[:n].double())
                 * (xd @ up.double().T + bias[n:].double())).float()
@@ -169,17 +170,17 @@ def test_gated_brgemm_linear_matches_silu_of_gate_times_up_in_fp64(rows, feature
 
 
 @needs_bf16_gemm
-@pytest.mark.parametrize("sizes", [(64, 32, 32), (20, 12)])
+@pytest.mark.parametrize("sizes", [(128, 64, 20), (20, 12)])
 def test_bf16_projections_side_by_side_match_each_member(sizes):
-    """bf16 members pack for the brgemm kernel, side by side whatever their sizes."""
+    """bf16 members pack for the brgemm kernel, side by side where all but the last fill whole chunks."""
     torch.manual_seed(len(sizes))
     members = [Linear(24, n, bias=True).bfloat16() for n in sizes]
     for m in members:
         m.pack_for_cpu()
-        assert m.packed.shape == (12, m.out_features, 2)
+        assert m.packed.shape == (-(-m.out_features // BRGEMM_CHUNK), 12, BRGEMM_CHUNK, 2)
     group = Projections(*members)
     group.pack_for_cpu()
-    assert group.packed is not None
+    assert (group.packed is not None) == all(n % BRGEMM_CHUNK == 0 for n in sizes[:-1])
     x = torch.randn(5, 24).bfloat16()
     for got, m in zip(group(x), members):
         want = torch.nn.functional.linear(x.double(), m.weight.double(), m.bias.double()).bfloat16()

@@ -717,11 +717,11 @@ void packed_linear(const float* x, const W* w, const float* bias, float* out, in
 
 // out[M, N] = x[M, K] @ w[N, K]^T (+ bias) for bf16 x and w, through ATen's batch-reduce GEMM (oneDNN's
 // micro-kernels: AMX tiles or AVX-512 BF16 dot products, whichever the CPU has), fp32 accumulation. w is
-// packed as [K / 2][W][2]: pairs of k side by side (the VNNI layout both instruction sets read), W = N
-// outputs, or 2 N gated (gate's then up's: out = silu(x @ gate^T + bias[:N]) * (x @ up^T + bias[N:])).
-// Columns are shared out among the threads in chunks, each one micro-kernel call over up to BLOCK_M rows:
-// a call costs microseconds of bookkeeping, so chunks are as wide as still gives every thread work.
-constexpr int64_t BLOCK_M = 64, CHUNK_N = 256;
+// packed in chunks of CHUNK_N outputs, each [K / 2][CHUNK_N][2] and contiguous: pairs of k side by side (the
+// VNNI layout both instruction sets read), zero outputs padding N to whole chunks; gated, gate's chunks then
+// up's (out = silu(x @ gate^T + bias[:N]) * (x @ up^T + bias[N:])). The chunks are shared out among the
+// threads, each chunk one micro-kernel call per BLOCK_M rows.
+constexpr int64_t BLOCK_M = 64, CHUNK_N = 64;  // CHUNK_N: reference.BRGEMM_CHUNK
 
 // One row of a chunk's products: bias added, gated where up is given, stored (narrowed where Out is bf16).
 template <typename Out>
@@ -744,22 +744,21 @@ inline void finish_row(const float* acc, const float* bias, const float* up, con
 template <typename Out>
 void brgemm_linear(const at::BFloat16* x, const at::BFloat16* w, const float* bias, Out* out, int64_t M, int64_t N,
                    int64_t K, bool gated) {
-    const int64_t width = gated ? 2 * N : N, threads = at::get_num_threads();
-    const int64_t chunk = std::clamp<int64_t>((N / (4 * threads)) / 32 * 32, 32, CHUNK_N);
-    const int64_t chunks = (N + chunk - 1) / chunk;
+    const int64_t chunks = (N + CHUNK_N - 1) / CHUNK_N;
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> buffer(2 * BLOCK_M * chunk);
-        float *acc = buffer.data(), *up = gated ? acc + BLOCK_M * chunk : nullptr;
+        std::vector<float> buffer(2 * BLOCK_M * CHUNK_N);
+        float *acc = buffer.data(), *up = gated ? acc + BLOCK_M * CHUNK_N : nullptr;
         for (int64_t c = begin; c < end; ++c) {
-            const int64_t n0 = c * chunk, cols = std::min(chunk, N - n0);
+            const int64_t n0 = c * CHUNK_N, cols = std::min(CHUNK_N, N - n0);
             for (int64_t m0 = 0; m0 < M; m0 += BLOCK_M) {
                 const int64_t rows = std::min(BLOCK_M, M - m0);
-                at::native::cpublas::brgemm(rows, cols, K, K, width, chunk, false, x + m0 * K, w + 2 * n0, acc, true);
+                at::native::cpublas::brgemm(rows, cols, K, K, CHUNK_N, CHUNK_N, false, x + m0 * K, w + c * K * CHUNK_N,
+                                            acc, true);
                 if (gated)
-                    at::native::cpublas::brgemm(rows, cols, K, K, width, chunk, false, x + m0 * K, w + 2 * (N + n0),
-                                                up, true);
+                    at::native::cpublas::brgemm(rows, cols, K, K, CHUNK_N, CHUNK_N, false, x + m0 * K,
+                                                w + (chunks + c) * K * CHUNK_N, up, true);
                 for (int64_t m = 0; m < rows; ++m)
-                    finish_row(acc + m * chunk, bias ? bias + n0 : nullptr, gated ? up + m * chunk : nullptr,
+                    finish_row(acc + m * CHUNK_N, bias ? bias + n0 : nullptr, gated ? up + m * CHUNK_N : nullptr,
                                gated && bias ? bias + N + n0 : nullptr, out + (m0 + m) * N + n0, cols);
             }
         }
@@ -862,10 +861,11 @@ at::Tensor brgemm_linear_op(const at::Tensor& x, const at::Tensor& packed, const
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu() && x.size(1) % 2 == 0,
                 "brgemm_linear: x must be a bf16 CPU tensor [M, K] with K even");
     const int64_t K = x.size(1);
+    const int64_t chunks = (gated ? 2 : 1) * ((out_features + CHUNK_N - 1) / CHUNK_N);
     TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() && out_features > 0
-                && packed.sizes() == at::IntArrayRef({K / 2, (gated ? 2 : 1) * out_features, 2}),
-                "brgemm_linear: the packed weight must be contiguous bf16 [K / 2, ", (gated ? 2 : 1) * out_features,
-                ", 2] for ", out_features, gated ? " outputs of gate and up each" : " outputs", " and K = ", K);
+                && packed.sizes() == at::IntArrayRef({chunks, K / 2, CHUNK_N, 2}),
+                "brgemm_linear: the packed weight must be contiguous bf16 [", chunks, ", K / 2, ", CHUNK_N, ", 2] for ",
+                out_features, gated ? " outputs of gate and up each" : " outputs", " and K = ", K);
     TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == (gated ? 2 : 1) * out_features),
                 "brgemm_linear: the bias must hold one value per output", gated ? " of each half" : "");
     const at::Tensor xc = x.contiguous();

@@ -7,7 +7,8 @@ from torch.nn import functional as F
 
 from splitfuse.compiled.batch import Batch
 from splitfuse.kernels import cpu, ops
-from splitfuse.kernels.reference import PANEL, VNNI, interleave_panels, pack_brgemm_weight, pack_linear_weight
+from splitfuse.kernels.reference import (BRGEMM_CHUNK, PANEL, VNNI, interleave_panels, pack_brgemm_weight,
+                                        pack_linear_weight)
 
 
 class RMSNorm(nn.Module):
@@ -60,7 +61,7 @@ class Linear(nn.Linear):
 
 def packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
                    gated: bool = False, fp32_out: bool = False) -> torch.Tensor:
-    """The kernel a packed weight is for, told apart by its last dimension: brgemm packs [K / 2, N, 2], or
+    """The kernel a packed weight is for, told apart by its last dimension: brgemm packs [chunks, K / 2, 64, 2], or
     panels [N / 16, K, 16] (computed in fp32). Results in x's dtype, or fp32 with fp32_out."""
     if packed.shape[-1] == VNNI:
         return ops.brgemm_linear(x, packed, bias, out_features, gated, fp32_out)
@@ -71,7 +72,7 @@ def packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
 def _take_packs(members: tuple[Linear, ...], side_by_side: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The members' packed weights for one call of a CPU kernel, and their biases, each concatenated; the
     members give up their own. None where they cannot go together: not all packed, in two layouts, biases
-    on some only, or (panels, side by side) an output count short of whole panels before the last member
+    on some only, or (side by side) an output count short of whole panels or chunks before the last member
     (its padding would sit between two outputs). brgemm packs concatenate as they are (gate then up);
     panels of gate and up interleave panel by panel (one shape)."""
     packs, biases = [m.packed for m in members], [m.bias for m in members]
@@ -79,11 +80,11 @@ def _take_packs(members: tuple[Linear, ...], side_by_side: bool) -> tuple[torch.
             or len({b is None for b in biases}) > 1):
         return None
     brgemm = packs[0].shape[-1] == VNNI
-    if not brgemm and side_by_side and any(m.out_features % PANEL for m in members[:-1]):
+    if side_by_side and any(m.out_features % (BRGEMM_CHUNK if brgemm else PANEL) for m in members[:-1]):
         return None
     for m in members:
         m.packed = None
-    packed = torch.cat(packs, dim=1) if brgemm else torch.cat(packs) if side_by_side else interleave_panels(*packs)
+    packed = torch.cat(packs) if brgemm or side_by_side else interleave_panels(*packs)
     return packed, None if biases[0] is None else torch.cat(biases)
 
 
