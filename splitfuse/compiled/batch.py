@@ -13,4 +13,4 @@ class Batch:
     query_start_loc: torch.Tensor  # [S+1]
     seq_lens: torch.Tensor         # [S], context length including the new tokens; 0 for padding
     block_tables: torch.Tensor     # [S, max_blocks]
-    logits_indices: torch.Tensor   # [N], rows of the tokens whose next-token logits are wanted
+    logits_indices: torch.Tensor   # [N], rows of the tokens whose next-token logits are wanted, then -1 (padding)

@@ -387,7 +387,7 @@ class _StepBuffers:
         sample = np.fromiter((c.sample for c in chunks), bool, n)
         rows = np.flatnonzero(score[seq] | ((np.arange(used) == offsets[1:][seq] - 1) & sample[seq]))
         self.logits_indices[:len(rows)] = rows
-        self.logits_indices[len(rows):max(seqs, len(rows))] = 0
+        self.logits_indices[len(rows):max(seqs, len(rows))] = -1  # padding: the last layer attends nothing for it
         return len(rows)
 
 

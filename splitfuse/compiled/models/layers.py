@@ -208,15 +208,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                       batch: Batch, scale: float, sliding_window: int, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Store the new keys/values, then attend over each sequence's cached context. q/k/v: [T, H, D].
-    With `rows`, attend for the tokens at those rows only, each as a sequence of one query over its context."""
+    With `rows`, attend for the tokens at those rows only, each as a sequence of one query over its context;
+    rows of -1 (padding, after the others) attend to nothing."""
     k_cache, v_cache = kv_cache
     ops.store_kv(k.contiguous(), v.contiguous(), k_cache, v_cache, batch.slot_mapping)  # v may be a column slice
     tables, lens, starts = batch.block_tables, batch.seq_lens, batch.query_start_loc
     if rows is not None:
+        real = rows >= 0
         q = q[rows]
-        # A row's sequence: the last that starts at or before it (a batch of padding alone starts all at 0).
-        tables = tables[(torch.searchsorted(starts, rows, right=True) - 1).clamp(max=tables.shape[0] - 1)]
-        lens = batch.positions[rows] + 1
-        starts = torch.arange(rows.shape[0] + 1, dtype=starts.dtype, device=starts.device)
+        # A row's sequence: the last that starts at or before it.
+        tables = tables[(torch.searchsorted(starts, rows, right=True) - 1).clamp(0, tables.shape[0] - 1)]
+        lens = torch.where(real, batch.positions[rows] + 1, 0)
+        starts = torch.cat([starts[:1], real.cumsum(0).to(starts.dtype)])  # starts[0] is 0
     out = ops.paged_attention(q, k_cache, v_cache, tables, lens, starts, scale, sliding_window)
     return out.flatten(1)
