@@ -5,7 +5,8 @@ import pytest
 import torch
 import transformers
 
-from splitfuse.config import CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET, MAX_NUM_SEQS, EngineConfig, SamplingParams
+from splitfuse.config import (BF16_CPU_TOKEN_BUDGET, CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET, MAX_NUM_SEQS, EngineConfig,
+                              SamplingParams)
 from splitfuse.protocol import Output
 from splitfuse.worker.engine import Engine
 
@@ -151,6 +152,8 @@ def test_stop_token_max_new_tokens_and_the_models_maximum_length(llama):
 def test_defaults_follow_the_device_and_the_budget(llama):
     """max_num_seqs follows token_budget unless given, so a small budget alone is a valid setting."""
     assert EngineConfig().for_device(gpu=False).token_budget == CPU_TOKEN_BUDGET
+    assert EngineConfig().for_device(gpu=False, bf16_gemm=True).token_budget == BF16_CPU_TOKEN_BUDGET
+    assert EngineConfig(token_budget=64).for_device(gpu=False, bf16_gemm=True).token_budget == 64
     assert EngineConfig().for_device(gpu=True).token_budget == GPU_TOKEN_BUDGET
     assert EngineConfig(token_budget=32).for_device(gpu=False).max_num_seqs == 32
     assert EngineConfig(token_budget=4096).for_device(gpu=True).max_num_seqs == MAX_NUM_SEQS

@@ -13,7 +13,7 @@ from splitfuse.compiled.parallel import SINGLE, Shard, StepBroadcast
 from splitfuse.compiled.precompile import CompileSpec
 from splitfuse.compiled.runner import ModelRunner, SequenceChunk, default_buckets, kv_cache_bytes_per_block
 from splitfuse.config import EngineConfig, SamplingParams
-from splitfuse.kernels import ops
+from splitfuse.kernels import cpu, ops
 from splitfuse.worker.block_manager import BlockManager
 from splitfuse.worker.grammars import Grammars
 from splitfuse.protocol import Output
@@ -40,8 +40,9 @@ class Engine:
             # make this replica's current before anything touches CUDA.
             device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
             torch.cuda.set_device(device)
-        self.config = config = config.for_device(device.type == "cuda")
         dtype = resolve_dtype(config.dtype, device)
+        self.config = config = config.for_device(device.type == "cuda", bf16_gemm=device.type == "cpu"
+                                                 and dtype == torch.bfloat16 and cpu.has_bf16_gemm())
         ops.batch_invariant = config.deterministic  # read as the model is traced: before it is built
         self.model_dir = resolve_model_dir(config.model, config.cache_dir)
         hf_config = load_config(self.model_dir)
