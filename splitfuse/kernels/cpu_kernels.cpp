@@ -720,7 +720,7 @@ void packed_linear(const float* x, const W* w, const float* bias, float* out, in
 // packed in chunks of CHUNK_N outputs, each [K / 2][CHUNK_N][2] and contiguous: pairs of k side by side (the
 // VNNI layout both instruction sets read), zero outputs padding N to whole chunks; gated, gate's chunks then
 // up's (out = silu(x @ gate^T + bias[:N]) * (x @ up^T + bias[N:])). The chunks are shared out among the
-// threads, each chunk one micro-kernel call per BLOCK_M rows.
+// threads, each one micro-kernel call per BLOCK_M rows (or two, for a chunk two threads share).
 constexpr int64_t BLOCK_M = 64, CHUNK_N = 64;  // CHUNK_N: reference.BRGEMM_CHUNK
 
 // One row of a chunk's products: bias added, gated where up is given, stored (narrowed where Out is bf16).
@@ -744,23 +744,28 @@ inline void finish_row(const float* acc, const float* bias, const float* up, con
 template <typename Out>
 void brgemm_linear(const at::BFloat16* x, const at::BFloat16* w, const float* bias, Out* out, int64_t M, int64_t N,
                    int64_t K, bool gated) {
-    const int64_t chunks = (N + CHUNK_N - 1) / CHUNK_N;
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    // The threads take runs of half chunks, so that an odd count of chunks still splits evenly (a 1-token
+    // step waited on the thread with one chunk more); a run's whole chunks are one call each.
+    constexpr int64_t HALF = CHUNK_N / 2;
+    const int64_t chunks = (N + CHUNK_N - 1) / CHUNK_N, halves = (N + HALF - 1) / HALF;
+    at::parallel_for(0, halves, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> buffer(2 * BLOCK_M * CHUNK_N);
         float *acc = buffer.data(), *up = gated ? acc + BLOCK_M * CHUNK_N : nullptr;
-        for (int64_t c = begin; c < end; ++c) {
-            const int64_t n0 = c * CHUNK_N, cols = std::min(CHUNK_N, N - n0);
+        for (int64_t h = begin; h < end;) {
+            const int64_t span = h % 2 == 0 && h + 1 < end ? 2 : 1;  // halves in this call
+            const int64_t n0 = h * HALF, cols = std::min(span * HALF, N - n0);
+            const at::BFloat16* b = w + h / 2 * K * CHUNK_N + 2 * (h % 2) * HALF;  // pairs: two values a column
             for (int64_t m0 = 0; m0 < M; m0 += BLOCK_M) {
                 const int64_t rows = std::min(BLOCK_M, M - m0);
-                at::native::cpublas::brgemm(rows, cols, K, K, CHUNK_N, CHUNK_N, false, x + m0 * K, w + c * K * CHUNK_N,
-                                            acc, true);
+                at::native::cpublas::brgemm(rows, cols, K, K, CHUNK_N, CHUNK_N, false, x + m0 * K, b, acc, true);
                 if (gated)
                     at::native::cpublas::brgemm(rows, cols, K, K, CHUNK_N, CHUNK_N, false, x + m0 * K,
-                                                w + (chunks + c) * K * CHUNK_N, up, true);
+                                                b + chunks * K * CHUNK_N, up, true);
                 for (int64_t m = 0; m < rows; ++m)
                     finish_row(acc + m * CHUNK_N, bias ? bias + n0 : nullptr, gated ? up + m * CHUNK_N : nullptr,
                                gated && bias ? bias + N + n0 : nullptr, out + (m0 + m) * N + n0, cols);
             }
+            h += span;
         }
         at::native::cpublas::brgemm_release();
     });
