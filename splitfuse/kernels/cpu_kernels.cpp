@@ -135,29 +135,28 @@ void store_kv(const T* key, const T* value, T* k_cache, T* v_cache, const int32_
     }
 }
 
-// exp for the softmax, eight at a time in plain vector arithmetic (libm's is scalar). Range reduction
-// to 2^n * e^r, |r| <= ln2/2, and a degree-6 polynomial: within 2 ulp of expf.
+// exp for the softmax, a vector at a time in plain vector arithmetic (libm's is scalar): V is v8f or v16f,
+// I its integer lanes, F its fused multiply-add. Range reduction to 2^n * e^r, |r| <= ln2/2, and a degree-6
+// polynomial: within 2 ulp of expf.
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-inline v8f exp8(v8f x) {
-    x = x < -87.f ? v8f{} - 87.f : x;
-    x = x > 88.f ? v8f{} + 88.f : x;
+template <typename V, typename I, V (*F)(V, V, V)>
+inline V exp_vector(V x) {
+    x = x < -87.f ? V{} - 87.f : x;
+    x = x > 88.f ? V{} + 88.f : x;
     const float shift = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-    const v8f n = fma8(x, v8f{} + 1.44269504f, v8f{} + shift) - shift;
-    const v8f r = fma8(n, v8f{} + 2.12194440e-4f, fma8(-n, v8f{} + 0.693359375f, x));
-    v8f p = v8f{} + 1.f / 720;
-    p = fma8(p, r, v8f{} + 1.f / 120);
-    p = fma8(p, r, v8f{} + 1.f / 24);
-    p = fma8(p, r, v8f{} + 1.f / 6);
-    p = fma8(p, r, v8f{} + 0.5f);
-    p = fma8(p, r, v8f{} + 1.f);
-    p = fma8(p, r, v8f{} + 1.f);
-    v8i bits;
+    const V n = F(x, V{} + 1.44269504f, V{} + shift) - shift;
+    const V r = F(n, V{} + 2.12194440e-4f, F(-n, V{} + 0.693359375f, x));
+    V p = V{} + 1.f / 720;
+    for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = F(p, r, V{} + c);
+    I bits;
     std::memcpy(&bits, &p, sizeof bits);
-    bits += __builtin_convertvector(n, v8i) << 23;
+    bits += __builtin_convertvector(n, I) << 23;
     std::memcpy(&p, &bits, sizeof p);
     return p;
 }
+
+inline v8f exp8(v8f x) { return exp_vector<v8f, v8i, fma8>(x); }
 
 inline float fast_exp(float x) { return exp8(v8f{} + x)[0]; }
 
@@ -450,18 +449,8 @@ constexpr int PROMPT_ROWS = 96;  // query rows of a prompt item (a product of mo
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 
-// exp of 16 lanes: exp8's reduction and polynomial, 16 wide.
-inline v16f exp16(v16f x) {
-    auto fma = [](v16f a, v16f b, v16f c) { return (v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); };
-    x = x < -87.f ? v16f{} - 87.f : x;
-    x = x > 88.f ? v16f{} + 88.f : x;
-    const float shift = 12582912.f;
-    const v16f n = fma(x, v16f{} + 1.44269504f, v16f{} + shift) - shift;
-    const v16f r = fma(n, v16f{} + 2.12194440e-4f, fma(-n, v16f{} + 0.693359375f, x));
-    v16f p = v16f{} + 1.f / 720;
-    for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = fma(p, r, v16f{} + c);
-    return (v16f)((v16i)p + (__builtin_convertvector(n, v16i) << 23));
-}
+inline v16f fma16(v16f a, v16f b, v16f c) { return (v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+inline v16f exp16(v16f x) { return exp_vector<v16f, v16i, fma16>(x); }
 
 // Sixteen rows of sixteen 32-bit values become sixteen columns: pairs of 32 bits, then of 64, then 128-bit lanes.
 inline void transpose16(__m512i (&r)[16]) {
@@ -501,7 +490,8 @@ inline void pack_keys(const bf16* first, int64_t stride, int n, int dim, uint32_
 }
 
 // And their values as the weighted sum's right operand: row j of vv holds keys 2 j and 2 j + 1 side by side
-// for every dim. The unpacks interleave within 128-bit lanes, so column col is dim value_dim(col).
+// for every dim. The unpacks interleave within 128-bit lanes, so the products' columns come out of dim order
+// (attend_head puts them back).
 inline void pack_values(const bf16* first, int64_t stride, int n, int dim, uint32_t* vv) {
     for (int j = 0; j < 8; ++j)
         for (int c = 0; c < dim; c += 32) {
@@ -512,11 +502,15 @@ inline void pack_values(const bf16* first, int64_t stride, int n, int dim, uint3
         }
 }
 
-inline int value_dim(int col) { return col / 32 * 32 + col % 16 / 4 * 8 + col / 16 % 2 * 4 + col % 4; }
-
-inline void gemm(int64_t M, int64_t N, int64_t K, const void* a, const void* b, float* c, bool add) {
-    at::native::cpublas::brgemm(M, N, K, K, N, N, add, static_cast<const at::BFloat16*>(a),
+// c[M, N] (row stride ldc) = a[M, K] (row stride lda) @ b, b [K / 2][N][2], plus c where add.
+inline void gemm(int64_t M, int64_t N, int64_t K, const void* a, int64_t lda, const void* b, float* c, int64_t ldc,
+                 bool add) {
+    at::native::cpublas::brgemm(M, N, K, lda, N, ldc, add, static_cast<const at::BFloat16*>(a),
                                 static_cast<const at::BFloat16*>(b), c, true);
+}
+
+inline v16f widen16(__m256bh w) {
+    return (v16f)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)w), 16));
 }
 
 // One KV head's rows of an item (its tokens x that head's query heads), span by span.
@@ -534,13 +528,14 @@ void attend_head(const Item& it, const Shape& sh, int kv_head, const bf16* q, co
     float* part[8];
     for (int i = 0; i < 8; ++i, at += (sizes[i - 1] + 15) / 16 * 16) part[i] = at;
     bf16* queries = reinterpret_cast<bf16*>(part[0]);   // [padded][dim]
-    float* scores = part[1];                             // [padded][width]
-    bf16* weights = reinterpret_cast<bf16*>(part[2]);   // [padded][width]
+    float* scores = part[1];                             // [padded][SPAN]
+    bf16* weights = reinterpret_cast<bf16*>(part[2]);   // [padded][SPAN]: its padding rows stay zero
     uint32_t* kt = reinterpret_cast<uint32_t*>(part[3]);  // [dim / 2][width]
     uint32_t* vv = reinterpret_cast<uint32_t*>(part[4]);  // [width / 2][dim]
     float *acc = part[5], *m = part[6], *l = part[7];    // [padded][dim], [padded], [padded]
     for (int r = 0; r < rows; ++r) std::memcpy(queries + r * dim, q + query_row(it, sh, kv_head, r), dim * sizeof(bf16));
     std::memset(static_cast<void*>(queries + rows * dim), 0, size_t(padded - rows) * dim * sizeof(bf16));
+    std::memset(static_cast<void*>(weights + rows * SPAN), 0, size_t(padded - rows) * SPAN * sizeof(bf16));
     std::fill(acc, acc + size_t(padded) * dim, 0.f);
     std::fill(m, m + padded, MASKED);
     std::fill(l, l + padded, 0.f);
@@ -556,23 +551,34 @@ void attend_head(const Item& it, const Shape& sh, int kv_head, const bf16* q, co
             pack_keys(k_cache + first, stride, valid, dim, kt + j0, width);
             pack_values(v_cache + first, stride, valid, dim, vv + j0 / 2 * dim);
         }
-        gemm(padded, width, dim, queries, kt, scores, false);
+        gemm(padded, width, dim, queries, dim, kt, scores, SPAN, false);
         for (int r = 0; r < rows; ++r) {
-            const int pos = it.pos + r / group, from = sh.window > 0 ? pos - sh.window + 1 : 0;  // keys it sees
-            float* row = scores + r * width;
-            float top = m[r];
-            for (int j = 0; j < width; j += 16) {
-                const v16i key = lane + (s0 + j);
-                const v16f x = (key >= from) & (key <= pos) ? (v16f)_mm512_loadu_ps(row + j) * sh.scale : v16f{} + MASKED;
-                _mm512_storeu_ps(row + j, (__m512)x);
-                top = std::max(top, _mm512_reduce_max_ps((__m512)x));
+            // The span's keys [begin, end) that this row sees: its window, up to its own position.
+            const int pos = it.pos + r / group, from = sh.window > 0 ? pos - sh.window + 1 : 0;
+            const int begin = std::clamp(from - s0, 0, width), end = std::clamp(pos + 1 - s0, begin, width);
+            const float* row = scores + r * SPAN;
+            bf16* w = weights + r * SPAN;
+            if (begin == end) {  // none: the sums stand as they are
+                std::memset(static_cast<void*>(w), 0, width * sizeof(bf16));
+                continue;
             }
+            // Only the vectors that straddle begin or end are masked; the max is over raw scores (scale > 0).
+            auto seen = [&](int j) { return (lane + j >= begin) & (lane + j < end); };
+            v16f most = v16f{} + MASKED;
+            for (int j = begin / 16 * 16; j < end; j += 16) {
+                const v16f x = (v16f)_mm512_loadu_ps(row + j);
+                most = (v16f)_mm512_max_ps((__m512)most, (__m512)(j < begin || j + 16 > end ? (seen(j) ? x : most) : x));
+            }
+            const float top = std::max(m[r], _mm512_reduce_max_ps((__m512)most) * sh.scale);
             v16f sum = {};
             for (int j = 0; j < width; j += 16) {
-                const v16f x = (v16f)_mm512_loadu_ps(row + j);
-                const __m256bh w = _mm512_cvtneps_pbh((__m512)(x == MASKED ? v16f{} : exp16(x - top)));
-                std::memcpy(weights + r * width + j, &w, sizeof w);
-                sum += (v16f)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)w), 16));
+                __m256bh e = (__m256bh)_mm256_setzero_si256();
+                if (j + 16 > begin && j < end) {
+                    const v16f x = exp16((v16f)_mm512_loadu_ps(row + j) * sh.scale - top);
+                    e = _mm512_cvtneps_pbh((__m512)(j < begin || j + 16 > end ? (seen(j) ? x : v16f{}) : x));
+                    sum += widen16(e);
+                }
+                std::memcpy(w + j, &e, sizeof e);
             }
             const float factor = exp16(v16f{} + (m[r] - top))[0];  // on the sums before this span
             m[r] = top;
@@ -580,13 +586,20 @@ void attend_head(const Item& it, const Shape& sh, int kv_head, const bf16* q, co
             for (int d = 0; d < dim; d += 16)
                 _mm512_storeu_ps(acc + r * dim + d, _mm512_mul_ps(_mm512_loadu_ps(acc + r * dim + d), _mm512_set1_ps(factor)));
         }
-        std::memset(static_cast<void*>(weights + rows * width), 0, size_t(padded - rows) * width * sizeof(bf16));
-        gemm(padded, dim, width, weights, vv, acc, true);
+        gemm(padded, dim, width, weights, SPAN, vv, acc, dim, true);
     }
+    // Back from pack_values' order: of 32 columns, the first 16 hold each 8 dims' first four, the next 16
+    // their last four, so the 64-bit groups of the two halves interleave.
+    const __m512i order = _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7);
     for (int r = 0; r < rows; ++r) {
         bf16* dst = out + query_row(it, sh, kv_head, r);
-        const float inv = 1.f / l[r];
-        for (int col = 0; col < dim; ++col) narrow(acc[r * dim + col] * inv, dst + value_dim(col));
+        const __m512 inv = _mm512_set1_ps(1.f / l[r]);
+        for (int c = 0; c < dim; c += 32) {
+            const __m256bh lo = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + r * dim + c), inv));
+            const __m256bh hi = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + r * dim + c + 16), inv));
+            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)lo), (__m256i)hi, 1);
+            _mm512_storeu_si512(dst + c, _mm512_permutexvar_epi64(order, both));
+        }
     }
 }
 #endif
