@@ -158,6 +158,14 @@ inline V exp_vector(V x) {
 
 inline v8f exp8(v8f x) { return exp_vector<v8f, v8i, fma8>(x); }
 
+#if defined(__AVX512F__)
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+inline v16f fma16(v16f a, v16f b, v16f c) { return (v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+inline v16f exp16(v16f x) { return exp_vector<v16f, v16i, fma16>(x); }
+#endif
+
 inline float fast_exp(float x) { return exp8(v8f{} + x)[0]; }
 
 constexpr float MASKED = -1e30f;  // finite, so masked scores never make inf - inf
@@ -446,12 +454,6 @@ constexpr int SPAN = 256;
 constexpr int GEMM_ROWS = 16;    // a product's rows are padded to a multiple of this: fewer kernels to generate
 constexpr int PROMPT_ROWS = 96;  // query rows of a prompt item (a product of more rows ran slower per row)
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-inline v16f fma16(v16f a, v16f b, v16f c) { return (v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
-inline v16f exp16(v16f x) { return exp_vector<v16f, v16i, fma16>(x); }
-
 // Sixteen rows of sixteen 32-bit values become sixteen columns: pairs of 32 bits, then of 64, then 128-bit lanes.
 inline void transpose16(__m512i (&r)[16]) {
     __m512i t[16];
@@ -736,22 +738,45 @@ void packed_linear(const float* x, const W* w, const float* bias, float* out, in
 // threads, each one micro-kernel call per BLOCK_M rows (or two, for a chunk two threads share).
 constexpr int64_t BLOCK_M = 64, CHUNK_N = 64;  // CHUNK_N: reference.BRGEMM_CHUNK
 
+// n fp32 values rounded to bf16 (or copied), 16 at a time where the CPU converts them itself.
+inline void narrow_row(const float* row, float* out, int64_t n) { std::memcpy(out, row, n * sizeof(float)); }
+inline void narrow_row(const float* row, bf16* out, int64_t n) {
+    int64_t j = 0;
+#if defined(__AVX512BF16__)
+    for (; j + 16 <= n; j += 16) {
+        const __m256bh b = _mm512_cvtneps_pbh(_mm512_loadu_ps(row + j));
+        std::memcpy(out + j, &b, sizeof b);
+    }
+#endif
+    for (; j < n; ++j) narrow(row[j], out + j);
+}
+
 // One row of a chunk's products: bias added, gated where up is given, stored (narrowed where Out is bf16).
+// A pass over every output of a linear, so in vectors as wide as the build's.
 template <typename Out>
 inline void finish_row(const float* acc, const float* bias, const float* up, const float* up_bias, Out* out,
                        int64_t cols) {
+#if defined(__AVX512F__)
+    typedef v16f V;
+    auto exp = exp16;
+#else
+    typedef v8f V;
+    auto exp = exp8;
+#endif
+    constexpr int64_t W = sizeof(V) / sizeof(float);
+    auto load = [](const float* p) { V v; std::memcpy(&v, p, sizeof v); return v; };
     float row[CHUNK_N];
     int64_t j = 0;
-    for (; j + 8 <= cols; j += 8) {
-        v8f v = load8(acc + j) + (bias ? load8(bias + j) : v8f{});
-        if (up) v = v / (1.f + exp8(-v)) * (load8(up + j) + (up_bias ? load8(up_bias + j) : v8f{}));
-        store8(row + j, v);
+    for (; j + W <= cols; j += W) {
+        V v = load(acc + j) + (bias ? load(bias + j) : V{});
+        if (up) v = v / (1.f + exp(-v)) * (load(up + j) + (up_bias ? load(up_bias + j) : V{}));
+        std::memcpy(row + j, &v, sizeof v);
     }
     for (; j < cols; ++j) {
         const float v = acc[j] + (bias ? bias[j] : 0.f);
         row[j] = up ? v / (1.f + std::exp(-v)) * (up[j] + (up_bias ? up_bias[j] : 0.f)) : v;
     }
-    for (j = 0; j < cols; ++j) narrow(row[j], out + j);
+    narrow_row(row, out, cols);
 }
 
 template <typename Out>
