@@ -16,6 +16,7 @@ once every bucket is ready (never to a half-compiled set, so the serving thread 
 torch.compile while it is compiling)."""
 import atexit
 import functools
+import itertools
 import logging
 import math
 import threading
@@ -372,8 +373,11 @@ class _StepBuffers:
         offsets = np.zeros(n + 1, np.int64)
         np.cumsum(lens, out=offsets[1:])
         used = int(offsets[-1])
-        for i, chunk in enumerate(chunks):
-            self.block_tables[i, :len(chunk.block_table)] = chunk.block_table
+        tables = [c.block_table for c in chunks]  # in one assignment: row by row took half of fill at 256 decodes
+        widths = np.fromiter(map(len, tables), np.int64, n)
+        row = np.repeat(np.arange(n), widths)
+        column = np.arange(len(row)) - np.repeat(np.cumsum(widths) - widths, widths)
+        self.block_tables[row, column] = np.fromiter(itertools.chain.from_iterable(tables), np.int32, len(row))
         seq = np.repeat(np.arange(n), lens)  # each token's chunk
         pos = starts[seq] + np.arange(used) - offsets[seq]
         self.input_ids[:used] = [t for c in chunks for t in c.token_ids]
