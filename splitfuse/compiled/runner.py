@@ -374,12 +374,10 @@ class _StepBuffers:
         np.cumsum(lens, out=offsets[1:])
         used = int(offsets[-1])
         tables = [c.block_table for c in chunks]  # in one assignment: row by row took half of fill at 256 decodes
-        widths = np.fromiter(map(len, tables), np.int64, n)
-        row = np.repeat(np.arange(n), widths)
-        column = np.arange(len(row)) - np.repeat(np.cumsum(widths) - widths, widths)
+        row, column = _ragged(np.fromiter(map(len, tables), np.int64, n))
         self.block_tables[row, column] = np.fromiter(itertools.chain.from_iterable(tables), np.int32, len(row))
-        seq = np.repeat(np.arange(n), lens)  # each token's chunk
-        pos = starts[seq] + np.arange(used) - offsets[seq]
+        seq, index = _ragged(lens)  # each token's chunk, and its place in it
+        pos = starts[seq] + index
         self.input_ids[:used] = [t for c in chunks for t in c.token_ids]
         self.positions[:used] = pos
         self.slot_mapping[:used] = self.block_tables[seq, pos // block_size] * block_size + pos % block_size
@@ -398,6 +396,12 @@ class _StepBuffers:
         self.logits_indices[:len(rows)] = rows
         self.logits_indices[len(rows):max(seqs, len(rows))] = -1  # padding: the last layer attends nothing for it
         return len(rows)
+
+
+def _ragged(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of these lengths laid end to end: each element's run, and its index within the run."""
+    run = np.repeat(np.arange(len(lengths)), lengths)
+    return run, np.arange(len(run)) - (np.cumsum(lengths) - lengths)[run]
 
 
 def _split(flat, shapes: dict[str, tuple[int, ...]]) -> dict:
