@@ -93,7 +93,7 @@ def test_packed_linear_matches_an_fp64_linear(rows, features, bf16_exact):
 
 
 @pytest.mark.parametrize("bf16_exact", [True, False])
-@pytest.mark.parametrize("rows", [1, 7, 40])
+@pytest.mark.parametrize("rows", [1, 3, 7, 40])
 @pytest.mark.parametrize("features", [(96, 64), (40, 24)])
 def test_gated_linear_matches_silu_of_gate_times_up_in_fp64(rows, features, bf16_exact):
     """The gated kernel over gate and up packs interleaved panel by panel, with biases, against fp64."""
@@ -136,7 +136,7 @@ def bf16_case(rows: int, n: int, k: int, seed: int):
 
 
 @pytest.mark.parametrize("fp32_out", [True, False])
-@pytest.mark.parametrize("rows", [1, 5, 64, 65, 130])
+@pytest.mark.parametrize("rows", [1, 3, 5, 64, 65, 130])
 @pytest.mark.parametrize("features", [(576, 576), (40, 24), (1000, 96)])
 def test_brgemm_linear_matches_an_fp64_linear_of_its_bf16_operands(rows, features, fp32_out):
     """Output counts across the column chunks, row counts across the 64-row tiles; the kernel where the
@@ -153,7 +153,7 @@ def test_brgemm_linear_matches_an_fp64_linear_of_its_bf16_operands(rows, feature
         torch.testing.assert_close(brgemm_linear(x, packed, bias[:n], n, False, fp32_out), expected, **tol)
 
 
-@pytest.mark.parametrize("rows", [1, 7, 40])
+@pytest.mark.parametrize("rows", [1, 3, 7, 40])
 @pytest.mark.parametrize("features", [(96, 64), (40, 24)])
 def test_gated_brgemm_linear_matches_silu_of_gate_times_up_in_fp64(rows, features):
     n, k = features
