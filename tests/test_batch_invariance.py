@@ -15,18 +15,18 @@ def context(seed: int, length: int, *, hq: int, hkv: int, dim: int, block_size: 
     """Queries for every position of one sequence of `length` and its keys and values in shuffled blocks."""
     g = torch.Generator().manual_seed(seed)
     blocks = -(-length // block_size) + 3
-    k_cache, v_cache = (torch.randn(blocks, block_size, hkv, dim, generator=g).to(dtype) for _ in range(2))
+    kv_cache = torch.randn(1, 2, blocks, block_size, hkv, dim, generator=g).to(dtype)  # one layer's
     table = torch.randperm(blocks, generator=g).int()
-    return torch.randn(length, hq, dim, generator=g).to(dtype), k_cache, v_cache, table
+    return torch.randn(length, hq, dim, generator=g).to(dtype), kv_cache, table
 
 
-def attend(chunks: list[tuple[int, int]], q, k_cache, v_cache, table, window: int) -> list[torch.Tensor]:
+def attend(chunks: list[tuple[int, int]], q, kv_cache, table, window: int) -> list[torch.Tensor]:
     """One call over the chunks (start, count) of the one sequence, each as a sequence of its own."""
     rows = torch.cat([q[start:start + count] for start, count in chunks])
     starts = torch.tensor([0, *torch.tensor([c for _, c in chunks]).cumsum(0).tolist()], dtype=torch.int32)
     lens = torch.tensor([start + count for start, count in chunks], dtype=torch.int32)
     tables = table.expand(len(chunks), -1).contiguous()
-    out = torch.ops.splitfuse_cpu.paged_attention(rows, k_cache, v_cache, tables, lens, starts, 0.3, window)
+    out = torch.ops.splitfuse_cpu.paged_attention(rows, kv_cache, 0, tables, lens, starts, 0.3, window)
     return list(out.split([c for _, c in chunks]))
 
 
@@ -37,10 +37,10 @@ def attend(chunks: list[tuple[int, int]], q, k_cache, v_cache, table, window: in
 def test_a_query_row_has_the_same_bits_in_any_chunk_and_as_a_decode(shape, window, dtype):
     length = 600  # keys in several of the bf16 kernel's spans of 256
     q, *cache = context(0, length, dtype=dtype, **shape)
-    k_cache, v_cache, table = cache
-    assert cpu.supports(q, k_cache, v_cache)  # the C++ kernels, loaded (`make model` builds them)
+    kv_cache, table = cache
+    assert cpu.supports(q, kv_cache)  # the C++ kernels, loaded (`make model` builds them)
     whole = attend([(0, length)], q, *cache, window)[0]
-    expected = reference.paged_attention(q, k_cache, v_cache, table[None], torch.tensor([length], dtype=torch.int32),
+    expected = reference.paged_attention(q, *kv_cache[0], table[None], torch.tensor([length], dtype=torch.int32),
                                          torch.tensor([0, length], dtype=torch.int32), 0.3, window)
     torch.testing.assert_close(whole.float(), expected.float(), atol=2e-2, rtol=2e-2)
     rng = random.Random(1)

@@ -111,7 +111,7 @@ def test_the_profiling_forward_runs_the_largest_bucket_and_writes_no_kv(model, m
     seen, forward = [], model.forward
     monkeypatch.setattr(model, "forward", lambda batch, kv: seen.append(batch.input_ids.shape[0]) or forward(batch, kv))
     runner.profile()
-    assert seen == [32] and all(not k.any() and not v.any() for k, v in runner.kv_caches)
+    assert seen == [32] and not runner.kv_cache.any()
 
 
 def test_a_step_fills_one_int32_buffer_and_on_cpu_copies_nothing(model, monkeypatch):

@@ -14,6 +14,9 @@ from splitfuse.kernels.reference import BRGEMM_CHUNK
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
+LAYERS, LAYER = 3, 1  # the kernels read the middle layer of a cache of three
+
+
 def ragged_batch(seed: int, *, hq: int, hkv: int, dim: int, block_size: int, dtype: torch.dtype,
                  num_seqs: int | None = None):
     """Decodes and prompt chunks of random lengths over a shuffled block pool, plus padding: a padded
@@ -24,12 +27,15 @@ def ragged_batch(seed: int, *, hq: int, hkv: int, dim: int, block_size: int, dty
     ctx_lens = [q + rng.choice([0, rng.randint(1, 150)]) for q in q_lens]
     max_blocks = max(1, max(-(-c // block_size) for c in ctx_lens))
     num_blocks = len(q_lens) * max_blocks + 2
-    k_cache = torch.randn(num_blocks, block_size, hkv, dim, generator=g).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, hkv, dim, generator=g).to(dtype)
+    kv_cache = torch.randn(LAYERS, 2, num_blocks, block_size, hkv, dim, generator=g).to(dtype)
     tables = torch.randperm(num_blocks, generator=g)[:len(q_lens) * max_blocks].view(len(q_lens), max_blocks).int()
     starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     q = torch.randn(int(starts[-1]) + 3, hq, dim, generator=g).to(dtype)
-    return q, k_cache, v_cache, tables, torch.tensor(ctx_lens, dtype=torch.int32), starts
+    return q, kv_cache, tables, torch.tensor(ctx_lens, dtype=torch.int32), starts
+
+
+def reference_attention(q, kv_cache, *rest):
+    return reference.paged_attention(q, *kv_cache[LAYER], *rest)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -39,9 +45,9 @@ def test_attention_matches_reference(seed, window, dtype):
     shapes = [dict(hq=9, hkv=3, dim=64, block_size=16), dict(hq=4, hkv=4, dim=80, block_size=32),
               dict(hq=8, hkv=1, dim=16, block_size=128)][seed % 3]
     batch = ragged_batch(seed, dtype=dtype, **shapes)
-    assert cpu.supports(*batch[:3])
-    expected = reference.paged_attention(*batch, 0.3, window)
-    got = torch.ops.splitfuse_cpu.paged_attention(*batch, 0.3, window)
+    assert cpu.supports(*batch[:2])
+    expected = reference_attention(*batch, 0.3, window)
+    got = torch.ops.splitfuse_cpu.paged_attention(*batch[:2], LAYER, *batch[2:], 0.3, window)
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
@@ -50,8 +56,8 @@ def test_attention_matches_reference(seed, window, dtype):
 def test_attention_of_many_sequences_matches_reference(window, dtype):
     """Enough sequences for the kernel to take each decode as one item over all its KV heads."""
     batch = ragged_batch(7, dtype=dtype, hq=9, hkv=3, dim=64, block_size=16, num_seqs=2 * torch.get_num_threads() + 9)
-    expected = reference.paged_attention(*batch, 0.3, window)
-    got = torch.ops.splitfuse_cpu.paged_attention(*batch, 0.3, window)
+    expected = reference_attention(*batch, 0.3, window)
+    got = torch.ops.splitfuse_cpu.paged_attention(*batch[:2], LAYER, *batch[2:], 0.3, window)
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
@@ -61,10 +67,11 @@ def test_store_matches_reference(dtype):
     key, value = (torch.randn(40, 3, 64, generator=g).to(dtype) for _ in range(2))
     slots = torch.randperm(8 * 16, generator=g)[:40]
     slots[[3, 17, 39]] = -1  # padded tokens
-    caches = [torch.zeros(8, 16, 3, 64, dtype=dtype) for _ in range(4)]
-    reference.store_kv(key, value, caches[0], caches[1], slots)
-    torch.ops.splitfuse_cpu.store_kv(key, value, caches[2], caches[3], slots)
-    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    before = torch.randn(LAYERS, 2, 8, 16, 3, 64, generator=g).to(dtype)
+    expected, got = before.clone(), before.clone()
+    reference.store_kv(key, value, *expected[LAYER], slots)
+    torch.ops.splitfuse_cpu.store_kv(key, value, got, LAYER, slots)
+    assert torch.equal(got, expected) and not torch.equal(got, before)
 
 
 def test_unsupported_shapes_go_to_the_reference():

@@ -271,8 +271,9 @@ def test_whole_model_with_triton_kernels(tiny_model, monkeypatch):
     steps = model_steps(hf.config.vocab_size)
     expected = run_steps(path, "cpu", steps)
     if DEVICE.type == "cpu":
-        monkeypatch.setattr(ops, "paged_attention", attention.paged_attention_triton)
-        monkeypatch.setattr(ops, "store_kv", store_kv_triton)
+        monkeypatch.setattr(ops, "paged_attention", lambda q, cache, layer, *rest:
+                            attention.paged_attention_triton(q, *cache[layer], *rest))
+        monkeypatch.setattr(ops, "store_kv", lambda k, v, cache, layer, slots: store_kv_triton(k, v, *cache[layer], slots))
     torch.testing.assert_close(run_steps(path, DEVICE, steps), expected, atol=1e-4, rtol=1e-4)
 
 

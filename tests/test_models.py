@@ -50,7 +50,7 @@ def test_whole_prompts_all_positions(tiny_model):
                   seq_lens=torch.tensor(PROMPT_LENS, dtype=torch.int32), block_tables=block_tables,
                   logits_indices=torch.arange(len(ids)))
     with torch.no_grad():
-        ours = runner.model.lm_head(runner.model(batch, runner.kv_caches))
+        ours = runner.model.lm_head(runner.model(batch, runner.kv_cache))
     expected = torch.cat([hf_logits(hf, p) for p in ps])
     torch.testing.assert_close(ours, expected, atol=2e-4, rtol=1e-4)
 

@@ -86,14 +86,10 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.buckets = sorted(buckets)
         self.max_blocks_per_seq = -(-max_model_len // block_size)
-        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        shape = (model.num_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
         # Zeros, not empty: masked-out context still enters the attention's weighted sum as 0 * value.
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
-                          for _ in range(model.num_layers)]
-        for cache in self.kv_caches:  # the block count follows memory: no graph depends on it
-            for t in cache:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        torch._dynamo.maybe_mark_dynamic(self.kv_cache, 2)  # the block count follows memory: no graph depends on it
         self._buffers = _StepBuffers(self.buckets[-1], max_num_seqs, self.max_blocks_per_seq, self.device)
         self._static = self._buffers.batch
         self._views = {t: self._bucket_view(t) for t in self.buckets}
@@ -182,7 +178,7 @@ class ModelRunner:
         if bucket is not None:
             return self.model.lm_head(self._run(bucket)[:num_logits])
         batch = dataclasses.replace(buffers.batch, logits_indices=buffers.batch.logits_indices[:num_logits])
-        return self.model.lm_head(self.model(batch, self.kv_caches))
+        return self.model.lm_head(self.model(batch, self.kv_cache))
 
     @torch.inference_mode()
     def profile(self) -> None:
@@ -191,11 +187,11 @@ class ModelRunner:
         bucket = self.buckets[-1]
         self._buffers.fill([], bucket, self.seqs_in_bucket(bucket), self.block_size)
         self._buffers.copy(0)
-        self.model.lm_head(self.model(self._views[bucket], self.kv_caches))
+        self.model.lm_head(self.model(self._views[bucket], self.kv_cache))
 
     def _run(self, bucket: int) -> torch.Tensor:
         if not self.use_graphs or self._forward is self.model.forward:
-            return self._forward(self._views[bucket], self.kv_caches)
+            return self._forward(self._views[bucket], self.kv_cache)
         if bucket not in self._graphs:
             self._capture(bucket)
         graph, out = self._graphs[bucket]
@@ -208,13 +204,13 @@ class ModelRunner:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up runs off the capture, as CUDA graphs require
             for _ in range(2):
-                self._forward(view, self.kv_caches)
+                self._forward(view, self.kv_cache)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()  # one memory pool shared by every bucket's graph
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            out = self._forward(view, self.kv_caches)
+            out = self._forward(view, self.kv_cache)
         self._graphs[bucket] = (graph, out)
 
     def compile(self, background: bool, progress: bool = True, start: threading.Event | None = None) -> None:
@@ -267,7 +263,7 @@ class ModelRunner:
     def _compile_bucket(self, buffers: "_StepBuffers", bucket: int) -> None:
         # This thread's current CUDA device is not the serving thread's: Triton launches on the current one.
         with torch.inference_mode(), (torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()):
-            self._compiled(_bucket_slice(buffers.batch, bucket, self.seqs_in_bucket(bucket)), self.kv_caches)
+            self._compiled(_bucket_slice(buffers.batch, bucket, self.seqs_in_bucket(bucket)), self.kv_cache)
 
 
 _compile_threads: list[threading.Thread] = []

@@ -901,48 +901,62 @@ void check_type(const at::Tensor& t, const char* name) {
 template <typename T>
 T* data(const at::Tensor& t) { return static_cast<T*>(t.data_ptr()); }
 
-void store_kv_op(const at::Tensor& key, const at::Tensor& value, const at::Tensor& k_cache,
-                 const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+// A layer's key and value caches, each contiguous [blocks, block_size, Hkv, D], in the whole cache
+// [layers, 2, blocks, block_size, Hkv, D].
+struct LayerCache {
+    void* k;
+    void* v;
+};
+
+LayerCache layer_cache(const at::Tensor& kv_cache, int64_t layer, at::ScalarType dtype, const char* op) {
+    TORCH_CHECK(kv_cache.dim() == 6 && kv_cache.size(1) == 2 && kv_cache.is_contiguous(), op,
+                ": the cache must be contiguous [layers, 2, blocks, block_size, Hkv, D]");
+    TORCH_CHECK(kv_cache.scalar_type() == dtype, op, ": the cache must have the dtype of the keys and queries");
+    TORCH_CHECK(layer >= 0 && layer < kv_cache.size(0), op, ": layer ", layer, " of a cache of ", kv_cache.size(0));
+    char* k = static_cast<char*>(kv_cache.data_ptr()) + layer * kv_cache.stride(0) * kv_cache.element_size();
+    return {k, k + kv_cache.stride(1) * kv_cache.element_size()};
+}
+
+void store_kv_op(const at::Tensor& key, const at::Tensor& value, const at::Tensor& kv_cache, int64_t layer,
+                 const at::Tensor& slot_mapping) {
     check_type(key, "key");
     TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes(), "store_kv: key and value must be [T, Hkv, D] alike");
-    TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.is_contiguous()
-                && v_cache.is_contiguous(), "store_kv: the caches must be contiguous [blocks, block_size, Hkv, D]");
-    TORCH_CHECK(value.scalar_type() == key.scalar_type() && k_cache.scalar_type() == key.scalar_type()
-                && v_cache.scalar_type() == key.scalar_type(), "store_kv: keys, values and caches must share a dtype");
-    TORCH_CHECK(key.size(1) == k_cache.size(2) && key.size(2) == k_cache.size(3),
+    TORCH_CHECK(value.scalar_type() == key.scalar_type(), "store_kv: keys and values must share a dtype");
+    const LayerCache cache = layer_cache(kv_cache, layer, key.scalar_type(), "store_kv");
+    TORCH_CHECK(key.size(1) == kv_cache.size(4) && key.size(2) == kv_cache.size(5),
                 "store_kv: key rows [Hkv, D] must match the cache's");
     TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0), "store_kv: one slot per key row");
     const at::Tensor k = key.contiguous(), v = value.contiguous(), slots = slot_mapping.to(at::kInt).contiguous();
     with_type(k, [&](auto t) {
         using T = decltype(t);
-        store_kv(data<T>(k), data<T>(v), data<T>(k_cache), data<T>(v_cache), data<int32_t>(slots), k.size(0),
-                 k[0].numel());
+        store_kv(data<T>(k), data<T>(v), static_cast<T*>(cache.k), static_cast<T*>(cache.v), data<int32_t>(slots),
+                 k.size(0), k[0].numel());
     });
 }
 
-at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& kv_cache, int64_t layer,
                               const at::Tensor& block_tables, const at::Tensor& seq_lens,
                               const at::Tensor& query_start_loc, double scale, int64_t sliding_window) {
     check_type(q, "q");
-    TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.is_contiguous()
-                && v_cache.is_contiguous(), "paged_attention: q [T, Hq, D] over contiguous [blocks, block_size, Hkv, D] caches");
-    TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-                "paged_attention: q and the caches must share a dtype");
-    TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(2) % 8 == 0 && k_cache.size(2) > 0
-                && q.size(1) % k_cache.size(2) == 0, "paged_attention: head sizes must match (a multiple of 8), "
-                "and the query heads must be a multiple of the key heads");
+    TORCH_CHECK(q.dim() == 3, "paged_attention: q must be [T, Hq, D]");
+    const LayerCache cache = layer_cache(kv_cache, layer, q.scalar_type(), "paged_attention");
+    const int64_t kv_heads = kv_cache.size(4);
+    TORCH_CHECK(q.size(2) == kv_cache.size(5) && q.size(2) % 8 == 0 && kv_heads > 0 && q.size(1) % kv_heads == 0,
+                "paged_attention: head sizes must match (a multiple of 8), and the query heads must be a multiple "
+                "of the key heads");
     TORCH_CHECK(block_tables.dim() == 2 && seq_lens.dim() == 1 && block_tables.size(0) == seq_lens.size(0)
                 && query_start_loc.dim() == 1 && query_start_loc.size(0) == seq_lens.size(0) + 1,
                 "paged_attention: one block table row and one length per sequence, and sequences + 1 query starts");
     const at::Tensor qc = q.contiguous(), tables = block_tables.to(at::kInt).contiguous();
     const at::Tensor lens = seq_lens.to(at::kInt).contiguous(), starts = query_start_loc.to(at::kInt).contiguous();
     at::Tensor out = at::empty_like(qc);
-    const Shape sh{int(q.size(1)), int(k_cache.size(2)), int(q.size(2)), int(k_cache.size(1)), int(tables.size(1)),
+    const Shape sh{int(q.size(1)), int(kv_heads), int(q.size(2)), int(kv_cache.size(3)), int(tables.size(1)),
                    float(scale), int(sliding_window)};
     with_type(qc, [&](auto t) {
         using T = decltype(t);
-        paged_attention(data<T>(qc), data<T>(k_cache), data<T>(v_cache), data<int32_t>(tables), data<int32_t>(lens),
-                        data<int32_t>(starts), int(lens.size(0)), int(q.size(0)), sh, data<T>(out));
+        paged_attention(data<T>(qc), static_cast<const T*>(cache.k), static_cast<const T*>(cache.v),
+                        data<int32_t>(tables), data<int32_t>(lens), data<int32_t>(starts), int(lens.size(0)),
+                        int(q.size(0)), sh, data<T>(out));
     });
     return out;
 }

@@ -14,9 +14,10 @@ from splitfuse.kernels.schemas import LIBRARIES
 batch_invariant = False
 
 
-def _store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def _store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, layer: int,
               slot_mapping: torch.Tensor) -> None:
-    """Write new keys/values [T, Hkv, D] into the blocked caches at slot_mapping (-1 = skip)."""
+    """Write new keys/values [T, Hkv, D] into a layer's blocked caches at slot_mapping (-1 = skip)."""
+    k_cache, v_cache = kv_cache[layer]
     if key.is_cuda:
         from splitfuse.kernels.kv_store import store_kv_triton
         store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
@@ -24,10 +25,11 @@ def _store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_c
         reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
 
 
-def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                     scale: float, sliding_window: int) -> torch.Tensor:
-    """Ragged attention of q [T, Hq, D] over the blocked cache; see kernels/reference.py."""
+def _paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                     sliding_window: int) -> torch.Tensor:
+    """Ragged attention of q [T, Hq, D] over a layer's blocked cache; see kernels/reference.py."""
+    k_cache, v_cache = kv_cache[layer]
     if q.is_cuda:
         from splitfuse.kernels.attention import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
@@ -68,17 +70,17 @@ for _name, _fn in (("store_kv", _store_kv), ("paged_attention", _paged_attention
     LIBRARIES["splitfuse"].impl(_name, _fn, "CUDA")
 
 
-def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, layer: int,
              slot_mapping: torch.Tensor) -> None:
-    ops = torch.ops.splitfuse_cpu if cpu.supports(key, value, k_cache, v_cache) else torch.ops.splitfuse
-    ops.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    ops = torch.ops.splitfuse_cpu if cpu.supports(key, value, kv_cache) else torch.ops.splitfuse
+    ops.store_kv(key, value, kv_cache, layer, slot_mapping)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
                     sliding_window: int) -> torch.Tensor:
-    ops = torch.ops.splitfuse_cpu if cpu.supports(q, k_cache, v_cache) else torch.ops.splitfuse
-    return ops.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window)
+    ops = torch.ops.splitfuse_cpu if cpu.supports(q, kv_cache) else torch.ops.splitfuse
+    return ops.paged_attention(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, sliding_window)
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,

@@ -205,13 +205,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, int],
                       batch: Batch, scale: float, sliding_window: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Store the new keys/values, then attend over each sequence's cached context. q/k/v: [T, H, D].
+    """Store the new keys/values, then attend over each sequence's cached context. q/k/v: [T, H, D];
+    kv_cache: the whole cache and this layer's index in it.
     With `rows`, attend for the tokens at those rows only, each as a sequence of one query over its context;
     rows of -1 (padding, after the others) attend to nothing."""
-    k_cache, v_cache = kv_cache
-    ops.store_kv(k.contiguous(), v.contiguous(), k_cache, v_cache, batch.slot_mapping)  # v may be a column slice
+    cache, layer = kv_cache
+    ops.store_kv(k.contiguous(), v.contiguous(), cache, layer, batch.slot_mapping)  # v may be a column slice
     tables, lens, starts = batch.block_tables, batch.seq_lens, batch.query_start_loc
     if rows is not None:
         real = rows >= 0
@@ -220,5 +221,5 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
         tables = tables[(torch.searchsorted(starts, rows, right=True) - 1).clamp(0, tables.shape[0] - 1)]
         lens = torch.where(real, batch.positions[rows] + 1, 0)
         starts = torch.cat([starts[:1], real.cumsum(0).to(starts.dtype)])  # starts[0] is 0
-    out = ops.paged_attention(q, k_cache, v_cache, tables, lens, starts, scale, sliding_window)
+    out = ops.paged_attention(q, cache, layer, tables, lens, starts, scale, sliding_window)
     return out.flatten(1)

@@ -99,11 +99,11 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, batch: Batch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, batch: Batch, kv_cache: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(batch.input_ids)
         *layers, last = self.model.layers
-        for layer, kv_cache in zip(layers, kv_caches):
-            x = layer(x, batch, self.rotary, kv_cache)
+        for i, layer in enumerate(layers):
+            x = layer(x, batch, self.rotary, (kv_cache, i))
         # The last layer's output is read at the logits rows only: the other rows need just its keys and
         # values (a 256-token prompt step spends about a thirtieth of its time there).
-        return self.model.norm(last(x, batch, self.rotary, kv_caches[-1], batch.logits_indices))
+        return self.model.norm(last(x, batch, self.rotary, (kv_cache, len(layers)), batch.logits_indices))

@@ -97,14 +97,14 @@ class OPTForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
 
-    def forward(self, batch: Batch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, batch: Batch, kv_cache: torch.Tensor) -> torch.Tensor:
         d = self.model.decoder
         x = d.embed_tokens(batch.input_ids)
         if d.project_in is not None:
             x = d.project_in(x)
         x = x + d.embed_positions(batch.positions + _POSITION_OFFSET)
-        for layer, kv_cache in zip(d.layers, kv_caches):
-            x = layer(x, batch, kv_cache)
+        for i, layer in enumerate(d.layers):
+            x = layer(x, batch, (kv_cache, i))
         x = x[batch.logits_indices]
         if d.final_layer_norm is not None:
             x = d.final_layer_norm(x)
