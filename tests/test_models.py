@@ -114,6 +114,16 @@ def test_tied_embeddings_are_one_parameter(make_checkpoint, family):
     assert model.lm_head.weight.dtype == torch.float64
 
 
+def test_packed_weights_share_one_mapping_from_a_huge_page_boundary(make_checkpoint):
+    """Every packed weight in one mapping advised for huge pages (the kernel decides whether it gets them),
+    each at a 64-byte boundary, the first at a 2 MB one; the packs' own tests and the models' comparisons
+    with transformers check what is in them."""
+    model = load_model(make_checkpoint("llama"), torch.float32, torch.device("cpu"))
+    packs = [m.packed for m in model.modules() if getattr(m, "packed", None) is not None]
+    assert len(packs) > 1 and len({p.untyped_storage().data_ptr() for p in packs}) == 1
+    assert all(p.data_ptr() % 64 == 0 for p in packs) and min(p.data_ptr() for p in packs) % (2 << 20) == 0
+
+
 def test_auto_dtype_on_cuda_wants_native_bf16(monkeypatch):
     # V100 and T4 emulate bf16, which the Triton kernel's tl.dot cannot use: fp16 there.
     monkeypatch.delenv("SPLITFUSE_AUTO_DTYPE", raising=False)  # `make test-bf16` names what auto means

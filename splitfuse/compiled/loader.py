@@ -1,5 +1,6 @@
 """Load a Hugging Face checkpoint directory (safetensors, single file or sharded) into our models."""
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -85,7 +86,30 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, shard:
         for module in model.modules():
             if isinstance(module, kind):
                 module.pack_for_cpu()
+    _packs_to_huge_pages(model)
     return model
+
+
+HUGE_PAGE = 2 << 20
+
+
+def _packs_to_huge_pages(model: nn.Module) -> None:
+    """The packed weights moved into one private mapping that the kernel may back with 2 MB pages
+    (transparent huge pages, where they are enabled as "madvise" or "always"). A 1-token step reads every
+    weight once: for the bundled model 269 MB, 66k pages of 4 KB whose translations miss the TLB. With them,
+    single stream ran 1.04-1.35x faster in each of six pairs (AVX-512 BF16 Zen 4, bf16)."""
+    modules = [m for m in model.modules() if getattr(m, "packed", None) is not None]
+    if not modules or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return
+    sizes = [-(-m.packed.nbytes // 64) * 64 for m in modules]  # each pack 64-byte aligned, as the allocator's
+    memory = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    flat = torch.frombuffer(memory, dtype=torch.uint8)  # keeps the mapping alive as long as a pack is
+    offset = -flat.data_ptr() % HUGE_PAGE  # only whole, aligned 2 MB spans can be huge pages
+    for module, size in zip(modules, sizes):
+        packed = module.packed
+        module.packed = flat[offset:offset + packed.nbytes].view(packed.dtype).view(packed.shape).copy_(packed)
+        offset += size
 
 
 def _slices(model: nn.Module) -> dict[str, tuple[int, int, int]]:
