@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from splitfuse.compiled.batch import Batch
-from splitfuse.compiled.loader import load_model, resolve_dtype, resolve_model_dir
+from splitfuse.compiled.loader import HUGE_PAGE, load_model, resolve_dtype, resolve_model_dir
 from splitfuse.compiled.runner import ModelRunner, SequenceChunk
 
 BLOCK = 16
@@ -121,7 +121,7 @@ def test_packed_weights_share_one_mapping_from_a_huge_page_boundary(make_checkpo
     model = load_model(make_checkpoint("llama"), torch.float32, torch.device("cpu"))
     packs = [m.packed for m in model.modules() if getattr(m, "packed", None) is not None]
     assert len(packs) > 1 and len({p.untyped_storage().data_ptr() for p in packs}) == 1
-    assert all(p.data_ptr() % 64 == 0 for p in packs) and min(p.data_ptr() for p in packs) % (2 << 20) == 0
+    assert all(p.data_ptr() % 64 == 0 for p in packs) and min(p.data_ptr() for p in packs) % HUGE_PAGE == 0
 
 
 def test_auto_dtype_on_cuda_wants_native_bf16(monkeypatch):

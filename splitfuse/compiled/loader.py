@@ -20,6 +20,7 @@ MODEL_CLASSES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2"
                  "opt": OPTForCausalLM}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+HUGE_PAGE = 2 << 20  # the size of a transparent huge page on x86-64
 
 
 def resolve_model_dir(model: str | None, cache_dir: str | None = None) -> Path:
@@ -90,9 +91,6 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, shard:
     return model
 
 
-HUGE_PAGE = 2 << 20
-
-
 def _packs_to_huge_pages(model: nn.Module) -> None:
     """The packed weights moved into one private mapping that the kernel may back with 2 MB pages
     (transparent huge pages, where they are enabled as "madvise" or "always"). A 1-token step reads every
@@ -100,11 +98,12 @@ def _packs_to_huge_pages(model: nn.Module) -> None:
     single stream ran 1.13-1.42x faster per request in four alternating pairs (AVX-512 BF16 Zen 4, bf16).
     The KV cache in such memory too made no difference that the offline workload could tell."""
     modules = [m for m in model.modules() if getattr(m, "packed", None) is not None]
-    if not modules or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if not modules:
         return
     sizes = [-(-m.packed.nbytes // 64) * 64 for m in modules]  # each pack 64-byte aligned, as the allocator's
     memory = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    memory.madvise(mmap.MADV_HUGEPAGE)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux only
+        memory.madvise(mmap.MADV_HUGEPAGE)
     flat = torch.frombuffer(memory, dtype=torch.uint8)  # keeps the mapping alive as long as a pack is
     offset = -flat.data_ptr() % HUGE_PAGE  # only whole, aligned 2 MB spans can be huge pages
     for module, size in zip(modules, sizes):
