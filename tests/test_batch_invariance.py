@@ -69,3 +69,32 @@ def test_a_linear_row_has_the_same_bits_at_any_row_count(dtype):
         whole = packed_product(x, packed, None, 1000)
         for rows in (1, 2, 3, 4, 5, 6, 7, 16, 63, 64, 65, 130):
             assert torch.equal(packed_product(x[-rows:], packed, None, 1000), whole[-rows:]), rows
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 130])
+def test_a_linear_row_has_the_same_bits_whatever_the_thread_count(rows, dtype):
+    """The threads share a linear's columns out as they come free (more threads than cores here, so some
+    take others' work): every column is computed once, the same way, whichever thread takes it."""
+    from splitfuse.compiled.models.layers import packed_product
+    g = torch.Generator().manual_seed(rows)
+    weight = (torch.randn(2 * 1000, 576, generator=g) / 24).to(dtype)
+    x = torch.randn(rows, 576, generator=g).to(dtype)
+    packs = [(reference.pack_linear_weight(weight[:1000]), False),
+             (reference.interleave_panels(reference.pack_linear_weight(weight[:1000]),
+                                          reference.pack_linear_weight(weight[1000:])), True)]
+    if dtype == torch.bfloat16 and cpu.has_bf16_gemm():
+        packs += [(reference.pack_brgemm_weight(weight[:1000]), False),
+                  (torch.cat([reference.pack_brgemm_weight(weight[:1000]), reference.pack_brgemm_weight(weight[1000:])]),
+                   True)]
+    threads = torch.get_num_threads()
+    try:
+        for packed, gated in packs:
+            torch.set_num_threads(1)
+            alone = packed_product(x, packed, None, 1000, gated)
+            for count in (2, 3, 5):
+                torch.set_num_threads(count)
+                for _ in range(3):
+                    assert torch.equal(packed_product(x, packed, None, 1000, gated), alone), (count, gated)
+    finally:
+        torch.set_num_threads(threads)

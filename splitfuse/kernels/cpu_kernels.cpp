@@ -4,6 +4,7 @@
 // they share the OpenMP runtime torch has already loaded.
 // Shapes and the batch contract are those of kernels/reference.py.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -665,13 +666,58 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
 }
 
 
+// Work units [0, n) shared out among the threads: each streams a contiguous run of its own front to back (in
+// pieces of `step` units), then takes pieces from the back of the longest run left, single units at the end.
+// The two cores of a shared machine ran a linear up to 1.5x apart, and with a static split the faster waited
+// for the slower; handing out single units in turn interleaved the threads' reads, which then streamed about
+// 1.1x slower from memory. `body(next)` runs once on each thread; next(first, count) hands it a piece, false
+// once none is left.
+template <typename Body>
+void share_out(int64_t n, int64_t step, Body body) {
+    const int threads = int(std::min<int64_t>(omp_get_max_threads(), n));
+    // A run's front and back in one word, so that its owner and a thief never take the same unit.
+    std::vector<std::atomic<uint64_t>> runs(threads);
+    for (int t = 0; t < threads; ++t)
+        runs[t] = uint64_t(n * t / threads) | uint64_t(n * (t + 1) / threads) << 32;
+    auto take = [&](std::atomic<uint64_t>& run, bool back, int64_t& first, int64_t& count) {
+        uint64_t span = run.load();
+        for (;;) {
+            const int64_t front = int64_t(span & 0xffffffff), end = int64_t(span >> 32);
+            // Pieces aligned to step: the front's always, the back's while much is left (then single units).
+            const int64_t piece = back ? (end - front > 2 * step && end % step == 0 ? step : 1) : step - front % step;
+            count = std::min(piece, end - front);
+            if (count <= 0) return false;
+            first = back ? end - count : front;
+            const uint64_t left = back ? uint64_t(front) | uint64_t(end - count) << 32 : uint64_t(front + count) | uint64_t(end) << 32;
+            if (run.compare_exchange_weak(span, left)) return true;
+        }
+    };
+#pragma omp parallel num_threads(threads)
+    {
+        const int me = omp_get_thread_num();
+        body([&](int64_t& first, int64_t& count) {
+            if (take(runs[me], false, first, count)) return true;
+            for (;;) {
+                int longest = -1;
+                int64_t most = 0;
+                for (int t = 0; t < threads; ++t) {
+                    const uint64_t span = runs[t].load();
+                    const int64_t left = int64_t(span >> 32) - int64_t(span & 0xffffffff);
+                    if (left > most) longest = t, most = left;
+                }
+                if (longest < 0) return false;
+                if (take(runs[longest], true, first, count)) return true;
+            }
+        });
+    }
+}
+
 // out[M, N] = x[M, K] @ w[N, K]^T (+ bias), fp32 accumulation, over w packed as [N / 16][K][16] (zero
 // rows pad N) in fp32 or bf16 (its rows' columns interleaved: load16). Each panel streams through once
 // for all rows of x (a step of few tokens is bound by reading the weights), 16 outputs wide, in 8-wide
 // vectors kept in registers. Gated: out = silu(x @ gate^T + bias[:N]) * (x @ up^T + bias[N:]) over gate
 // and up panels in turn ([2 N / 16][K][16]), the MLP's first half in one pass that writes neither product.
 constexpr int PANEL = 16;
-constexpr int64_t DYNAMIC_ROWS = 64;
 
 template <int ROWS, typename W>
 inline void linear_tile(const float* x, const W* panel, const float* bias, float* out, int64_t N, int64_t K,
@@ -720,16 +766,13 @@ void packed_linear(const float* x, const W* w, const float* bias, float* out, in
                     linear_tile<R>(x + m * K, w + p * panel_size, b, out + m * N + n0, N, K, cols);
             });
     };
-    // Panels of many rows are handed out one at a time: the two halves of a static split finished up to a
-    // tenth apart on a shared machine (one core slowed by others' work), and the first then waited. Panels
-    // of few rows are too short for that, and a static split streams each thread's weights in order.
-    if (M >= DYNAMIC_ROWS) {
-#pragma omp parallel for schedule(dynamic)
+    if (M * N * K <= (1 << 18)) {  // too little to share
         for (int64_t p = 0; p < panels; ++p) panel(p);
-    } else {
-#pragma omp parallel for schedule(static) if (M * N * K > (1 << 18))
-        for (int64_t p = 0; p < panels; ++p) panel(p);
+        return;
     }
+    share_out(panels, 1, [&](auto next) {
+        for (int64_t p, count; next(p, count);) panel(p);
+    });
 }
 
 // out[M, N] = x[M, K] @ w[N, K]^T (+ bias) for bf16 x and w, through ATen's batch-reduce GEMM (oneDNN's
@@ -847,8 +890,8 @@ inline void chunk_product(int64_t rows, int64_t cols, int64_t K, const at::BFloa
 template <typename Out>
 void brgemm_linear(const at::BFloat16* x, const at::BFloat16* w, const float* bias, Out* out, int64_t M, int64_t N,
                    int64_t K, bool gated) {
-    // The threads take runs of half chunks, so that an odd count of chunks still splits evenly (a 1-token
-    // step waited on the thread with one chunk more); a run's whole chunks are one call each.
+    // Shared out in half chunks, so that the threads can finish close together; a thread's own run goes a
+    // whole chunk a call.
     constexpr int64_t HALF = CHUNK_N / 2;
     const int64_t chunks = (N + CHUNK_N - 1) / CHUNK_N, halves = (N + HALF - 1) / HALF;
 #if defined(__AVX512BF16__)
@@ -856,11 +899,10 @@ void brgemm_linear(const at::BFloat16* x, const at::BFloat16* w, const float* bi
 #else
     const bool dot = false;
 #endif
-    at::parallel_for(0, halves, 1, [&](int64_t begin, int64_t end) {
+    share_out(halves, 2, [&](auto next) {
         std::vector<float> buffer(2 * BLOCK_M * CHUNK_N);
         float *acc = buffer.data(), *up = gated ? acc + BLOCK_M * CHUNK_N : nullptr;
-        for (int64_t h = begin; h < end;) {
-            const int64_t span = h % 2 == 0 && h + 1 < end ? 2 : 1;  // halves in this call
+        for (int64_t h, span; next(h, span);) {
             const int64_t n0 = h * HALF, cols = std::min(span * HALF, N - n0);
             const at::BFloat16* b = w + h / 2 * K * CHUNK_N + 2 * (h % 2) * HALF;  // pairs: two values a column
             for (int64_t m0 = 0; m0 < M; m0 += BLOCK_M) {
@@ -871,7 +913,6 @@ void brgemm_linear(const at::BFloat16* x, const at::BFloat16* w, const float* bi
                     finish_row(acc + m * CHUNK_N, bias ? bias + n0 : nullptr, gated ? up + m * CHUNK_N : nullptr,
                                gated && bias ? bias + N + n0 : nullptr, out + (m0 + m) * N + n0, cols);
             }
-            h += span;
         }
         at::native::cpublas::brgemm_release();
     });
