@@ -39,7 +39,8 @@ class _Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, kw_
 
 class Generate(_Message, tag="generate"):
     """Start a request. Exactly one of prompt (text), messages (chat) or prompt_ids is given;
-    the worker link always carries prompt_ids and every field of `params`."""
+    the worker link always carries prompt_ids and every field of `params`. There, stream=false asks the
+    worker for the request's outputs in one piece, when it ends, rather than a piece a step."""
     id: Annotated[str, Meta(min_length=1)]
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
@@ -160,6 +161,13 @@ class Output(msgspec.Struct, forbid_unknown_fields=True):
         if self.prompt_logprobs is not None and (not self.prompt_logprobs or self.prompt_logprobs[0] is not None
                                                  or None in self.prompt_logprobs[1:]):
             raise ValueError("prompt_logprobs must be nil, then one map per prompt token")
+
+    def then(self, later: "Output") -> "Output":
+        """This output and a later one of the same request, as one."""
+        joined = lambda a, b: None if a is None and b is None else (a or []) + (b or [])
+        return Output(self.id, self.token_ids + later.token_ids, later.finish_reason, later.error,
+                      joined(self.logprobs, later.logprobs), joined(self.top_logprobs, later.top_logprobs),
+                      later.num_cached_tokens, self.prompt_logprobs or later.prompt_logprobs)
 
 
 class Step(_Message, tag="step"):

@@ -67,6 +67,12 @@ class Tracked:
     last_output: float | None = None         # when its latest tokens came; None before the first
 
     @property
+    def whole(self) -> bool:
+        """Whether its worker may send its tokens after the first in one piece: it is not streamed, and no stop
+        string needs its text as it grows."""
+        return not self.stream and not self.params.stop
+
+    @property
     def queued(self) -> bool:
         """Accepted and not yet started: nothing generated so far."""
         return self.last_output is None
@@ -244,7 +250,7 @@ class Core:
         req.builder = ResponseBuilder(req.id, self.tokenizer, prompt_ids, req.params, prompt_text)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         try:
-            self.router.submit(key, prompt_ids, req.params)
+            self.router.submit(key, prompt_ids, req.params, stream=not req.whole)
         except Exception as e:  # it could not be sent (encoded, routed): that request's error, never a hang
             self.router.abort(key)
             del self.requests[key]
@@ -295,7 +301,7 @@ class Core:
         now = time.monotonic()
         if req.last_output is None:
             self.metrics.time_to_first_token.observe(now - req.arrival)
-        else:
+        elif not req.whole:  # the tokens of a whole one come together: their times are not known here
             self.metrics.inter_token_latency.observe(now - req.last_output)
         req.last_output = now
         self.metrics.generation_tokens.inc(len(out.token_ids))

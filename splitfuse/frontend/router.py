@@ -32,6 +32,7 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     max_model_len: int
+    stream: bool = True   # false: its worker sends what it generates after the first token in one piece, at the end
     replica: Replica | None = None
     generated: int = 0
     prefix: list[int] = field(default_factory=list)  # prompt_block_hashes, when routing by prefix
@@ -66,8 +67,8 @@ class Router:
         self.jobs: dict[str, Job] = {}
         self.waiting: deque[Job] = deque()     # submitted while no replica was ready
 
-    def submit(self, key: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        job = Job(key, prompt_ids, params, self.supervisor.info.max_model_len)
+    def submit(self, key: str, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> None:
+        job = Job(key, prompt_ids, params, self.supervisor.info.max_model_len, stream)
         if self.config.enable_prefix_caching and self.config.prefix_routing:
             job.prefix = prompt_block_hashes(prompt_ids, self.config.block_size)
         self.jobs[key] = job
@@ -129,7 +130,8 @@ class Router:
         replica.remember(job.prefix)
         replica.jobs[job.key] = job
         replica.served += 1
-        self.supervisor.send(replica, protocol.Generate(job.key, prompt_ids=job.prompt_ids, params=job.params))
+        self.supervisor.send(replica, protocol.Generate(job.key, prompt_ids=job.prompt_ids, params=job.params,
+                                                        stream=job.stream))
 
     def _fail_jobs(self, replica: Replica, reason: str) -> list[protocol.Output]:
         failed = [protocol.Output(key, finish_reason="error", error=f"{reason} while running this request")

@@ -52,6 +52,9 @@ class Worker:
         self._last_heartbeat = 0.0
         self._heard = time.monotonic()  # the frontend's latest message
         self._failed_steps = 0
+        # Requests sent with stream=false: before their first output, then with what they produced since.
+        self._unstarted: set[str] = set()
+        self._whole: dict[str, protocol.Output | None] = {}
 
     def run(self) -> None:
         """Serve until a signal, or until the frontend is gone: then its requests are dropped here too."""
@@ -59,7 +62,7 @@ class Worker:
             busy = self.engine.has_unfinished()
             self._receive(timeout_ms=0 if busy else int(HEARTBEAT_INTERVAL * 1000))
             if self.engine.has_unfinished():
-                outputs = self._step()
+                outputs = self._hold(self._step())
                 if outputs:
                     self._send(protocol.Step(outputs))
             drained = busy and not self.engine.has_unfinished()
@@ -79,6 +82,26 @@ class Worker:
             return self.engine.fail_running(f"the step running this request failed: {type(e).__name__}: {e}")
         self._failed_steps = 0
         return outputs
+
+    def _hold(self, outputs: list[protocol.Output]) -> list[protocol.Output]:
+        """The outputs to send now. Those of a request sent with stream=false wait after its first (which tells
+        the frontend that it started), joined, until it ends: a message a step wakes the frontend, which on a
+        machine of few cores takes its time from the steps."""
+        ready = []
+        for out in outputs:
+            if out.id in self._whole:
+                held = self._whole[out.id]
+                out = out if held is None else held.then(out)
+                if out.finish_reason is None:
+                    self._whole[out.id] = out
+                    continue
+                del self._whole[out.id]
+            elif out.id in self._unstarted:
+                self._unstarted.discard(out.id)
+                if out.finish_reason is None:
+                    self._whole[out.id] = None
+            ready.append(out)
+        return ready
 
     def _receive(self, timeout_ms: int) -> None:
         if not self.socket.poll(timeout_ms):
@@ -102,6 +125,9 @@ class Worker:
                 self.engine.add_request(msg.id, msg.prompt_ids, msg.params)
             except Exception as e:  # this request only; the worker keeps serving
                 self._send(protocol.Error(msg.id, str(e) or type(e).__name__))
+                return
+            if not msg.stream:
+                self._unstarted.add(msg.id)
         elif isinstance(msg, protocol.Abort):
             self.engine.abort(msg.id)
         elif isinstance(msg, protocol.Refuse):  # the frontend dropped us (or restarted): join again
