@@ -1,9 +1,13 @@
-"""Shared fixtures: tiny random-weight checkpoints of each supported family, built with transformers."""
+"""Shared fixtures: tiny random-weight checkpoints of each supported family, built with transformers; a worker
+loop on an in-process link."""
 import os
+import threading
+import time
 
 import pytest
 import torch
 import transformers
+import zmq
 
 # Triton chooses interpreter or compiler from TRITON_INTERPRET as it decorates kernels, its own tl.*
 # helpers included when triton is first imported, so the choice holds for the whole process. Without
@@ -53,3 +57,35 @@ def make_checkpoint(tmp_path_factory):
             build_checkpoint(family, built[family])
         return built[family]
     return make
+
+
+@pytest.fixture
+def worker_link():
+    """`worker_link(engine)` -> (the frontend's socket, the worker's identity on it): the engine's worker loop in a
+    thread behind an in-process link, its first heartbeat read. Stopped at the end of the test."""
+    from splitfuse import protocol
+    from splitfuse.worker.main import Worker
+    context, running = zmq.Context(), []
+
+    def start(engine):
+        frontend, link = context.socket(zmq.ROUTER), context.socket(zmq.DEALER)
+        frontend.bind("inproc://worker")
+        link.connect("inproc://worker")
+        worker = Worker(engine, link, 0)
+        thread = threading.Thread(target=worker.run)
+        thread.start()
+        running.append((worker, thread, frontend))
+        assert frontend.poll(30_000)
+        identity, frame = frontend.recv_multipart()  # its first heartbeat (main() says ready before run())
+        assert isinstance(protocol.decode(frame, protocol.WORKER_REPLIES), protocol.Heartbeat)
+        return frontend, identity
+
+    yield start
+    for worker, thread, frontend in running:
+        worker.running = False
+        deadline = time.monotonic() + 10
+        while thread.is_alive() and time.monotonic() < deadline:
+            if frontend.poll(100):  # what the test left unread can hold up the worker's next send
+                frontend.recv_multipart()
+        thread.join(1)
+    context.destroy(linger=0)

@@ -29,7 +29,6 @@ from splitfuse.frontend.router import Router
 from splitfuse.frontend.serve import Deployment, wait_ready
 from splitfuse.frontend.tokenizer import Tokenizer
 from splitfuse.worker.engine import Engine
-from splitfuse.worker.main import Worker
 
 ENGINE = dict(device="cpu", eager=True, num_blocks=256, max_model_len=512)
 VOCAB = 49152  # the bundled model's
@@ -151,7 +150,8 @@ def test_the_blocking_client_raises_connection_error_for_an_unreachable_server()
 
 # --- 1. a step that raises fails its requests, not the worker ------------------------------------
 
-def test_a_failing_step_ends_its_requests_with_an_error_and_the_worker_keeps_serving(make_checkpoint):
+def test_a_failing_step_ends_its_requests_with_an_error_and_the_worker_keeps_serving(make_checkpoint,
+                                                                                     worker_link):
     engine = Engine(EngineConfig(model=str(make_checkpoint("llama")), dtype="float32", device="cpu", eager=True,
                                  num_blocks=64, token_budget=64, max_num_seqs=2), progress=False)
     schedule, queued = engine.scheduler.schedule, threading.Event()
@@ -164,50 +164,34 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_worker_keeps_ser
         return chunks
 
     engine.scheduler.schedule = schedule_then_fail
-    context = zmq.Context()
-    frontend, link = context.socket(zmq.ROUTER), context.socket(zmq.DEALER)
-    worker = thread = None
-    try:
-        frontend.bind("inproc://worker")
-        link.connect("inproc://worker")
-        worker = Worker(engine, link, 0)
-        thread = threading.Thread(target=worker.run)
-        thread.start()
-        assert frontend.poll(30_000)
-        identity, frame = frontend.recv_multipart()  # its first heartbeat (main() says ready before run())
-        assert isinstance(protocol.decode(frame, protocol.WORKER_REPLIES), protocol.Heartbeat)
+    frontend, identity = worker_link(engine)
 
-        def send(rid: str) -> None:
-            params = SamplingParams(max_new_tokens=8, ignore_eos=True)
-            frontend.send_multipart([identity, protocol.encode(protocol.Generate(rid, prompt_ids=[1, 2, 3],
-                                                                                 params=params))])
+    def send(rid: str) -> None:
+        params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+        frontend.send_multipart([identity, protocol.encode(protocol.Generate(rid, prompt_ids=[1, 2, 3],
+                                                                             params=params))])
 
-        def finals(wanted: set[str]) -> dict[str, protocol.Output]:
-            """The last delta of each wanted request, then a heartbeat: no KV block may be left in use."""
-            ended = {}
-            while True:
-                assert frontend.poll(30_000), f"the worker went silent; ended so far: {sorted(ended)}"
-                msg = protocol.decode(frontend.recv_multipart()[1], protocol.WORKER_REPLIES)
-                if isinstance(msg, protocol.Heartbeat) and set(ended) == wanted:
-                    assert msg.stats["blocks_in_use"] == 0 and msg.stats["running"] == 0
-                    return ended
-                if isinstance(msg, protocol.Step):  # one message per step, every request's outputs in it
-                    ended |= {out.id: out for out in msg.outputs if out.finish_reason is not None}
+    def finals(wanted: set[str]) -> dict[str, protocol.Output]:
+        """The last delta of each wanted request, then a heartbeat: no KV block may be left in use."""
+        ended = {}
+        while True:
+            assert frontend.poll(30_000), f"the worker went silent; ended so far: {sorted(ended)}"
+            msg = protocol.decode(frontend.recv_multipart()[1], protocol.WORKER_REPLIES)
+            if isinstance(msg, protocol.Heartbeat) and set(ended) == wanted:
+                assert msg.stats["blocks_in_use"] == 0 and msg.stats["running"] == 0
+                return ended
+            if isinstance(msg, protocol.Step):  # one message per step, every request's outputs in it
+                ended |= {out.id: out for out in msg.outputs if out.finish_reason is not None}
 
-        for rid in ("first", "poison", "later-1", "later-2"):  # max_num_seqs 2: the last two wait
-            send(rid)
-        queued.set()
-        ended = finals({"first", "poison", "later-1", "later-2"})
-        for rid in ("first", "poison"):  # the failed step's requests
-            assert ended[rid].finish_reason == "error" and "IndexError: injected failure" in ended[rid].error
-        assert all(ended[rid].finish_reason == "length" for rid in ("later-1", "later-2"))
-        send("afterwards")
-        assert finals({"afterwards"})["afterwards"].finish_reason == "length"
-    finally:
-        if thread is not None:
-            worker.running = False
-            thread.join(10)
-        context.destroy(linger=0)
+    for rid in ("first", "poison", "later-1", "later-2"):  # max_num_seqs 2: the last two wait
+        send(rid)
+    queued.set()
+    ended = finals({"first", "poison", "later-1", "later-2"})
+    for rid in ("first", "poison"):  # the failed step's requests
+        assert ended[rid].finish_reason == "error" and "IndexError: injected failure" in ended[rid].error
+    assert all(ended[rid].finish_reason == "length" for rid in ("later-1", "later-2"))
+    send("afterwards")
+    assert finals({"afterwards"})["afterwards"].finish_reason == "length"
 
 
 def test_the_engine_refuses_token_ids_outside_the_vocabulary(make_checkpoint):

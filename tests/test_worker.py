@@ -1,50 +1,31 @@
 """The worker's loop over its socket, driven from a frontend's side of an in-process link."""
-import threading
-
-import zmq
-
 from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.worker.engine import Engine
-from splitfuse.worker.main import Worker
 
 
-def test_a_request_sent_without_streaming_gets_its_first_token_at_once_and_the_rest_in_one_piece(make_checkpoint):
+def test_a_request_sent_without_streaming_gets_its_first_token_at_once_and_the_rest_in_one_piece(make_checkpoint,
+                                                                                               worker_link):
     """Its first output tells the frontend that it started; the others are joined until it ends, tokens and
     log-probabilities as a streamed twin's, one at a step, arrive."""
     engine = Engine(EngineConfig(model=str(make_checkpoint("llama")), dtype="float32", device="cpu", eager=True,
                                  num_blocks=64, token_budget=64, max_num_seqs=4), progress=False)
-    context = zmq.Context()
-    frontend, link = context.socket(zmq.ROUTER), context.socket(zmq.DEALER)
-    worker = thread = None
-    try:
-        frontend.bind("inproc://worker")
-        link.connect("inproc://worker")
-        worker = Worker(engine, link, 0)
-        thread = threading.Thread(target=worker.run)
-        thread.start()
-        assert frontend.poll(30_000)
-        identity = frontend.recv_multipart()[0]  # its first heartbeat
-        params = SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=2)
-        for rid, stream in (("streamed", True), ("whole", False)):
-            frontend.send_multipart([identity, protocol.encode(protocol.Generate(rid, prompt_ids=[1, 2, 3],
-                                                                                 params=params, stream=stream))])
-        outputs: dict[str, list[protocol.Output]] = {"streamed": [], "whole": []}
-        while not all(outs and outs[-1].finish_reason for outs in outputs.values()):
-            assert frontend.poll(30_000), f"the worker went silent: {outputs}"
-            msg = protocol.decode(frontend.recv_multipart()[1], protocol.WORKER_REPLIES)
-            if isinstance(msg, protocol.Step):
-                for out in msg.outputs:
-                    outputs[out.id].append(out)
-        streamed, whole = outputs["streamed"], outputs["whole"]
-        assert len(streamed) == 6 and [len(o.token_ids) for o in whole] == [1, 5]
-        assert whole[-1].finish_reason == "length" and whole[0].finish_reason is None
-        joined = whole[0].then(whole[1])
-        assert joined.token_ids == [t for o in streamed for t in o.token_ids]
-        assert joined.logprobs == [p for o in streamed for p in o.logprobs]
-        assert joined.top_logprobs == [p for o in streamed for p in o.top_logprobs]
-    finally:
-        if thread is not None:
-            worker.running = False
-            thread.join(10)
-        context.destroy(linger=0)
+    frontend, identity = worker_link(engine)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=2)
+    for rid, stream in (("streamed", True), ("whole", False)):
+        frontend.send_multipart([identity, protocol.encode(protocol.Generate(rid, prompt_ids=[1, 2, 3],
+                                                                             params=params, stream=stream))])
+    outputs: dict[str, list[protocol.Output]] = {"streamed": [], "whole": []}
+    while not all(outs and outs[-1].finish_reason for outs in outputs.values()):
+        assert frontend.poll(30_000), f"the worker went silent: {outputs}"
+        msg = protocol.decode(frontend.recv_multipart()[1], protocol.WORKER_REPLIES)
+        if isinstance(msg, protocol.Step):
+            for out in msg.outputs:
+                outputs[out.id].append(out)
+    streamed, whole = outputs["streamed"], outputs["whole"]
+    assert len(streamed) == 6 and [len(o.token_ids) for o in whole] == [1, 5]
+    assert whole[-1].finish_reason == "length" and whole[0].finish_reason is None
+    joined = whole[0].then(whole[1])
+    assert joined.token_ids == [t for o in streamed for t in o.token_ids]
+    assert joined.logprobs == [p for o in streamed for p in o.logprobs]
+    assert joined.top_logprobs == [p for o in streamed for p in o.top_logprobs]
