@@ -84,9 +84,8 @@ def test_a_linear_row_has_the_same_bits_whatever_the_thread_count(rows, dtype):
              (reference.interleave_panels(reference.pack_linear_weight(weight[:1000]),
                                           reference.pack_linear_weight(weight[1000:])), True)]
     if dtype == torch.bfloat16 and cpu.has_bf16_gemm():
-        packs += [(reference.pack_brgemm_weight(weight[:1000]), False),
-                  (torch.cat([reference.pack_brgemm_weight(weight[:1000]), reference.pack_brgemm_weight(weight[1000:])]),
-                   True)]
+        gate, up = reference.pack_brgemm_weight(weight[:1000]), reference.pack_brgemm_weight(weight[1000:])
+        packs += [(gate, False), (torch.cat([gate, up]), True)]
     threads = torch.get_num_threads()
     try:
         for packed, gated in packs:

@@ -688,7 +688,8 @@ void share_out(int64_t n, int64_t step, Body body) {
             count = std::min(piece, end - front);
             if (count <= 0) return false;
             first = back ? end - count : front;
-            const uint64_t left = back ? uint64_t(front) | uint64_t(end - count) << 32 : uint64_t(front + count) | uint64_t(end) << 32;
+            const uint64_t left = back ? uint64_t(front) | uint64_t(end - count) << 32
+                                       : uint64_t(front + count) | uint64_t(end) << 32;
             if (run.compare_exchange_weak(span, left)) return true;
         }
     };
