@@ -162,12 +162,16 @@ class Output(msgspec.Struct, forbid_unknown_fields=True):
                                                  or None in self.prompt_logprobs[1:]):
             raise ValueError("prompt_logprobs must be nil, then one map per prompt token")
 
-    def then(self, later: "Output") -> "Output":
-        """This output and a later one of the same request, as one."""
-        joined = lambda a, b: None if a is None and b is None else (a or []) + (b or [])
-        return Output(self.id, self.token_ids + later.token_ids, later.finish_reason, later.error,
-                      joined(self.logprobs, later.logprobs), joined(self.top_logprobs, later.top_logprobs),
-                      later.num_cached_tokens, self.prompt_logprobs or later.prompt_logprobs)
+    @staticmethod
+    def join(outputs: list["Output"]) -> "Output":
+        """Consecutive outputs of one request as one: the tokens (and log-probabilities) of all, the end of the last."""
+        first, last = outputs[0], outputs[-1]
+
+        def all_of(name: str) -> list | None:
+            parts = [getattr(o, name) for o in outputs]
+            return None if all(p is None for p in parts) else [x for p in parts for x in p or []]
+        return Output(last.id, [t for o in outputs for t in o.token_ids], last.finish_reason, last.error,
+                      all_of("logprobs"), all_of("top_logprobs"), last.num_cached_tokens, first.prompt_logprobs)
 
 
 class Step(_Message, tag="step"):

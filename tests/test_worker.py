@@ -25,7 +25,7 @@ def test_a_request_sent_without_streaming_gets_its_first_token_at_once_and_the_r
     streamed, whole = outputs["streamed"], outputs["whole"]
     assert len(streamed) == 6 and [len(o.token_ids) for o in whole] == [1, 5]
     assert whole[-1].finish_reason == "length" and whole[0].finish_reason is None
-    joined = whole[0].then(whole[1])
+    joined = protocol.Output.join(whole)
     assert joined.token_ids == [t for o in streamed for t in o.token_ids]
     assert joined.logprobs == [p for o in streamed for p in o.logprobs]
     assert joined.top_logprobs == [p for o in streamed for p in o.top_logprobs]

@@ -52,9 +52,8 @@ class Worker:
         self._last_heartbeat = 0.0
         self._heard = time.monotonic()  # the frontend's latest message
         self._failed_steps = 0
-        # Requests sent with stream=false: before their first output, then with what they produced since.
-        self._unstarted: set[str] = set()
-        self._whole: dict[str, protocol.Output | None] = {}
+        # Requests sent with stream=false: None before their first output, then the outputs held since.
+        self._whole: dict[str, list[protocol.Output] | None] = {}
 
     def run(self) -> None:
         """Serve until a signal, or until the frontend is gone: then its requests are dropped here too."""
@@ -89,18 +88,18 @@ class Worker:
         machine of few cores takes its time from the steps."""
         ready = []
         for out in outputs:
-            if out.id in self._whole:
-                held = self._whole[out.id]
-                out = out if held is None else held.then(out)
-                if out.finish_reason is None:
-                    self._whole[out.id] = out
-                    continue
+            if out.id not in self._whole:  # streamed
+                ready.append(out)
+                continue
+            held = self._whole[out.id]
+            if out.finish_reason is not None:
                 del self._whole[out.id]
-            elif out.id in self._unstarted:
-                self._unstarted.discard(out.id)
-                if out.finish_reason is None:
-                    self._whole[out.id] = None
-            ready.append(out)
+                ready.append(protocol.Output.join([*held, out]) if held else out)
+            elif held is None:  # its first
+                self._whole[out.id] = []
+                ready.append(out)
+            else:
+                held.append(out)
         return ready
 
     def _receive(self, timeout_ms: int) -> None:
@@ -127,7 +126,7 @@ class Worker:
                 self._send(protocol.Error(msg.id, str(e) or type(e).__name__))
                 return
             if not msg.stream:
-                self._unstarted.add(msg.id)
+                self._whole[msg.id] = None
         elif isinstance(msg, protocol.Abort):
             self.engine.abort(msg.id)
         elif isinstance(msg, protocol.Refuse):  # the frontend dropped us (or restarted): join again
