@@ -97,3 +97,23 @@ def test_a_linear_row_has_the_same_bits_whatever_the_thread_count(rows, dtype):
                     assert torch.equal(packed_product(x, packed, None, 1000, gated), alone), (count, gated)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not cpu.has_bf16_gemm(), reason="the brgemm kernel needs AVX-512 BF16 or AMX")
+@pytest.mark.parametrize("gated", [False, True])
+def test_a_linear_over_more_rows_than_l2_holds_goes_pass_by_pass_with_the_same_bits(gated):
+    """x of 9 MB: the brgemm kernel takes its rows in passes that fit the L2 (on any L2 up to 8 MB), and 96
+    outputs make three half chunks a pass, so that the threads' pieces run across passes. Every row is
+    computed once (fp64), with the bits it gets alone."""
+    from splitfuse.compiled.models.layers import packed_product
+    g = torch.Generator().manual_seed(1)
+    weight = (torch.randn(2 * 96, 4096, generator=g) / 64).bfloat16()
+    x = torch.randn(1100, 4096, generator=g).bfloat16()
+    packed = (torch.cat([reference.pack_brgemm_weight(weight[:96]), reference.pack_brgemm_weight(weight[96:])])
+              if gated else reference.pack_brgemm_weight(weight[:96]))
+    whole = packed_product(x, packed, None, 96, gated)
+    xd, wd = x.double(), weight.double()
+    expected = torch.nn.functional.silu(xd @ wd[:96].T) * (xd @ wd[96:].T) if gated else xd @ wd[:96].T
+    torch.testing.assert_close(whole.double(), expected, atol=0.02, rtol=0.02)
+    for rows in (1, 70):
+        assert torch.equal(packed_product(x[-rows:], packed, None, 96, gated), whole[-rows:]), rows

@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 #include <omp.h>
+#include <unistd.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/native/CPUBlas.h>
@@ -888,33 +889,47 @@ inline void chunk_product(int64_t rows, int64_t cols, int64_t K, const at::BFloa
     at::native::cpublas::brgemm(rows, cols, K, K, CHUNK_N, CHUNK_N, false, x, b, acc, true);
 }
 
+// The rows of x that one pass over a linear's chunks multiplies: as many as fit in half the core's L2, so that
+// each chunk's products read them from there. Over 2048 rows, x read from L3 for every chunk took the linears
+// from 2.6 to 3.2 us a token a layer (Xeon with AMX, bf16).
+inline int64_t rows_per_pass(int64_t M, int64_t K) {
+    static const int64_t budget = std::max<int64_t>(sysconf(_SC_LEVEL2_CACHE_SIZE), 1 << 20) / 2;  // bytes of x
+    const int64_t passes = std::max<int64_t>(1, (M * K * int64_t(sizeof(at::BFloat16)) + budget - 1) / budget);
+    return std::max<int64_t>(BLOCK_M, (M / passes + BLOCK_M - 1) / BLOCK_M * BLOCK_M);
+}
+
 template <typename Out>
 void brgemm_linear(const at::BFloat16* x, const at::BFloat16* w, const float* bias, Out* out, int64_t M, int64_t N,
                    int64_t K, bool gated) {
     // Shared out in half chunks, so that the threads can finish close together; a thread's own run goes a
-    // whole chunk a call.
+    // whole chunk a call. A unit is a half chunk of one pass's rows, pass by pass.
     constexpr int64_t HALF = CHUNK_N / 2;
     const int64_t chunks = (N + CHUNK_N - 1) / CHUNK_N, halves = (N + HALF - 1) / HALF;
+    const int64_t pass_rows = rows_per_pass(M, K), passes = (M + pass_rows - 1) / pass_rows;
 #if defined(__AVX512BF16__)
     const bool dot = M <= DOT_ROWS && dot_matches_brgemm();
 #else
     const bool dot = false;
 #endif
-    share_out(halves, 2, [&](auto next) {
+    share_out(passes * halves, 2, [&](auto next) {
         std::vector<float> buffer(2 * BLOCK_M * CHUNK_N);
         float *acc = buffer.data(), *up = gated ? acc + BLOCK_M * CHUNK_N : nullptr;
-        for (int64_t h, span; next(h, span);) {
-            const int64_t n0 = h * HALF, cols = std::min(span * HALF, N - n0);
-            const at::BFloat16* b = w + h / 2 * K * CHUNK_N + 2 * (h % 2) * HALF;  // pairs: two values a column
-            for (int64_t m0 = 0; m0 < M; m0 += BLOCK_M) {
-                const int64_t rows = std::min(BLOCK_M, M - m0);
-                chunk_product(rows, cols, K, x + m0 * K, b, acc, dot);
-                if (gated) chunk_product(rows, cols, K, x + m0 * K, b + chunks * K * CHUNK_N, up, dot);
-                for (int64_t m = 0; m < rows; ++m)
-                    finish_row(acc + m * CHUNK_N, bias ? bias + n0 : nullptr, gated ? up + m * CHUNK_N : nullptr,
-                               gated && bias ? bias + N + n0 : nullptr, out + (m0 + m) * N + n0, cols);
+        for (int64_t u, count; next(u, count);)
+            for (const int64_t end = u + count; u < end;) {  // within one chunk of one pass a call
+                const int64_t h = u % halves, span = std::min({end - u, halves - h, 2 - h % 2});
+                const int64_t first = u / halves * pass_rows;
+                const int64_t n0 = h * HALF, cols = std::min(span * HALF, N - n0);
+                const at::BFloat16* b = w + h / 2 * K * CHUNK_N + 2 * (h % 2) * HALF;  // pairs: two values a column
+                for (int64_t m0 = first; m0 < std::min(M, first + pass_rows); m0 += BLOCK_M) {
+                    const int64_t rows = std::min(BLOCK_M, M - m0);
+                    chunk_product(rows, cols, K, x + m0 * K, b, acc, dot);
+                    if (gated) chunk_product(rows, cols, K, x + m0 * K, b + chunks * K * CHUNK_N, up, dot);
+                    for (int64_t m = 0; m < rows; ++m)
+                        finish_row(acc + m * CHUNK_N, bias ? bias + n0 : nullptr, gated ? up + m * CHUNK_N : nullptr,
+                                   gated && bias ? bias + N + n0 : nullptr, out + (m0 + m) * N + n0, cols);
+                }
+                u += span;
             }
-        }
         at::native::cpublas::brgemm_release();
     });
 }
