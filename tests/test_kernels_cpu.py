@@ -143,7 +143,7 @@ def bf16_case(rows: int, n: int, k: int, seed: int):
 
 
 @pytest.mark.parametrize("fp32_out", [True, False])
-@pytest.mark.parametrize("rows", [1, 3, 5, 64, 65, 130])
+@pytest.mark.parametrize("rows", [0, 1, 3, 5, 64, 65, 130])
 @pytest.mark.parametrize("features", [(576, 576), (40, 24), (1000, 96)])
 def test_brgemm_linear_matches_an_fp64_linear_of_its_bf16_operands(rows, features, fp32_out):
     """Output counts across the column chunks, row counts across the 64-row tiles; the kernel where the

@@ -675,6 +675,7 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
 // once none is left.
 template <typename Body>
 void share_out(int64_t n, int64_t step, Body body) {
+    if (n <= 0) return;
     const int threads = int(std::min<int64_t>(omp_get_max_threads(), n));
     // A run's front and back in one word, so that its owner and a thief never take the same unit.
     std::vector<std::atomic<uint64_t>> runs(threads);
