@@ -169,7 +169,11 @@ def main() -> None:
 
 def forward_table(args: argparse.Namespace, model, modes: list[str], peak: float, report) -> list[dict]:
     """One forward per token count and mix, in each mode: the printed table's rows."""
-    runners = {mode: ModelRunner(model, num_blocks=4096, block_size=BLOCK, max_num_seqs=64, max_model_len=2048,
+    # mixes(): up to 64 sequences of CONTEXT + tokens each, in blocks of their own
+    longest = CONTEXT + max(args.tokens)
+    blocks = max(4096, 64 * -(-longest // BLOCK))
+    runners = {mode: ModelRunner(model, num_blocks=blocks, block_size=BLOCK, max_num_seqs=64,
+                                 max_model_len=max(2048, longest),
                                  buckets=sorted(args.tokens), compile=mode == "compiled", cuda_graphs=mode == "compiled")
                for mode in modes}
     for runner in runners.values():
