@@ -53,9 +53,12 @@ def test_attention_matches_reference(seed, window, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [0, 9])
-def test_attention_of_many_sequences_matches_reference(window, dtype):
-    """Enough sequences for the kernel to take each decode as one item over all its KV heads."""
-    batch = ragged_batch(7, dtype=dtype, hq=9, hkv=3, dim=64, block_size=16, num_seqs=2 * torch.get_num_threads() + 9)
+@pytest.mark.parametrize("hq,hkv", [(9, 3), (6, 6)])
+def test_attention_of_many_sequences_matches_reference(window, dtype, hq, hkv):
+    """Enough sequences for the kernel to take each decode as one item over all its KV heads (six: more than
+    the bf16 kernel takes together)."""
+    batch = ragged_batch(7, dtype=dtype, hq=hq, hkv=hkv, dim=64, block_size=16,
+                         num_seqs=2 * torch.get_num_threads() + 9)
     expected = reference_attention(*batch, 0.3, window)
     got = torch.ops.splitfuse_cpu.paged_attention(*batch[:2], LAYER, *batch[2:], 0.3, window)
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
