@@ -533,7 +533,7 @@ inline __m512 exp2_for_bf16(__m512 t) {
 // The rows of an item (its tokens x the query heads of each of its KV heads), span by span. A decode carries
 // all the KV heads: a key group's rows are then packed for every head at once, so that the cache's lines (each
 // holding a key of several heads) stream from memory once, where packing one head's span after another read
-// them in strided passes that took 1.4-1.8x as long as the same heads with the cache in L2 (measured, Xeon with
+// them in strided passes that took 1.8-2.3x as long as the same heads with the cache in L2 (measured, Xeon with
 // AMX). At most HEADS_TOGETHER heads at a time, so that the scratch of a model with many KV heads stays in L2.
 constexpr int HEADS_TOGETHER = 4;
 void attend_heads(const Item& it, const Shape& sh, const bf16* q, const bf16* k_cache, const bf16* v_cache,
