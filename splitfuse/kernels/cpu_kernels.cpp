@@ -585,8 +585,10 @@ void attend_heads(const Item& it, const Shape& sh, const bf16* q, const bf16* k_
                 pack_values(v_cache + first + h * dim, stride, valid, dim, state[h].vv + j0 / 2 * dim);
             }
         }
+        // The heads' score products one after another, then their softmax, then their value products: a
+        // product of another shape than the last reconfigures the tiles.
+        for (const Head& hd : std::span(state, heads)) gemm(padded, width, dim, hd.queries, dim, hd.kt, hd.scores, SPAN, false);
         for (const Head& hd : std::span(state, heads)) {
-            gemm(padded, width, dim, hd.queries, dim, hd.kt, hd.scores, SPAN, false);
             for (int r = 0; r < rows; ++r) {
                 // The span's keys [begin, end) that this row sees: its window, up to its own position.
                 const int pos = it.pos + r / group, from = sh.window > 0 ? pos - sh.window + 1 : 0;
@@ -630,8 +632,8 @@ void attend_heads(const Item& it, const Shape& sh, const bf16* q, const bf16* k_
                 float* a = hd.acc + r * dim;
                 for (int d = 0; d < dim; d += 16) _mm512_storeu_ps(a + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), _mm512_set1_ps(factor)));
             }
-            gemm(padded, dim, width, hd.weights, SPAN, hd.vv, hd.acc, dim, true);
         }
+        for (const Head& hd : std::span(state, heads)) gemm(padded, dim, width, hd.weights, SPAN, hd.vv, hd.acc, dim, true);
     }
     // Back from pack_values' order: of 32 columns, the first 16 hold each 8 dims' first four, the next 16
     // their last four, so the 64-bit groups of the two halves interleave.
