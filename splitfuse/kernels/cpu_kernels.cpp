@@ -102,7 +102,7 @@ constexpr int MAX_ROWS = 48;
 
 struct Item {
     int seq, kv_head;
-    int heads;  // KV heads from kv_head on: 1, or all of them for a decode (a block holds their rows contiguously)
+    int heads;  // KV heads from kv_head on: 1, or several for a decode (a block holds their rows contiguously)
     int row;    // flat row of the item's first token
     int pos;    // its position in the sequence
     int count;  // consecutive new tokens
@@ -534,7 +534,8 @@ inline __m512 exp2_for_bf16(__m512 t) {
 // all the KV heads: a key group's rows are then packed for every head at once, so that the cache's lines (each
 // holding a key of several heads) stream from memory once, where packing one head's span after another read
 // them in strided passes that took 1.8-2.3x as long as the same heads with the cache in L2 (measured, Xeon with
-// AMX). At most HEADS_TOGETHER heads at a time, so that the scratch of a model with many KV heads stays in L2.
+// AMX). An item carries at most HEADS_TOGETHER heads (paged_attention), so that the scratch of a model with
+// many KV heads stays in L2.
 constexpr int HEADS_TOGETHER = 4;
 void attend_heads(const Item& it, const Shape& sh, const bf16* q, const bf16* k_cache, const bf16* v_cache,
                   const int32_t* block_tables, bf16* out, std::vector<float>& scratch) {
@@ -662,19 +663,21 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
     // bf16 over cache blocks that hold whole runs of 16 keys: the GEMM path above.
     const bool gemm_path = std::is_same_v<T, bf16> && sh.dim % 32 == 0 && sh.block_size % 16 == 0;
     const int tile = std::max(1, (gemm_path ? PROMPT_ROWS : MAX_ROWS) / group);  // tokens per item
+    const int together = gemm_path ? HEADS_TOGETHER : sh.hkv;
 #else
     const int tile = std::max(1, MAX_ROWS / group);  // tokens per item
+    const int together = sh.hkv;
 #endif
-    // With sequences enough to share out, a decode is one item for all its KV heads: it copies each block
-    // whole, one contiguous run that streams from memory, where one head's rows are strided.
+    // With sequences enough to share out, a decode is one item for its KV heads (up to `together` of them): it
+    // copies each block whole, one contiguous run that streams from memory, where one head's rows are strided.
     const bool whole = num_seqs >= 2 * omp_get_max_threads();
     std::vector<Item> items;
     for (int seq = 0; seq < num_seqs; ++seq) {
         const int start = query_start_loc[seq], n = query_start_loc[seq + 1] - start;
         for (int t = 0; t < n; t += tile) {
-            const int count = std::min(tile, n - t), heads = whole && count * group <= TILE ? sh.hkv : 1;
+            const int count = std::min(tile, n - t), heads = whole && count * group <= TILE ? together : 1;
             for (int h = 0; h < sh.hkv; h += heads)
-                items.push_back({seq, h, heads, start + t, seq_lens[seq] - n + t, count});
+                items.push_back({seq, h, std::min(heads, sh.hkv - h), start + t, seq_lens[seq] - n + t, count});
         }
     }
     const int used = query_start_loc[num_seqs];
@@ -689,12 +692,7 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
 #if defined(__AVX512BF16__)
             if constexpr (std::is_same_v<T, bf16>)
                 if (gemm_path) {
-                    for (int h = 0; h < items[i].heads; h += HEADS_TOGETHER) {
-                        Item some = items[i];
-                        some.kv_head += h;
-                        some.heads = std::min(HEADS_TOGETHER, items[i].heads - h);
-                        attend_heads(some, sh, q, k_cache, v_cache, block_tables, out, scratch);
-                    }
+                    attend_heads(items[i], sh, q, k_cache, v_cache, block_tables, out, scratch);
                     continue;
                 }
 #endif
