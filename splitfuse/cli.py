@@ -30,7 +30,11 @@ log = logging.getLogger("splitfuse.cli")  # by name: run with -m, __name__ is __
 HELP = {
     "dtype": "weights and KV cache dtype: auto, bf16, fp16 or fp32",
     "device": "auto, cpu, cuda or cuda:N (with several replicas on GPU, auto/cuda gives each its own device)",
-    "token_budget": "tokens per forward pass, the SplitFuse target (default: 256 on CPU, 2048 on GPU)",
+    "token_budget": "tokens per forward pass, the SplitFuse target (default: 256 on CPU, 512 where bf16 runs on AMX "
+                    "or AVX-512 BF16, 2048 on GPU)",
+    "batch_token_budget": "tokens per forward pass while no request streams its tokens (offline batches, "
+                          "stream=false), when only throughput counts (default: 2048 where bf16 runs on AMX, else "
+                          "the token budget)",
     "max_num_seqs": "sequences per forward pass (default: the token budget, at most 256)",
     "block_size": "tokens per KV cache block",
     "num_blocks": "KV cache blocks per replica (default: from --gpu-memory-utilization, on CPU --kv-memory-fraction)",
@@ -45,7 +49,7 @@ HELP = {
     "deterministic": "a request's tokens and log-probabilities are bit-identical whatever else is in the step, "
                      "whether its prefix came from the cache and however its prompt was chunked: every shape is "
                      "compiled before serving (no eager start), and on GPU attention does not split keys",
-    "buckets": "token-count shapes that are compiled (default: 1, and the budget and its halves down to 8 on CPU, quarters down to 16 on GPU)",
+    "buckets": "token-count shapes that are compiled (default: 1, and the batch budget and its halves down to 8 on CPU, quarters down to 16 on GPU)",
     "enable_prefix_caching": "reuse the KV cache blocks of prompt prefixes seen before (--no-enable-prefix-caching: "
                              "compute every prompt from its first token)",
     "prefix_routing": "with several replicas, send a request to the replica likely to hold its prefix, balanced "

@@ -16,6 +16,10 @@ CPU_TOKEN_BUDGET = 256
 # Where bf16 matmuls run on the CPU's AMX tiles or AVX-512 BF16 units, a step's throughput still grows past 256
 # tokens (offline 1.08x at 512, README).
 BF16_CPU_TOKEN_BUDGET = 512
+# While no request streams its tokens, no one waits on a step: where bf16 runs on AMX tiles, steps of 2048 tokens
+# then gave offline 1.07x over 512 (README), fewer steps each reading every weight once. vLLM's CPU server takes
+# 2048 tokens a step too.
+AMX_BATCH_TOKEN_BUDGET = 2048
 GPU_TOKEN_BUDGET = 2048
 MAX_NUM_SEQS = 256
 CACHE_ENV = "SPLITFUSE_CACHE"
@@ -156,6 +160,7 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
     dtype: str = "auto"               # auto: bf16 where the hardware has it natively
     device: str = "auto"              # auto: cuda if available, else cpu
     token_budget: int | None = None   # tokens per forward pass (the SplitFuse target); None: per device
+    batch_token_budget: int | None = None  # the same while no request streams; None: per device (token_budget if given)
     max_num_seqs: int | None = None   # sequences per forward pass; None: min(token_budget, 256)
     block_size: int = 16
     num_blocks: int | None = None     # KV cache size; None: from gpu_memory_utilization (CPU: kv_memory_fraction)
@@ -166,7 +171,7 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
     eager: bool = False               # True: no torch.compile, no CUDA graphs
     background_compile: bool = True   # serve eagerly at once and switch to compiled when it is ready
     deterministic: bool = False       # outputs independent of batch, prefix cache and chunking from the first step
-    buckets: list[int] | None = None  # token-count shapes; None: 1, and token_budget and its halves down to 8 (GPU: quarters down to 16)
+    buckets: list[int] | None = None  # token-count shapes; None: 1, and batch_token_budget and its halves down to 8 (GPU: quarters down to 16)
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed before
     prefix_routing: bool = True       # frontend, several replicas: prefer the replica that holds a prompt's prefix
     cache_dir: str | None = None      # where the bundled model is converted to
@@ -179,6 +184,9 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
         _check(self.scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         _check(self.token_budget is None or (isinstance(self.token_budget, int) and self.token_budget >= 8),
                f"token_budget must be an integer >= 8, got {self.token_budget!r}")
+        _check(self.batch_token_budget is None or (isinstance(self.batch_token_budget, int)
+                                                   and self.batch_token_budget >= (self.token_budget or 8)),
+               f"batch_token_budget must be an integer >= token_budget (and 8), got {self.batch_token_budget!r}")
         _check(self.max_num_seqs is None or (isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1),
                f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
         _check(None in (self.max_num_seqs, self.token_budget) or self.max_num_seqs <= self.token_budget,
@@ -201,18 +209,22 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
                "deterministic needs scheduler 'splitfuse' (or eager): prefill-first runs a step longer than the "
                "largest bucket eagerly, and eager and compiled steps differ in their last bits")
         _check(self.buckets is None or (all(isinstance(b, int) and b > 0 for b in self.buckets)
-                                        and max(self.buckets) >= (self.token_budget or 0)),
-               "buckets must be positive integers, the largest at least token_budget")
+                                        and max(self.buckets) >= max(self.token_budget or 0,
+                                                                     self.batch_token_budget or 0)),
+               "buckets must be positive integers, the largest at least token_budget and batch_token_budget")
 
-    def for_device(self, gpu: bool, bf16_gemm: bool = False) -> "EngineConfig":
+    def for_device(self, gpu: bool, bf16_gemm: bool = False, amx: bool = False) -> "EngineConfig":
         """The options a device leaves open filled in: the token budget (the benchmark's best on CPU, more
-        where bf16 runs on the CPU's bf16 units (`bf16_gemm`), README; a GPU's matmuls want thousands of rows)
-        and sequences per step following it."""
+        where bf16 runs on the CPU's bf16 units (`bf16_gemm`), README; a GPU's matmuls want thousands of rows),
+        sequences per step following it, and the budget while no request streams (more on AMX tiles, `amx`)."""
         cpu_budget = BF16_CPU_TOKEN_BUDGET if bf16_gemm else CPU_TOKEN_BUDGET
         budget = self.token_budget or (GPU_TOKEN_BUDGET if gpu else cpu_budget)
         if self.token_budget is None and self.buckets:
             budget = min(budget, max(self.buckets))
-        return msgspec.structs.replace(self, token_budget=budget,
+        batch = self.batch_token_budget or (AMX_BATCH_TOKEN_BUDGET if amx and self.token_budget is None else budget)
+        if self.batch_token_budget is None and self.buckets:
+            batch = min(batch, max(self.buckets))
+        return msgspec.structs.replace(self, token_budget=budget, batch_token_budget=max(batch, budget),
                                        max_num_seqs=self.max_num_seqs or min(budget, MAX_NUM_SEQS))
 
     @classmethod

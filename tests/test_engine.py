@@ -5,8 +5,8 @@ import pytest
 import torch
 import transformers
 
-from splitfuse.config import (BF16_CPU_TOKEN_BUDGET, CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET, MAX_NUM_SEQS, EngineConfig,
-                              SamplingParams)
+from splitfuse.config import (AMX_BATCH_TOKEN_BUDGET, BF16_CPU_TOKEN_BUDGET, CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET,
+                              MAX_NUM_SEQS, EngineConfig, SamplingParams)
 from splitfuse.protocol import Output
 from splitfuse.worker.engine import Engine
 
@@ -153,6 +153,15 @@ def test_defaults_follow_the_device_and_the_budget(llama):
     """max_num_seqs follows token_budget unless given, so a small budget alone is a valid setting."""
     assert EngineConfig().for_device(gpu=False).token_budget == CPU_TOKEN_BUDGET
     assert EngineConfig().for_device(gpu=False, bf16_gemm=True).token_budget == BF16_CPU_TOKEN_BUDGET
+    amx = EngineConfig().for_device(gpu=False, bf16_gemm=True, amx=True)
+    assert (amx.token_budget, amx.batch_token_budget) == (BF16_CPU_TOKEN_BUDGET, AMX_BATCH_TOKEN_BUDGET)
+    assert EngineConfig().for_device(gpu=False, bf16_gemm=True).batch_token_budget == BF16_CPU_TOKEN_BUDGET
+    # A budget given is kept for every step unless a batch budget is given too.
+    assert EngineConfig(token_budget=64).for_device(gpu=False, amx=True).batch_token_budget == 64
+    assert EngineConfig(token_budget=64, batch_token_budget=256).for_device(gpu=False).batch_token_budget == 256
+    assert EngineConfig(buckets=[1, 1024]).for_device(gpu=False, amx=True).batch_token_budget == 1024
+    with pytest.raises(ValueError, match="batch_token_budget"):
+        EngineConfig(token_budget=64, batch_token_budget=32)
     assert EngineConfig(token_budget=64).for_device(gpu=False, bf16_gemm=True).token_budget == 64
     assert EngineConfig().for_device(gpu=True).token_budget == GPU_TOKEN_BUDGET
     assert EngineConfig(token_budget=32).for_device(gpu=False).max_num_seqs == 32

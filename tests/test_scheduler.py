@@ -12,9 +12,9 @@ from splitfuse.worker.scheduler import Scheduler
 BLOCK = 16
 
 
-def make(i: int, prompt_len: int, max_new: int = 4) -> Request:
+def make(i: int, prompt_len: int, max_new: int = 4, streamed: bool = True) -> Request:
     return Request(f"r{i}", [(i * 7 + j) % 100 for j in range(prompt_len)], prompt_len,
-                   SamplingParams(max_new_tokens=max_new))
+                   SamplingParams(max_new_tokens=max_new), streamed=streamed)
 
 
 def arrival(r: Request) -> int:
@@ -62,7 +62,8 @@ def simulate(sched: Scheduler, arrivals: dict[int, list[Request]], max_steps: in
 def check_step(sched: Scheduler, step: Step, wanted: dict[int, int], had_work: bool) -> None:
     chunks, blocks = step.chunks, sched.blocks
     assert chunks or not had_work, "work was waiting but nothing was scheduled"
-    assert sum(n for _, n in chunks) <= sched.token_budget
+    streams = any(r.streamed for r in [*sched.running, *sched.waiting])
+    assert sum(n for _, n in chunks) <= (sched.token_budget if streams else sched.batch_token_budget)
     assert len(chunks) <= sched.max_num_seqs
     assert len({id(r) for r, _ in chunks}) == len(chunks), "a request appears twice in one step"
     assert all(1 <= n <= wanted[id(r)] and r in sched.running for r, n in chunks)
@@ -88,8 +89,8 @@ def check_step(sched: Scheduler, step: Step, wanted: dict[int, int], had_work: b
         assert whole_prompts or decodes, "a prefill-first step mixes prompts and decodes"
 
 
-def scheduler(policy="splitfuse", budget=64, max_seqs=8, num_blocks=256) -> Scheduler:
-    return Scheduler(policy, budget, max_seqs, BlockManager(num_blocks, BLOCK))
+def scheduler(policy="splitfuse", budget=64, max_seqs=8, num_blocks=256, batch_budget=None) -> Scheduler:
+    return Scheduler(policy, budget, max_seqs, BlockManager(num_blocks, BLOCK), batch_budget)
 
 
 def random_load(seed: int, n: int, max_prompt: int, max_new: int = 10) -> dict[int, list[Request]]:
@@ -97,7 +98,8 @@ def random_load(seed: int, n: int, max_prompt: int, max_new: int = 10) -> dict[i
     rng = random.Random(seed)
     load: dict[int, list[Request]] = {}
     for i, step in enumerate(sorted(rng.randrange(20) for _ in range(n))):
-        load.setdefault(step, []).append(make(i, rng.randint(1, max_prompt), rng.randint(1, max_new)))
+        load.setdefault(step, []).append(make(i, rng.randint(1, max_prompt), rng.randint(1, max_new),
+                                              streamed=rng.random() < 0.5))
     return load
 
 
@@ -111,7 +113,7 @@ def table(steps: list[Step]) -> list[list[tuple[str, int]]]:
 def test_random_load_keeps_every_contract(policy, budget, max_seqs, seed):
     load = random_load(seed, n=30, max_prompt=100 if policy == "splitfuse" else budget)
     requests = [r for rs in load.values() for r in rs]
-    sched = scheduler(policy, budget, max_seqs)
+    sched = scheduler(policy, budget, max_seqs, batch_budget=2 * budget)  # half the requests stream
     steps = simulate(sched, load)
     assert all(r.num_generated == r.params.max_new_tokens for r in requests)
     assert sched.blocks.num_used == 0 and sched.num_preemptions == 0
@@ -126,6 +128,18 @@ def test_long_prompt_is_split_and_chunks_fill_the_budget():
     assert table(steps)[:4] == [[("r0", 10), ("r1", 22)], [("r0", 1), ("r1", 31)], [("r0", 1), ("r1", 31)],
                                 [("r0", 1), ("r1", 16)]]
     assert table(steps)[4] == [("r0", 1), ("r1", 1)]
+
+
+def test_steps_keep_to_the_token_budget_while_a_request_streams_and_take_the_batch_budget_when_none_does():
+    batch = [make(i, 40, max_new=10, streamed=False) for i in range(8)]
+    streamed, late = make(8, 8, max_new=3), make(9, 100, max_new=2, streamed=False)
+    steps = simulate(scheduler(budget=32, batch_budget=128, max_seqs=16), {0: batch, 1: [streamed], 12: [late]})
+    tokens = [sum(n for _, n in s.chunks) for s in steps]
+    last = max(i for i, s in enumerate(steps) if any(r is streamed for r, _ in s.chunks))
+    assert tokens[0] == 128  # three prompts whole and 8 tokens of the fourth: over the token budget
+    assert last > 2 and all(t <= 32 for t in tokens[1:last + 1])  # while the streamed request runs
+    assert steps[12].chunks[-1] == (late, 100)  # after it, a whole 100-token prompt again
+    assert all(r.num_generated == r.params.max_new_tokens for r in [*batch, streamed, late])
 
 
 def test_short_prompts_are_fused_into_one_step():

@@ -29,3 +29,27 @@ def test_a_request_sent_without_streaming_gets_its_first_token_at_once_and_the_r
     assert joined.token_ids == [t for o in streamed for t in o.token_ids]
     assert joined.logprobs == [p for o in streamed for p in o.logprobs]
     assert joined.top_logprobs == [p for o in streamed for p in o.top_logprobs]
+
+
+def test_a_request_sent_without_streaming_takes_the_batch_budget_while_none_streams(make_checkpoint, worker_link):
+    """Its steps carry up to batch_token_budget tokens: its 20-token prompt goes in one step, not three."""
+    engine = Engine(EngineConfig(model=str(make_checkpoint("llama")), dtype="float32", device="cpu", eager=True,
+                                 num_blocks=64, token_budget=8, batch_token_budget=32), progress=False)
+    steps: list[int] = []  # tokens of each step
+    schedule = engine.scheduler.schedule
+
+    def counted():
+        chunks = schedule()
+        steps.append(sum(c.num_tokens for c in chunks))
+        return chunks
+    engine.scheduler.schedule = counted
+    frontend, identity = worker_link(engine)
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    frontend.send_multipart([identity, protocol.encode(protocol.Generate("whole", prompt_ids=list(range(1, 21)),
+                                                                         params=params, stream=False))])
+    finished = False
+    while not finished:
+        assert frontend.poll(30_000), "the worker went silent"
+        msg = protocol.decode(frontend.recv_multipart()[1], protocol.WORKER_REPLIES)
+        finished = isinstance(msg, protocol.Step) and any(o.finish_reason for o in msg.outputs)
+    assert [n for n in steps if n][:2] == [20, 1]

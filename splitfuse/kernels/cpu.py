@@ -92,6 +92,11 @@ def has_bf16_gemm() -> bool:
     return (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()) and library() is not None
 
 
+def has_amx() -> bool:
+    """Whether that kernel runs on AMX tiles (the engine's default budget while no request streams follows)."""
+    return torch.cpu._is_amx_tile_supported() and has_bf16_gemm()
+
+
 def _first_error(e: Exception) -> str:
     """The compiler's first error line, or what failed in a few words."""
     if isinstance(e, subprocess.CalledProcessError):

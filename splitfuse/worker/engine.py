@@ -41,15 +41,16 @@ class Engine:
             device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
             torch.cuda.set_device(device)
         dtype = resolve_dtype(config.dtype, device)
-        self.config = config = config.for_device(device.type == "cuda", bf16_gemm=device.type == "cpu"
-                                                 and dtype == torch.bfloat16 and cpu.has_bf16_gemm())
+        bf16_cpu = device.type == "cpu" and dtype == torch.bfloat16
+        self.config = config = config.for_device(device.type == "cuda", bf16_gemm=bf16_cpu and cpu.has_bf16_gemm(),
+                                                 amx=bf16_cpu and cpu.has_amx())
         ops.batch_invariant = config.deterministic  # read as the model is traced: before it is built
         self.model_dir = resolve_model_dir(config.model, config.cache_dir)
         hf_config = load_config(self.model_dir)
         model = load_model(self.model_dir, dtype, device, shard)
         self.max_model_len = min(config.max_model_len or model.max_model_len, model.max_model_len)
         self.eos_token_ids = _eos_token_ids(hf_config)
-        buckets = config.buckets or default_buckets(config.token_budget, device.type == "cuda")
+        buckets = config.buckets or default_buckets(config.batch_token_budget, device.type == "cuda")
         # A tensor-parallel rank's graphs hold collectives of its group: they compile in place, never elsewhere.
         spec = CompileSpec(str(self.model_dir), str(dtype).removeprefix("torch."), device.type, config.block_size,
                            config.max_num_seqs, self.max_model_len, tuple(buckets),
@@ -62,7 +63,8 @@ class Engine:
         num_blocks = config.num_blocks or _blocks_for_memory(model, config, dtype, device, profile, replicas_on_device)
         num_blocks = shard.agree_min(num_blocks, device)  # the ranks' shards, and so their blocks, differ in size
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, config.token_budget, config.max_num_seqs, self.blocks)
+        self.scheduler = Scheduler(config.scheduler, config.token_budget, config.max_num_seqs, self.blocks,
+                                   config.batch_token_budget)
         self.runner = runner(num_blocks=num_blocks, compile=not config.eager, cuda_graphs=not config.eager, spec=spec)
         self._idle = threading.Event()  # set when the engine first goes idle: a background compile starts then
         # Not in the background beside tensor-parallel steps: the two threads' collectives would interleave
@@ -78,11 +80,13 @@ class Engine:
         self._generators: dict[str, torch.Generator] = {}
         self._pending: list[Output] = []  # aborts, reported by the next step
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    streamed: bool = True) -> Request:
+        """`streamed`: someone reads its tokens as they come, so its steps keep to token_budget."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
         self._check_prompt(prompt_token_ids, params)
-        request = Request(request_id, list(prompt_token_ids), len(prompt_token_ids), params)
+        request = Request(request_id, list(prompt_token_ids), len(prompt_token_ids), params, streamed=streamed)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs.append(None)  # the first token has nothing before it
         if params.structured is not None:
@@ -259,7 +263,7 @@ def _blocks_for_memory(model, config: EngineConfig, dtype: torch.dtype, device: 
     free = torch.cuda.mem_get_info(device)[0]
     kv_bytes = min(share - peak, free) - graphs - CUDA_OVERHEAD_BYTES
     if kv_bytes < per_block:
-        gib, step = 1 << 30, max(config.buckets or [config.token_budget])
+        gib, step = 1 << 30, max(config.buckets or [config.batch_token_budget])
         raise ValueError(f"no GPU memory left for the KV cache: this replica's share is {share / gib:.1f} GiB "
                          f"(gpu_memory_utilization {config.gpu_memory_utilization} of {device}, "
                          f"{replicas_on_device} replica(s) on it), the weights take {weights / gib:.1f} GiB, a "

@@ -121,7 +121,7 @@ class Worker:
         self._heard = time.monotonic()
         if isinstance(msg, protocol.Generate):
             try:
-                self.engine.add_request(msg.id, msg.prompt_ids, msg.params)
+                self.engine.add_request(msg.id, msg.prompt_ids, msg.params, streamed=msg.stream)
             except Exception as e:  # this request only; the worker keeps serving
                 self._send(protocol.Error(msg.id, str(e) or type(e).__name__))
                 return

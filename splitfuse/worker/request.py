@@ -10,6 +10,7 @@ class Request:
     token_ids: list[int]                    # prompt + generated
     prompt_len: int
     params: SamplingParams
+    streamed: bool = True                   # its tokens are read as they come (else only its whole answer)
     num_computed_tokens: int = 0            # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0              # prompt tokens served from the prefix cache at its last admission

@@ -2,7 +2,8 @@
 
 Policy "splitfuse" (Dynamic SplitFuse): every generating request gets one token; the rest of
 the token budget is filled with prompt chunks, first come first served, a long prompt continuing
-over later steps and short ones fused. Policy "prefill-first" is the baseline FastGen compared
+over later steps and short ones fused. The budget is token_budget while any request streams its
+tokens (their latency is a step's time), else batch_token_budget: then only throughput counts. Policy "prefill-first" is the baseline FastGen compared
 against: whole prompts only, and a step is either all prompts (which go first) or all decodes.
 When KV blocks run out, the most recently admitted request is preempted by recompute.
 
@@ -24,9 +25,12 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, policy: str, token_budget: int, max_num_seqs: int, blocks: BlockManager):
+    def __init__(self, policy: str, token_budget: int, max_num_seqs: int, blocks: BlockManager,
+                 batch_token_budget: int | None = None):
         self.policy = policy
         self.token_budget = token_budget
+        self.batch_token_budget = batch_token_budget or token_budget
+        self.num_streamed = 0  # of the requests waiting or running
         self.max_num_seqs = max_num_seqs
         self.blocks = blocks
         self.waiting: deque[Request] = deque()  # not holding blocks; preempted ones go to the front
@@ -35,14 +39,20 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
+        self.num_streamed += request.streamed
 
     def remove(self, request: Request) -> None:
         """Take a finished or aborted request out and free its blocks."""
-        if request in self.running:
-            self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
+        for queue in (self.running, self.waiting):
+            if request in queue:
+                queue.remove(request)
+                self.num_streamed -= request.streamed
+                break
         self.blocks.free(request)
+
+    def budget(self) -> int:
+        """Tokens the next step may carry."""
+        return self.token_budget if self.num_streamed else self.batch_token_budget
 
     def queued_tokens(self) -> int:
         return sum(r.num_new_tokens for r in self.waiting) + sum(r.num_new_tokens for r in self.running)
@@ -54,7 +64,7 @@ class Scheduler:
             return self._schedule_prefill_first()
         preemptions = self.num_preemptions
         chunks = self._schedule_decodes()
-        budget = self.token_budget - len(chunks)
+        budget = self.budget() - len(chunks)
         for request in [r for r in self.running if r.num_new_tokens > 1]:  # prompts already admitted
             budget -= self._add_prompt_chunk(request, budget, chunks)
         # After a preemption, admit nobody this step: the victim would only take its freed blocks straight back.
@@ -101,7 +111,7 @@ class Scheduler:
 
     def _schedule_prefill_first(self) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []
-        budget = self.token_budget
+        budget = self.budget()
         while self.waiting and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             self.blocks.take_cached_prefix(request)
