@@ -3,8 +3,9 @@
 Policy "splitfuse" (Dynamic SplitFuse): every generating request gets one token; the rest of
 the token budget is filled with prompt chunks, first come first served, a long prompt continuing
 over later steps and short ones fused. The budget is token_budget while any request streams its
-tokens (their latency is a step's time), else batch_token_budget: then only throughput counts. Policy "prefill-first" is the baseline FastGen compared
-against: whole prompts only, and a step is either all prompts (which go first) or all decodes.
+tokens (each of them waits a step), else batch_token_budget, when only throughput counts.
+Policy "prefill-first" is the baseline FastGen compared against: whole prompts only, and a step is
+either all prompts (which go first) or all decodes.
 When KV blocks run out, the most recently admitted request is preempted by recompute.
 
 With prefix caching, a request being admitted first takes the cached blocks of its prefix
