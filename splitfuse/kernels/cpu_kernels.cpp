@@ -615,12 +615,12 @@ void attend_heads(const Item& it, const Shape& sh, const bf16* q, const bf16* k_
                 __m512 sum = _mm512_setzero_ps();
                 for (int j = 0; j < width; j += 32) {
                     __m256bh e[2];
-                    for (int h = 0; h < 2; ++h) {
-                        const int at = j + 16 * h;
-                        e[h] = (__m256bh)_mm256_setzero_si256();
+                    for (int half = 0; half < 2; ++half) {
+                        const int at = j + 16 * half;
+                        e[half] = (__m256bh)_mm256_setzero_si256();
                         if (at + 16 > begin && at < end) {
                             const v16f x = (v16f)exp2_for_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(row + at), slope, offset));
-                            e[h] = _mm512_cvtneps_pbh((__m512)(at < begin || at + 16 > end ? (seen(at) ? x : v16f{}) : x));
+                            e[half] = _mm512_cvtneps_pbh((__m512)(at < begin || at + 16 > end ? (seen(at) ? x : v16f{}) : x));
                         }
                     }
                     const __m512bh both = (__m512bh)_mm512_inserti64x4(_mm512_castsi256_si512((__m256i)e[0]), (__m256i)e[1], 1);
