@@ -179,6 +179,39 @@ def test_gated_brgemm_linear_matches_silu_of_gate_times_up_in_fp64(rows, feature
         torch.testing.assert_close(brgemm_linear(x, packed, bias, n, True, True), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("kernel", ["packed_linear", "brgemm_linear"])
+@pytest.mark.parametrize("used", [0, 5, 37, 40])
+def test_a_linear_multiplies_only_the_rows_in_use(kernel, used, gated):
+    """A step padded to its shape passes its token count: the rows before it get the bits of the whole
+    product, the padding rows after it zeros (not their products, which are far from zero here)."""
+    n, k, rows = 96, 64, 40
+    x, gate, bias = bf16_case(rows, n, k, used)
+    up = bf16_case(rows, n, k, used + 1)[1]
+    if kernel == "packed_linear":
+        x, bias = x.float(), bias.float()
+        packs = [reference.pack_linear_weight(w) for w in (gate, up)]
+        packed = reference.interleave_panels(*packs) if gated else packs[0]
+        args = (gated,)
+    else:
+        packs = [reference.pack_brgemm_weight(w) for w in (gate, up)]
+        packed = torch.cat(packs) if gated else packs[0]
+        args = (gated, False)
+    bias = bias if gated else bias[:n]
+    namespaces = [torch.ops.splitfuse] + ([torch.ops.splitfuse_cpu]
+                                          if kernel == "packed_linear" or cpu.has_bf16_gemm() else [])
+    for ns in namespaces:
+        op = getattr(ns, kernel)
+        whole = op(x, packed, bias, n, *args)
+        assert whole.abs().amax(1).min() > 0.1  # every row far from zero
+        for count in (torch.tensor([used], dtype=torch.int32), torch.tensor([used])):
+            got = op(x, packed, bias, n, *args, count)
+            assert torch.equal(got[:used], whole[:used])
+            assert not got[used:].any()
+    with pytest.raises(RuntimeError, match="41 rows in use of 40"):
+        getattr(torch.ops.splitfuse_cpu, kernel)(x, packed, bias, n, *args, torch.tensor([41]))
+
+
 @needs_bf16_gemm
 @pytest.mark.parametrize("sizes", [(128, 64, 20), (20, 12)])
 def test_bf16_projections_side_by_side_match_each_member(sizes):

@@ -14,3 +14,7 @@ class Batch:
     seq_lens: torch.Tensor         # [S], context length including the new tokens; 0 for padding
     block_tables: torch.Tensor     # [S, max_blocks]
     logits_indices: torch.Tensor   # [N], rows of the tokens whose next-token logits are wanted, then -1 (padding)
+
+    def used(self) -> torch.Tensor:
+        """[1]: how many rows hold tokens; the rows after them pad the step to its shape."""
+        return self.query_start_loc[-1:]

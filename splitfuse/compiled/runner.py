@@ -6,7 +6,7 @@ bucket's forward is compiled once with static shapes and, on CUDA, captured as a
 replayed. A step's inputs are int32 in one flat buffer: on CUDA one pinned host array and one copy
 into its device twin (of which the static batches are views); on CPU the static batches are the host
 array itself, so nothing is copied. Padded tokens have slot -1 and padded sequences query length 0, so they cost nothing
-but their share of the matmuls.
+in attention; on CPU the linears multiply only the rows in use (Batch.used), so padding costs little there too.
 
 The compiled forward is one graph whose sizes are dynamic, for every bucket; on CUDA each bucket is
 still captured as a graph of its own fixed shape. Compiled code is
@@ -51,10 +51,10 @@ class SequenceChunk:
 
 def default_buckets(token_budget: int, gpu: bool) -> list[int]:
     """One token, then the budget and smaller shapes. A lone decode gets a shape of its own: it is bound
-    by reading the weights, which a few padding rows would multiply. On GPU a step of a few hundred
-    tokens costs about what one of a few does, so quarters down to 16 keep the shapes (each compiled and
-    captured) few. On CPU a step costs about in proportion to its rows, padding as much as real tokens:
-    halves down to 8, so that no step pays for more than twice its tokens."""
+    by reading the weights. On GPU a step of a few hundred tokens costs about what one of a few does, so
+    quarters down to 16 keep the shapes (each compiled and captured) few. On CPU the linears multiply only
+    a step's tokens (Batch.used), but the norms and the rest run over its padding too: halves down to 8, so
+    that no step pays there for more than twice its tokens."""
     smallest, step = (16, 4) if gpu else (8, 2)
     buckets, b = [token_budget], token_budget // step
     while b >= smallest:

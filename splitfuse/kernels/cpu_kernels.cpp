@@ -1063,8 +1063,21 @@ at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& kv_cache, i
     return out;
 }
 
+// The rows of x that hold tokens: those before `used` ([1], int32 or int64) where it is given, else all. The
+// rows after them pad a step to its compiled shape; their outputs are zeros, and nothing is multiplied for them.
+int64_t rows_used(const at::Tensor& x, const std::optional<at::Tensor>& used, at::Tensor& out) {
+    if (!used) return x.size(0);
+    TORCH_CHECK(used->numel() == 1 && used->device().is_cpu()
+                && (used->scalar_type() == at::kInt || used->scalar_type() == at::kLong),
+                "used: the count of rows in use must be one int32 or int64 on the CPU");
+    const int64_t n = used->scalar_type() == at::kInt ? *data<int32_t>(*used) : *data<int64_t>(*used);
+    TORCH_CHECK(n >= 0 && n <= x.size(0), "used: ", n, " rows in use of ", x.size(0));
+    out.narrow(0, n, x.size(0) - n).zero_();
+    return n;
+}
+
 at::Tensor packed_linear_op(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
-                            int64_t out_features, bool gated) {
+                            int64_t out_features, bool gated, const std::optional<at::Tensor>& used) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "packed_linear: x must be fp32 [M, K]");
     check_type(packed, "packed");
     TORCH_CHECK(packed.is_contiguous() && out_features > 0
@@ -1076,15 +1089,16 @@ at::Tensor packed_linear_op(const at::Tensor& x, const at::Tensor& packed, const
     const at::Tensor xc = x.contiguous();
     const at::Tensor b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
     at::Tensor out = at::empty({x.size(0), out_features}, xc.options());
+    const int64_t M = rows_used(x, used, out);
     with_type(packed, [&](auto t) {
         packed_linear(data<float>(xc), data<decltype(t)>(packed), b.defined() ? data<float>(b) : nullptr,
-                      data<float>(out), x.size(0), out_features, x.size(1), gated);
+                      data<float>(out), M, out_features, x.size(1), gated);
     });
     return out;
 }
 
 at::Tensor brgemm_linear_op(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
-                            int64_t out_features, bool gated, bool fp32_out) {
+                            int64_t out_features, bool gated, bool fp32_out, const std::optional<at::Tensor>& used) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu() && x.size(1) % 2 == 0,
                 "brgemm_linear: x must be a bf16 CPU tensor [M, K] with K even");
     const int64_t K = x.size(1);
@@ -1099,12 +1113,13 @@ at::Tensor brgemm_linear_op(const at::Tensor& x, const at::Tensor& packed, const
     const at::Tensor b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
     at::Tensor out = at::empty({x.size(0), out_features}, xc.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
     const float* bp = b.defined() ? data<float>(b) : nullptr;
+    const int64_t M = rows_used(x, used, out);
     if (fp32_out)
-        brgemm_linear(data<at::BFloat16>(xc), data<at::BFloat16>(packed), bp, data<float>(out), x.size(0),
-                      out_features, K, gated);
+        brgemm_linear(data<at::BFloat16>(xc), data<at::BFloat16>(packed), bp, data<float>(out), M, out_features, K,
+                      gated);
     else
-        brgemm_linear(data<at::BFloat16>(xc), data<at::BFloat16>(packed), bp, data<bf16>(out), x.size(0),
-                      out_features, K, gated);
+        brgemm_linear(data<at::BFloat16>(xc), data<at::BFloat16>(packed), bp, data<bf16>(out), M, out_features, K,
+                      gated);
     return out;
 }
 

@@ -39,18 +39,22 @@ def _paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_
 
 
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                   gated: bool = False) -> torch.Tensor:
+                   gated: bool = False, used: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 x [M, K] times a weight packed by reference.pack_linear_weight (CPU only): fp32 [M, out_features].
-    Gated: the silu-gated product over two packs interleaved (reference.packed_gated_linear)."""
+    Gated: the silu-gated product over two packs interleaved (reference.packed_gated_linear). With `used`
+    ([1]), the rows from that one on are padding, and their outputs zeros."""
     if gated:
-        return reference.packed_gated_linear(x, packed, bias, out_features)
-    return reference.packed_linear(x, packed, bias, out_features)
+        out = reference.packed_gated_linear(x, packed, bias, out_features)
+    else:
+        out = reference.packed_linear(x, packed, bias, out_features)
+    return reference.zero_padding(out, used)
 
 
 def _brgemm_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                   gated: bool = False, fp32_out: bool = False) -> torch.Tensor:
-    """bf16 x [M, K] times a weight packed by reference.pack_brgemm_weight (CPU only), fp32 accumulation."""
-    return reference.brgemm_linear(x, packed, bias, out_features, gated, fp32_out)
+                   gated: bool = False, fp32_out: bool = False, used: torch.Tensor | None = None) -> torch.Tensor:
+    """bf16 x [M, K] times a weight packed by reference.pack_brgemm_weight (CPU only), fp32 accumulation;
+    `used` as for _packed_linear."""
+    return reference.zero_padding(reference.brgemm_linear(x, packed, bias, out_features, gated, fp32_out), used)
 
 
 def _invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -84,15 +88,15 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_t
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                  gated: bool = False) -> torch.Tensor:
+                  gated: bool = False, used: torch.Tensor | None = None) -> torch.Tensor:
     ops = torch.ops.splitfuse_cpu if cpu.library() is not None else torch.ops.splitfuse
-    return ops.packed_linear(x, packed, bias, out_features, gated)
+    return ops.packed_linear(x, packed, bias, out_features, gated, used)
 
 
 def brgemm_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                  gated: bool = False, fp32_out: bool = False) -> torch.Tensor:
+                  gated: bool = False, fp32_out: bool = False, used: torch.Tensor | None = None) -> torch.Tensor:
     ops = torch.ops.splitfuse_cpu if cpu.library() is not None else torch.ops.splitfuse
-    return ops.brgemm_linear(x, packed, bias, out_features, gated, fp32_out)
+    return ops.brgemm_linear(x, packed, bias, out_features, gated, fp32_out, used)
 
 
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

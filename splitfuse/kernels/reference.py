@@ -116,6 +116,13 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return F.linear(x, weight, None if bias is None else bias.float())
 
 
+def zero_padding(out: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor:
+    """out with its rows from `used` ([1], the count of rows in use) on zeroed: a linear's padding rows."""
+    if used is not None:
+        out[int(used[0]):] = 0
+    return out
+
+
 def interleave_panels(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Two packed weights of one shape, panel by panel (gate, up, gate, ...): the gated kernel's operand."""
     return torch.stack([gate, up], dim=1).flatten(0, 1)

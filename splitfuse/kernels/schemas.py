@@ -11,9 +11,10 @@ SCHEMAS = {
     "store_kv": "(Tensor key, Tensor value, Tensor(a!) kv_cache, int layer, Tensor slot_mapping) -> ()",
     "paged_attention": "(Tensor q, Tensor kv_cache, int layer, Tensor block_tables, Tensor seq_lens, "
                        "Tensor query_start_loc, float scale, int sliding_window) -> Tensor",
-    "packed_linear": "(Tensor x, Tensor packed, Tensor? bias, int out_features, bool gated=False) -> Tensor",
+    "packed_linear": "(Tensor x, Tensor packed, Tensor? bias, int out_features, bool gated=False, "
+                     "Tensor? used=None) -> Tensor",
     "brgemm_linear": "(Tensor x, Tensor packed, Tensor? bias, int out_features, bool gated=False, "
-                     "bool fp32_out=False) -> Tensor",
+                     "bool fp32_out=False, Tensor? used=None) -> Tensor",
     "invariant_linear": "(Tensor x, Tensor weight, Tensor? bias, bool fp32_out=False) -> Tensor",
 }
 # Declared with torch.library's schema API rather than the custom_op decorator: its wrappers cost more
@@ -32,11 +33,11 @@ def _fake_paged_attention(q, kv_cache, layer, block_tables, seq_lens, query_star
     return torch.empty_like(q)
 
 
-def _fake_packed_linear(x, packed, bias, out_features, gated=False):
+def _fake_packed_linear(x, packed, bias, out_features, gated=False, used=None):
     return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
 
 
-def _fake_brgemm_linear(x, packed, bias, out_features, gated=False, fp32_out=False):
+def _fake_brgemm_linear(x, packed, bias, out_features, gated=False, fp32_out=False, used=None):
     return x.new_empty(x.shape[0], out_features, dtype=torch.float32 if fp32_out else x.dtype)
 
 

@@ -47,25 +47,26 @@ class Linear(nn.Linear):
         else:
             self.packed = pack_linear_weight(self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(x, self.bias)
+    def forward(self, x: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
+        return self.project(x, self.bias, used)
 
-    def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x @ weight.T + bias; a row-parallel shard adds its bias only after summing the ranks' products."""
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None, used: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight.T + bias; a row-parallel shard adds its bias only after summing the ranks' products.
+        With `used` (Batch.used), the CPU kernels multiply only the rows in use: padding costs no products."""
         if self.packed is not None:
-            return packed_product(x, self.packed, bias, self.out_features)
+            return packed_product(x, self.packed, bias, self.out_features, used=used)
         if ops.batch_invariant:
             return ops.invariant_linear(x, self.weight, bias)
         return F.linear(x, self.weight, bias)
 
 
 def packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                   gated: bool = False, fp32_out: bool = False) -> torch.Tensor:
+                   gated: bool = False, fp32_out: bool = False, used: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel a packed weight is for, told apart by its last dimension: brgemm packs [chunks, K / 2, 64, 2], or
     panels [N / 16, K, 16] (computed in fp32). Results in x's dtype, or fp32 with fp32_out."""
     if packed.shape[-1] == VNNI:
-        return ops.brgemm_linear(x, packed, bias, out_features, gated, fp32_out)
-    out = ops.packed_linear(x.float(), packed, bias, out_features, gated)
+        return ops.brgemm_linear(x, packed, bias, out_features, gated, fp32_out, used)
+    out = ops.packed_linear(x.float(), packed, bias, out_features, gated, used)
     return out if fp32_out else out.to(x.dtype)
 
 
@@ -104,10 +105,10 @@ class Projections(nn.Module):
         """After the members have packed their weights."""
         self.packed, self.bias = _take_packs(self.members, side_by_side=True) or (None, None)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, used: torch.Tensor | None = None) -> list[torch.Tensor]:
         if self.packed is None:
-            return [m(x) for m in self.members]
-        return list(packed_product(x, self.packed, self.bias, sum(self.sizes)).split(self.sizes, dim=1))
+            return [m(x, used) for m in self.members]
+        return list(packed_product(x, self.packed, self.bias, sum(self.sizes), used=used).split(self.sizes, dim=1))
 
 
 class GatedProjection(Projections):
@@ -120,11 +121,11 @@ class GatedProjection(Projections):
     def pack_for_cpu(self) -> None:
         self.packed, self.bias = _take_packs(self.members, side_by_side=False) or (None, None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed is None:
             gate, up = self.members
-            return F.silu(gate(x)) * up(x)
-        return packed_product(x, self.packed, self.bias, self.sizes[0], gated=True)
+            return F.silu(gate(x, used)) * up(x, used)
+        return packed_product(x, self.packed, self.bias, self.sizes[0], gated=True, used=used)
 
 
 class LMHead(Linear):

@@ -34,12 +34,13 @@ class Attention(nn.Module):
 
     def forward(self, x, batch: Batch, rotary: Rotary, kv_cache, rows=None):
         t = x.shape[0]
-        q, k, v = self.qkv(x)
+        q, k, v = self.qkv(x, batch.used())
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rotary(batch.positions, q, k)
-        return self.o_proj(blocked_attention(q, k, v, kv_cache, batch, self.scale, self.sliding_window, rows))
+        out = blocked_attention(q, k, v, kv_cache, batch, self.scale, self.sliding_window, rows)
+        return self.o_proj(out, batch.used() if rows is None else None)
 
 
 class MLP(nn.Module):
@@ -54,8 +55,8 @@ class MLP(nn.Module):
         self.down_proj = RowLinear(i, h, bias, start, shard)
         self.gate_up = GatedProjection(self.gate_proj, self.up_proj)
 
-    def forward(self, x):
-        return self.down_proj(self.gate_up(x))
+    def forward(self, x, used=None):
+        return self.down_proj(self.gate_up(x, used), used)
 
 
 class DecoderLayer(nn.Module):
@@ -70,7 +71,7 @@ class DecoderLayer(nn.Module):
         """With `rows`, the output at those rows only (the keys and values of every row are stored)."""
         h = self.self_attn(self.input_layernorm(x), batch, rotary, kv_cache, rows)
         x = (x if rows is None else x[rows]) + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), batch.used() if rows is None else None)
 
 
 class LlamaModel(nn.Module):

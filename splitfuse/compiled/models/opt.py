@@ -28,11 +28,11 @@ class OPTAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x, batch: Batch, kv_cache):
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_heads, self.head_dim)
-        return self.out_proj(blocked_attention(q, k, v, kv_cache, batch, self.scale, 0))
+        t, used = x.shape[0], batch.used()
+        q = self.q_proj(x, used).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x, used).view(t, self.num_heads, self.head_dim)
+        v = self.v_proj(x, used).view(t, self.num_heads, self.head_dim)
+        return self.out_proj(blocked_attention(q, k, v, kv_cache, batch, self.scale, 0), used)
 
 
 class OPTDecoderLayer(nn.Module):
@@ -56,7 +56,7 @@ class OPTDecoderLayer(nn.Module):
         if not self.pre_norm:
             x = self.self_attn_layer_norm(x)
         h = self.final_layer_norm(x) if self.pre_norm else x
-        x = x + self.fc2(F.relu(self.fc1(h)))
+        x = x + self.fc2(F.relu(self.fc1(h, batch.used())), batch.used())
         return x if self.pre_norm else self.final_layer_norm(x)
 
 
@@ -101,7 +101,7 @@ class OPTForCausalLM(nn.Module):
         d = self.model.decoder
         x = d.embed_tokens(batch.input_ids)
         if d.project_in is not None:
-            x = d.project_in(x)
+            x = d.project_in(x, batch.used())
         x = x + d.embed_positions(batch.positions + _POSITION_OFFSET)
         for i, layer in enumerate(d.layers):
             x = layer(x, batch, (kv_cache, i))

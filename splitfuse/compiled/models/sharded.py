@@ -54,10 +54,10 @@ class RowLinear(Linear):
         self.shards = {"weight": (1, start)}
         self.shard = shard
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
         if self.shard.group is None:
-            return super().forward(x)
-        y = self.shard.all_reduce(self.project(x, None))
+            return super().forward(x, used)
+        y = self.shard.all_reduce(self.project(x, None, used))
         return y if self.bias is None else y + self.bias
 
 
