@@ -1,10 +1,14 @@
 """Fixed-shape execution: bucket bookkeeping on CPU, compiled == eager, one graph for every bucket."""
+import ctypes
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 import torch._dynamo.utils
 
+from splitfuse.compiled import runner as runner_module
 from splitfuse.compiled.loader import load_model
 from splitfuse.compiled.runner import ModelRunner, SequenceChunk, default_buckets
 from splitfuse.config import EngineConfig, SamplingParams
@@ -18,10 +22,51 @@ def test_default_buckets():
     assert default_buckets(1000, gpu=True) == [1, 62, 250, 1000]
 
 
+# Rounds of a step's allocations: four 8 MB buffers written and freed; the page faults of each round.
+ROUNDS = """
+import ctypes, resource, sys
+from splitfuse.compiled import runner
+if sys.argv[1] == "keep":
+    runner.keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+faults = []
+for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    buffers = [libc.malloc(8 << 20) for _ in range(4)]
+    for b in buffers:
+        ctypes.memset(b, 1, 8 << 20)
+    for b in buffers:
+        libc.free(b)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallopt"), reason="the C library has no mallopt (not glibc)")
+def test_a_cpu_runner_keeps_freed_memory_for_the_next_step():
+    """The rounds after the first reuse the pages the first faulted in (8192 of 4 KB); by default glibc hands
+    them back to the system and every round faults them in again."""
+    def rounds(how: str) -> list[int]:
+        out = subprocess.run([sys.executable, "-P", "-c", ROUNDS, how], capture_output=True, text=True, check=True)
+        return [int(n) for n in out.stdout.split()]
+
+    kept, default = rounds("keep"), rounds("default")
+    assert kept[0] > 8000 and max(kept[1:]) < 100, kept
+    assert min(default) > 8000, default
+
+
 def make_runner(path, **kw) -> ModelRunner:
     model = load_model(path, torch.float32, torch.device("cpu"))
     return ModelRunner(model, num_blocks=32, block_size=16, max_num_seqs=4, max_model_len=128, buckets=[8, 32],
                        compile=kw.pop("compile", False), **kw)
+
+
+def test_a_cpu_runner_sets_the_allocator_so(make_checkpoint, monkeypatch):
+    calls = []
+    monkeypatch.setattr(runner_module, "keep_freed_memory", lambda: calls.append(True))
+    make_runner(make_checkpoint("llama"))
+    assert calls == [True]
 
 
 def test_padding_layout_and_buffer_reuse(make_checkpoint):
