@@ -1072,7 +1072,8 @@ int64_t rows_used(const at::Tensor& x, const std::optional<at::Tensor>& used, at
                 "used: the count of rows in use must be one int32 or int64 on the CPU");
     const int64_t n = used->scalar_type() == at::kInt ? *data<int32_t>(*used) : *data<int64_t>(*used);
     TORCH_CHECK(n >= 0 && n <= x.size(0), "used: ", n, " rows in use of ", x.size(0));
-    out.narrow(0, n, x.size(0) - n).zero_();
+    const int64_t row_bytes = out.size(1) * out.element_size();  // out is new, contiguous: a plain memset, no dispatch
+    std::memset(static_cast<char*>(out.data_ptr()) + n * row_bytes, 0, (x.size(0) - n) * row_bytes);
     return n;
 }
 

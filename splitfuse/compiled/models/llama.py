@@ -33,14 +33,14 @@ class Attention(nn.Module):
         self.sliding_window = _sliding_window(config)
 
     def forward(self, x, batch: Batch, rotary: Rotary, kv_cache, rows=None):
-        t = x.shape[0]
-        q, k, v = self.qkv(x, batch.used())
+        t, used = x.shape[0], batch.used()
+        q, k, v = self.qkv(x, used)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rotary(batch.positions, q, k)
         out = blocked_attention(q, k, v, kv_cache, batch, self.scale, self.sliding_window, rows)
-        return self.o_proj(out, batch.used() if rows is None else None)
+        return self.o_proj(out, used if rows is None else None)
 
 
 class MLP(nn.Module):

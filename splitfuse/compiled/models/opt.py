@@ -56,7 +56,8 @@ class OPTDecoderLayer(nn.Module):
         if not self.pre_norm:
             x = self.self_attn_layer_norm(x)
         h = self.final_layer_norm(x) if self.pre_norm else x
-        x = x + self.fc2(F.relu(self.fc1(h, batch.used())), batch.used())
+        used = batch.used()
+        x = x + self.fc2(F.relu(self.fc1(h, used)), used)
         return x if self.pre_norm else self.final_layer_norm(x)
 
 
