@@ -581,7 +581,25 @@ void attend_heads(const Item& it, const Shape& sh, const bf16* q, const bf16* k_
         for (int j0 = 0; j0 < width; j0 += 16) {
             const int valid = std::clamp(n - j0, 0, 16);
             const int64_t first = valid > 0 ? key_row(it, sh, block_tables, s0 + j0) : 0;
+            // The next 16 keys' rows (of every head: contiguous), requested a head's share at a time while this
+            // group's heads are packed, so that the cache's blocks, scattered in memory, stream without a stall
+            // at each one; the last group's request overlaps the span's products. A decode of 48 sequences took
+            // 0.87-0.90x the time with it (Xeon with AMX). A prompt item (of one head) reads keys that were just
+            // stored, from cache.
+            const int ahead = heads == sh.hkv ? std::clamp(last + 1 - (s0 + j0 + 16), 0, 16) : 0;
+            const char* next_k = nullptr;
+            const char* next_v = nullptr;
+            if (ahead > 0) {
+                const int64_t next = key_row(it, sh, block_tables, s0 + j0 + 16);
+                next_k = reinterpret_cast<const char*>(k_cache + next);
+                next_v = reinterpret_cast<const char*>(v_cache + next);
+            }
+            const int64_t lines = (ahead * stride * int64_t(sizeof(bf16)) + 63) / 64;
             for (int h = 0; h < heads; ++h) {
+                for (int64_t line = h * lines / heads; line < (h + 1) * lines / heads; ++line) {
+                    _mm_prefetch(next_k + 64 * line, _MM_HINT_T0);
+                    _mm_prefetch(next_v + 64 * line, _MM_HINT_T0);
+                }
                 pack_keys(k_cache + first + h * dim, stride, valid, dim, state[h].kt + j0, width);
                 pack_values(v_cache + first + h * dim, stride, valid, dim, state[h].vv + j0 / 2 * dim);
             }
