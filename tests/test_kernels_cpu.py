@@ -244,3 +244,20 @@ def test_a_compiler_that_fails_leaves_one_sentence_and_the_reference(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("splitfuse:")]
     assert lines == ["splitfuse: the CPU kernels could not be built or loaded here (cpu_kernels.cpp:60:1: error: "
                      "unknown builtin); the slower torch reference serves instead."], result.stderr
+
+
+@pytest.mark.parametrize("width", [1, 7, 31, 33, 100, 49152])
+def test_argmax_rows_gives_torchs_first_maximum(width):
+    g = torch.Generator().manual_seed(width)
+    rows = torch.randn(9, width, generator=g)
+    rows[1] = 0.5                                           # all tied: the first
+    rows[2] = torch.randint(0, 3, (width,), generator=g).float()  # many ties of the maximum
+    rows[3] = float("-inf")
+    rows[4, width // 2] = float("nan")                      # a NaN is the maximum
+    rows[5, -1] = float("nan")                              # in the tail past the vectors
+    rows[5, 0] = float("nan")
+    rows[6, -1] = 1e30                                      # the maximum last
+    rows[7, :: max(1, width // 5)] = 7.0                    # equal maxima in several lanes and vectors
+    expected = rows.max(dim=-1).indices
+    assert torch.equal(torch.ops.splitfuse_cpu.argmax_rows(rows), expected)
+    assert torch.equal(torch.ops.splitfuse_cpu.argmax_rows(rows.t().contiguous().t()), expected)  # strided

@@ -68,8 +68,15 @@ def _invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return out if fp32_out else out.to(x.dtype)
 
 
+def _argmax_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximum (a NaN counting as the maximum); max's indices are 3x argmax's speed on CPU
+    (5 ms against 17 ms at 256 rows of 49152)."""
+    return rows.max(dim=-1).indices
+
+
 for _name, _fn in (("store_kv", _store_kv), ("paged_attention", _paged_attention), ("packed_linear", _packed_linear),
-                   ("brgemm_linear", _brgemm_linear), ("invariant_linear", _invariant_linear)):
+                   ("brgemm_linear", _brgemm_linear), ("invariant_linear", _invariant_linear),
+                   ("argmax_rows", _argmax_rows)):
     LIBRARIES["splitfuse"].impl(_name, _fn, "CPU")
     LIBRARIES["splitfuse"].impl(_name, _fn, "CUDA")
 
@@ -102,3 +109,10 @@ def brgemm_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      fp32_out: bool = False) -> torch.Tensor:
     return torch.ops.splitfuse.invariant_linear(x, weight, bias, fp32_out)
+
+
+def argmax_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Each row of rows [M, N] (fp32) its first maximum's index, as torch's max(dim=-1).indices gives it."""
+    cpu_kernel = rows.device.type == "cpu" and rows.dtype == torch.float32 and rows.dim() == 2 and rows.shape[1] > 0
+    ops = torch.ops.splitfuse_cpu if cpu_kernel and cpu.library() is not None else torch.ops.splitfuse
+    return ops.argmax_rows(rows)

@@ -16,6 +16,7 @@ SCHEMAS = {
     "brgemm_linear": "(Tensor x, Tensor packed, Tensor? bias, int out_features, bool gated=False, "
                      "bool fp32_out=False, Tensor? used=None) -> Tensor",
     "invariant_linear": "(Tensor x, Tensor weight, Tensor? bias, bool fp32_out=False) -> Tensor",
+    "argmax_rows": "(Tensor rows) -> Tensor",
 }
 # Declared with torch.library's schema API rather than the custom_op decorator: its wrappers cost more
 # per call than a small step's kernel (about 50 us against 15 us for the store, measured here).
@@ -45,8 +46,12 @@ def _fake_invariant_linear(x, weight, bias, fp32_out=False):
     return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32 if fp32_out else x.dtype)
 
 
+def _fake_argmax_rows(rows):
+    return rows.new_empty(rows.shape[0], dtype=torch.long)
+
+
 for _ns in LIBRARIES:
     for _name, _fake in (("store_kv", _fake_store_kv), ("paged_attention", _fake_paged_attention),
                          ("packed_linear", _fake_packed_linear), ("brgemm_linear", _fake_brgemm_linear),
-                         ("invariant_linear", _fake_invariant_linear)):
+                         ("invariant_linear", _fake_invariant_linear), ("argmax_rows", _fake_argmax_rows)):
         torch.library.register_fake(f"{_ns}::{_name}", _fake)

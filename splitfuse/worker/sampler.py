@@ -4,6 +4,7 @@ A request's random draws come from its own generator, seeded per request, so its
 depend on what else is in the batch."""
 import torch
 
+from splitfuse.kernels.ops import argmax_rows
 from splitfuse.protocol import Output
 from splitfuse.worker.request import Request
 
@@ -27,7 +28,7 @@ class Sampler:
             forbidden = forbidden.to(logits.device)
             for j, i in enumerate(constrained):
                 logits[i].masked_fill_(forbidden[j], float("-inf"))
-        chosen = _argmax(logits)
+        chosen = argmax_rows(logits)
         sampled = [i for i, g in enumerate(generators) if g is not None]
         if sampled:
             chosen[sampled] = self._sample(logits[sampled], [requests[i] for i in sampled],
@@ -71,7 +72,7 @@ class Sampler:
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; E comes from each request's generator.
         noise = torch.stack([torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g)
                              for g in generators])
-        return _argmax(probs / noise)
+        return argmax_rows(probs / noise)
 
 
 def _penalized(p) -> bool:
@@ -83,11 +84,6 @@ def _adjusts(request: Request) -> bool:
     p = request.params
     return _penalized(p) or bool(p.logit_bias) or request.num_generated < p.min_new_tokens
 
-
-def _argmax(rows: torch.Tensor) -> torch.Tensor:
-    """Each row's first maximum, as argmax gives it; max's indices are 3x faster on CPU (5 ms against 17 ms
-    at 256 rows of 49152)."""
-    return rows.max(dim=-1).indices
 
 
 def _column(values: list, like: torch.Tensor) -> torch.Tensor:
