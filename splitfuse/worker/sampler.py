@@ -85,7 +85,6 @@ def _adjusts(request: Request) -> bool:
     return _penalized(p) or bool(p.logit_bias) or request.num_generated < p.min_new_tokens
 
 
-
 def _column(values: list, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
 
