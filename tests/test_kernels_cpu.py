@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from splitfuse.compiled.models.layers import Linear, Projections
-from splitfuse.kernels import cpu, reference
+from splitfuse.kernels import cpu, ops, reference
 from splitfuse.kernels.reference import BRGEMM_CHUNK
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -249,15 +249,23 @@ def test_a_compiler_that_fails_leaves_one_sentence_and_the_reference(tmp_path):
 @pytest.mark.parametrize("width", [1, 7, 31, 33, 100, 49152])
 def test_argmax_rows_gives_torchs_first_maximum(width):
     g = torch.Generator().manual_seed(width)
-    rows = torch.randn(9, width, generator=g)
+    rows = torch.randn(12, width, generator=g)
     rows[1] = 0.5                                           # all tied: the first
     rows[2] = torch.randint(0, 3, (width,), generator=g).float()  # many ties of the maximum
     rows[3] = float("-inf")
     rows[4, width // 2] = float("nan")                      # a NaN is the maximum
     rows[5, -1] = float("nan")                              # in the tail past the vectors
-    rows[5, 0] = float("nan")
     rows[6, -1] = 1e30                                      # the maximum last
     rows[7, :: max(1, width // 5)] = 7.0                    # equal maxima in several lanes and vectors
+    rows[8, -1] = rows[8, width // 3] = float("inf")
+    rows[9] = -1.0
+    rows[9, -1], rows[9, width // 2] = 0.0, -0.0            # -0.0 and 0.0 tie
+    rows[10] = float("-inf")
+    rows[10, -1] = float("nan")
+    rows[11, 0] = rows[11, -1] = float("nan")               # the first NaN
     expected = rows.max(dim=-1).indices
     assert torch.equal(torch.ops.splitfuse_cpu.argmax_rows(rows), expected)
     assert torch.equal(torch.ops.splitfuse_cpu.argmax_rows(rows.t().contiguous().t()), expected)  # strided
+    assert torch.equal(ops.argmax_rows(rows), expected)
+    assert torch.equal(ops.argmax_rows(rows.bfloat16()), rows.bfloat16().max(dim=-1).indices)  # torch's own
+    assert torch.equal(ops.argmax_rows(rows[0]), rows[0].max(dim=-1).indices)

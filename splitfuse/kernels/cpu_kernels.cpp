@@ -584,8 +584,9 @@ void attend_heads(const Item& it, const Shape& sh, const bf16* q, const bf16* k_
             // The next 16 keys' rows (of every head: contiguous), requested a head's share at a time while this
             // group's heads are packed, so that the cache's blocks, scattered in memory, stream without a stall
             // at each one; the last group's request overlaps the span's products. 48 decodes of 410 keys took
-            // 0.85 against 0.96-1.05 ms a layer (Xeon with AMX). A prompt item (of one head) reads keys that were
-            // just stored, from cache.
+            // 0.85 against 0.96-1.05 ms a layer (Xeon with AMX). Only items of every KV head (decodes; a prompt
+            // item too where the model has one) prefetch: a prompt item of one head reads keys just stored, from
+            // cache.
             const int ahead = heads == sh.hkv ? std::clamp(last + 1 - (s0 + j0 + 16), 0, 16) : 0;
             const char* next_k = nullptr;
             const char* next_v = nullptr;

@@ -47,7 +47,7 @@ def _fake_invariant_linear(x, weight, bias, fp32_out=False):
 
 
 def _fake_argmax_rows(rows):
-    return rows.new_empty(rows.shape[0], dtype=torch.long)
+    return rows.new_empty(rows.shape[:-1], dtype=torch.long)
 
 
 for _ns in LIBRARIES:
