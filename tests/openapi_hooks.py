@@ -23,8 +23,9 @@ def map_body(ctx, body):
         if not isinstance(body.get(field), int) or isinstance(body[field], bool) or body[field] > MAX_TOKENS:
             body[field] = MAX_TOKENS
     prompts, n = body.get("prompt"), body.get("n")
-    if isinstance(prompts, list) and prompts and isinstance(prompts[0], (str, list)) and isinstance(n, int) \
-            and not isinstance(n, bool) and n * len(prompts) > MAX_CHOICES:
+    # n as the server reads it: a JSON integer, written 48 or 48.0
+    if isinstance(prompts, list) and prompts and isinstance(prompts[0], (str, list)) \
+            and isinstance(n, (int, float)) and not isinstance(n, bool) and n * len(prompts) > MAX_CHOICES:
         body["n"] = max(MAX_CHOICES // len(prompts), 1)
     for kind in VALID:
         _valid(body, f"guided_{kind}", kind)

@@ -98,6 +98,7 @@ def test_a_bad_constraint_is_a_400_naming_it_and_others_go_on(server):
         bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
         for extra, words in (({"guided_regex": "(("}, "unclosed group"), ({"response_format": bad_schema}, "nope"),
                              ({"guided_grammar": "start: undefined_rule"}, "undefined_rule"),
+                             ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.json_schema"),
                              ({"guided_regex": "a", "guided_choice": ["b"]}, "one constraint")):
             with pytest.raises(openai.BadRequestError, match=re.escape(words)):
                 await api.completions.create(model=MODEL, prompt="Hi", max_tokens=4, extra_body=extra)

@@ -88,11 +88,24 @@ class JsonSchema(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
-    """OpenAI's: free text, any JSON object, or JSON matching a schema."""
+class TextFormat(BaseModel):
     model_config = ConfigDict(strict=True)
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchema | None = None
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+# OpenAI's response_format: free text, any JSON object, or JSON matching the schema that type json_schema must give.
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
 Choices = Annotated[list[Text], Field(min_length=1, max_length=MAX_GRAMMAR_CHOICES)]
@@ -648,8 +661,6 @@ def _response_format(response_format: ResponseFormat | None) -> dict | None:
         return None
     if response_format.type == "json_object":
         return {"json_object": True}
-    if response_format.json_schema is None:
-        raise ValueError("response_format: type json_schema needs a json_schema with its schema")
     return {"json": response_format.json_schema.schema_}
 
 
