@@ -221,6 +221,19 @@ def test_stop_strings_end_the_text(server):
     wait_until(lambda: drained(server), 10, "the stopped request's blocks to be freed")
 
 
+def test_min_tokens_holds_back_stop_strings_as_in_vllm(server):
+    """No stop string ends within the first min_tokens tokens' text; one that ends after them stops it."""
+    api = client(server)
+    plain = api.completions.create(model=MODEL, prompt="Seattle is", max_tokens=12, temperature=0)
+    text = plain.choices[0].text
+    stop = text[text.index(" ", 1):text.index(" ", 1) + 2]  # a space and a letter that the text has early
+    early = api.completions.create(model=MODEL, prompt="Seattle is", max_tokens=12, temperature=0, stop=[stop])
+    held = api.completions.create(model=MODEL, prompt="Seattle is", max_tokens=12, temperature=0, stop=[stop],
+                                  extra_body={"min_tokens": 12})
+    assert early.choices[0].finish_reason == "stop" and early.usage.completion_tokens < 12
+    assert held.choices[0].text == text and held.usage.completion_tokens == 12
+
+
 def test_bad_requests_get_openai_errors(server):
     api = client(server)
     for bad in (dict(temperature=-1), dict(max_tokens=0), dict(top_p=2), dict(n=0), dict(logprobs=21)):

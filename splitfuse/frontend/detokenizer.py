@@ -10,22 +10,29 @@ class IncrementalDetokenizer:
 
     Never emits half a multi-byte character (byte-fallback and byte-level tokens can split one),
     and holds back any tail that could still become a stop string, so the concatenated deltas
-    always equal the final, stop-trimmed text."""
+    always equal the final, stop-trimmed text. As in vLLM, no stop string ends within the text of the first
+    `min_tokens` tokens."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str]):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str], min_tokens: int = 0):
         self._step = tokenizer.decode_stream(prompt_ids[-_CONTEXT:])
         self._stop = stop
         self.text = ""       # generated text decoded so far (trimmed at a stop string)
         self._emitted = 0    # how much of self.text has been returned
         self.stopped = False
+        self._min_tokens, self._tokens = min_tokens, 0
+        self._free_from = 0 if min_tokens == 0 else None  # where the text after the first min_tokens tokens starts
 
     def add(self, new_ids: list[int]) -> tuple[str, bool]:
         """Returns (text delta, whether a stop string ended the text)."""
         if self.stopped:
             return "", True
         start = len(self.text)
-        self.text += "".join(piece for piece in map(self._step, new_ids) if piece)
-        if len(self.text) > start:
+        for token in new_ids:
+            self.text += self._step(token) or ""
+            self._tokens += 1
+            if self._tokens == self._min_tokens:
+                self._free_from = len(self.text)
+        if len(self.text) > start and self._free_from is not None:
             self._find_stop(start)
         end = len(self.text) if self.stopped else len(self.text) - self._held_back()
         return self._emit(end), self.stopped
@@ -41,7 +48,7 @@ class IncrementalDetokenizer:
 
     def _find_stop(self, start: int) -> None:
         for s in self._stop:
-            i = self.text.find(s, max(0, start - len(s) + 1))
+            i = self.text.find(s, max(0, start - len(s) + 1, self._free_from - len(s) + 1))
             if i >= 0:
                 self.text = self.text[:i]
                 self.stopped = True

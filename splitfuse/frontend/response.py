@@ -50,7 +50,8 @@ class ResponseBuilder:
     _prefix: str = ""   # return_full_text: the prompt, ahead of the first streamed text
 
     def __post_init__(self) -> None:
-        self._detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids, self.params.stop)
+        self._detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids, self.params.stop,
+                                             self.params.min_new_tokens)
         self._prefix = self.prompt_text if self.params.return_full_text else ""
 
     def add(self, out: protocol.Output) -> Delta:
