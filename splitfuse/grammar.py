@@ -4,6 +4,7 @@ A request names one constraint, with vLLM's names for them (`structured_outputs`
 `json_object` (any JSON object), `regex`, `choice` (one of some strings) or `grammar` (Lark, as llguidance
 writes it, or GBNF as llama.cpp does). llguidance compiles each to token masks; it has no dependencies,
 so the frontend, which has no torch, refuses a bad constraint before any worker sees it. Imported by both."""
+import functools
 import json
 
 import llguidance
@@ -11,13 +12,34 @@ from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 MAX_CHOICES = 1024
+# How a worker's error about a request's own constraint begins (one the grammar meets only while generating, such
+# as llguidance's limits on a parse): the frontend answers it as the client's error.
+ERROR_PREFIX = "structured output: "
+ERROR_CHARS = 300  # of llguidance's message, which can go on to print its parser's state and the whole grammar
 
 
 def grammar(structured: dict) -> str:
     """The llguidance grammar of a constraint; ValueError naming what is wrong if it is not one."""
     if not isinstance(structured, dict) or len(structured) != 1 or next(iter(structured)) not in KINDS:
         raise ValueError(f"a structured output constraint is one of {', '.join(KINDS)}, got {_keys(structured)}")
-    (kind, value), = structured.items()
+    try:
+        key = json.dumps(structured)  # in its own order: a schema's properties are generated in theirs
+    except (TypeError, ValueError):
+        raise ValueError("a structured output constraint must be JSON (objects, lists, strings, numbers)") from None
+    return _grammar_of(key)
+
+
+def error_message(error: str) -> str:
+    """A worker's error about a request's constraint, from llguidance's: its first line, shortened."""
+    line = error.strip().split("\n", 1)[0]
+    return ERROR_PREFIX + (line if len(line) <= ERROR_CHARS else line[:ERROR_CHARS] + "...")
+
+
+@functools.lru_cache(maxsize=64)
+def _grammar_of(key: str) -> str:
+    """grammar() of the constraint written as `key`: compiled once, not once per choice of a request that asks
+    for n of them (each choice's SamplingParams checks its constraint)."""
+    (kind, value), = json.loads(key).items()
     try:
         text = _grammar(kind, value)
     except ValueError:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from splitfuse.config import SamplingParams
 from splitfuse.frontend.client import AsyncClient
 from splitfuse.frontend.serve import serve
-from splitfuse.grammar import grammar
+from splitfuse.grammar import _grammar_of, grammar
 
 ENGINE = dict(device="cpu", dtype="float32", eager=True, num_blocks=512, max_model_len=1024)
 MODEL = "smollm2-135m-instruct"
@@ -104,6 +104,45 @@ def test_a_bad_constraint_is_a_400_naming_it_and_others_go_on(server):
                 await api.completions.create(model=MODEL, prompt="Hi", max_tokens=4, extra_body=extra)
         return await good
     assert run(server, ask).choices[0].finish_reason == "length"
+
+
+def _past_the_parser_limits(rules: int) -> str:
+    """A valid Lark grammar (its shortest text is "a") whose Earley parse outgrows llguidance's limits: with 2000
+    rules while the first mask is computed, with 1000 at the first token."""
+    return "start: r0\n" + "\n".join(f'r{i}: r{i + 1} r{i + 1} | "a"' for i in range(rules)) + f'\nr{rules}: "b"'
+
+
+@pytest.mark.parametrize("rules", [2000, 1000])
+def test_a_grammar_past_the_parsers_limits_is_a_short_400_not_a_match(server, rules):
+    """Such a grammar passes the frontend's check and fails in the worker. Before, the first mask's failure left
+    only EOS allowed, and the request ended "stop" with an empty text that the grammar does not match; the later
+    failure was a 500 whose 25 KB message printed the parser's state and the whole grammar."""
+    extra = {"guided_grammar": _past_the_parser_limits(rules)}
+
+    async def ask(api):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await api.completions.create(model=MODEL, prompt="Write:", max_tokens=4, temperature=0, extra_body=extra)
+        stream = await api.completions.create(model=MODEL, prompt="Write:", max_tokens=4, temperature=0, stream=True,
+                                              extra_body=extra)
+        with pytest.raises(openai.APIError) as streamed:
+            async for _ in stream:
+                pass
+        after = await api.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
+        return refused.value, streamed.value, after
+    refused, streamed, after = run(server, ask)
+    for error in (refused, streamed):
+        assert "structured output: " in error.message and len(error.message) < 400, error.message
+    assert refused.status_code == 400 and streamed.type == "invalid_request_error"
+    assert after.choices[0].finish_reason == "length"
+
+
+def test_a_constraint_is_compiled_once_for_all_the_choices_of_a_request():
+    schema = {"type": "object", "properties": {"z": {"type": "integer"}, "a": {"type": "string"}}}
+    before = _grammar_of.cache_info()
+    params = [SamplingParams(max_new_tokens=4, seed=7 + choice, structured={"json": schema}) for choice in range(8)]
+    after = _grammar_of.cache_info()
+    assert after.misses - before.misses <= 1 and after.hits - before.hits >= 7
+    assert {p.structured["json"]["properties"].__iter__().__next__() for p in params} == {"z"}  # order kept
 
 
 def test_logit_bias_moves_the_greedy_choice(server):

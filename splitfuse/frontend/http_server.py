@@ -36,7 +36,7 @@ from splitfuse.config import (MAX_INT32, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENAL
 from splitfuse.frontend.core import Core, Overloaded, Unavailable
 from splitfuse.protocol import Delta
 from splitfuse.frontend.tools import ToolFormat
-from splitfuse.grammar import MAX_CHOICES as MAX_GRAMMAR_CHOICES
+from splitfuse.grammar import ERROR_PREFIX as CONSTRAINT_ERROR, MAX_CHOICES as MAX_GRAMMAR_CHOICES
 
 MAX_CHOICES = 64   # n: choices of one prompt
 MAX_TOOLS = 128
@@ -531,7 +531,7 @@ def create_app(core: Core, model_name: str, options: HttpOptions) -> FastAPI:
             if body.echo and body.logprobs is not None else None
         answer = Completion(core, model_name, body.logprobs, body.prompt_logprobs is not None, echoed, body.n)
         return await _respond(bridge, request, answer, body,
-                              _requests(body, core, options, fields, body.logprobs, body.echo))
+                              await _requests(body, core, options, fields, body.logprobs, body.echo))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -547,7 +547,7 @@ def create_app(core: Core, model_name: str, options: HttpOptions) -> FastAPI:
         fields = [{"messages": [_message(m) for m in body.messages], "tools": tools}]
         answer = ChatCompletion(core, model_name, logprobs, body.prompt_logprobs is not None,
                                 options.tool_format if calling else None)
-        return await _respond(bridge, request, answer, body, _requests(
+        return await _respond(bridge, request, answer, body, await _requests(
             body, core, options, fields, logprobs, False, forced and options.tool_format.constraint(forced)))
 
     return app
@@ -703,9 +703,10 @@ def _json_or_text(text: str):
         return text
 
 
-def _requests(body: Sampling, core: Core, options: HttpOptions, fields: list[dict], logprobs: int | None,
-              echo: bool, forced: dict | None = None) -> list[tuple[SamplingParams, dict]]:
-    """Each prompt n times: choice index = prompt index * n + choice."""
+async def _requests(body: Sampling, core: Core, options: HttpOptions, fields: list[dict], logprobs: int | None,
+                    echo: bool, forced: dict | None = None) -> list[tuple[SamplingParams, dict]]:
+    """Each prompt n times: choice index = prompt index * n + choice. Built off the event loop: a large
+    constraint takes long to check the first time."""
     answers, queue = len(fields) * body.n, core.max_queued_requests
     if answers > options.max_choices:
         raise ApiError(400, f"this request asks for {answers} answers (prompts times n); this server gives at "
@@ -714,10 +715,11 @@ def _requests(body: Sampling, core: Core, options: HttpOptions, fields: list[dic
         raise ApiError(400, f"this request asks for {answers} answers (prompts times n); the server queues at "
                             f"most {queue} requests, so it could never be taken", "n")
     try:
-        return [(body.params(core.max_model_len, logprobs, echo, choice, forced), f) for f in fields
-                for choice in range(body.n)]
+        params = await asyncio.to_thread(lambda: [body.params(core.max_model_len, logprobs, echo, choice, forced)
+                                                  for choice in range(body.n)])
     except ValueError as e:
         raise ApiError(400, str(e)) from None
+    return [(p, f) for f in fields for p in params]
 
 
 async def _respond(bridge: CoreBridge, request: Request, answer: "Answer", body: Sampling,
@@ -733,11 +735,18 @@ async def _respond(bridge: CoreBridge, request: Request, answer: "Answer", body:
         finals = arrived
         failed = next((d for d in finals.values() if d.finish_reason == "error"), None)
         if failed is not None:
-            raise ApiError(500 if bridge.core.accepting else 503, failed.error or "the request failed")
+            error = failed.error or "the request failed"
+            raise ApiError(_failed_status(error, bridge.core.accepting), error)
         return answer.whole([finals[i] for i in range(len(requests))], body.n)
     usage = body.stream_options is not None and body.stream_options.include_usage
     return StreamingResponse(_sse(answer, arrived, events, len(requests), body.n, usage),
                              media_type="text/event-stream")
+
+
+def _failed_status(error: str, accepting: bool = True) -> int:
+    """The status of a request that failed in a worker: 400 where its own constraint failed it, else 500 (503
+    while the server drains)."""
+    return 400 if error.startswith(CONSTRAINT_ERROR) else 500 if accepting else 503
 
 
 async def _collect(events: AsyncIterator[tuple[int, Delta]]) -> dict[int, Delta]:
@@ -772,8 +781,9 @@ async def _sse(answer: "Answer", first: tuple[int, Delta], events: AsyncIterator
             if delta.finish_reason is not None:
                 finals[i] = delta
             if delta.finish_reason == "error":
-                yield _event({"error": {"message": delta.error, "type": "server_error", "param": None,
-                                        "code": 500}})
+                status = _failed_status(delta.error or "")
+                yield _event({"error": {"message": delta.error, "type": STATUS_TYPES[status], "param": None,
+                                        "code": status}})
                 continue
             chunk = answer.chunk(i, delta)
             if chunk is not None:

@@ -9,7 +9,7 @@ import llguidance.hf
 import numpy as np
 import torch
 
-from splitfuse.grammar import grammar
+from splitfuse.grammar import error_message, grammar
 
 COMPILED_KEPT = 64  # distinct constraints whose compiled grammars are kept (most recently used)
 
@@ -28,7 +28,7 @@ class Grammars:
         if (compiled := self._compiled.get(key)) is None:
             compiled = llguidance.LLMatcher(self._llg_tokenizer(), grammar(structured))
             if compiled.is_error():
-                raise ValueError(f"structured output: {compiled.get_error()}")
+                raise ValueError(error_message(compiled.get_error()))
             if len(self._compiled) >= COMPILED_KEPT:
                 self._compiled.popitem(last=False)
             self._compiled[key] = compiled
@@ -47,13 +47,16 @@ class Grammars:
         return torch.from_numpy(bits[:, :self._vocab_size]).view(torch.bool)
 
     def accept(self, request_id: str, token: int) -> str | None:
-        """Advance a request's matcher; its error if the token breaks the grammar."""
+        """Advance a request's matcher; its error if the token breaks the grammar, or if the grammar failed while
+        its mask was computed (past one of llguidance's limits: that mask then allowed only EOS, which must not
+        pass for a match)."""
         matcher = self._matchers[request_id]
-        return None if matcher.consume_token(token) else f"structured output: {matcher.get_error()}"
+        return None if not matcher.is_error() and matcher.consume_token(token) else error_message(matcher.get_error())
 
     def complete(self, request_id: str) -> bool:
         """The grammar is matched and has taken its end (EOS): nothing more may follow."""
-        return self._matchers[request_id].is_stopped()
+        matcher = self._matchers[request_id]
+        return matcher.is_stopped() and not matcher.is_error()
 
     def finish(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
