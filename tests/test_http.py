@@ -247,6 +247,31 @@ def test_bad_requests_get_openai_errors(server):
     assert status == 400 and json.loads(body)["error"]["type"] == "invalid_request_error"
 
 
+def test_bodies_that_are_not_the_json_asked_for_get_errors_that_say_so(server):
+    def post(data: bytes, content_type: str | None) -> tuple[int, str]:
+        request = urllib.request.Request(server.http_url + "/v1/completions", data,
+                                         {"authorization": f"Bearer {KEY}"} | ({"content-type": content_type}
+                                                                               if content_type else {}))
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())["error"]["message"]
+    whole = b'{"model": "%s", "prompt": "Hi", "max_tokens": 2}' % MODEL.encode()
+    assert post(whole, "application/json")[0] == 200
+    for content_type in (None, "text/plain"):
+        assert post(whole, content_type) == (400, "body: a JSON object is expected, sent with Content-Type: "
+                                                  "application/json")
+    broken = whole[:-1] + b', "x": [1'
+    with pytest.raises(json.JSONDecodeError) as where:
+        json.loads(broken)
+    assert post(broken, "application/json") == (400, f"body: not JSON ({where.value.msg} at character "
+                                                      f"{where.value.pos})")
+    for word in (b"NaN", b"Infinity", b"-Infinity"):
+        assert post(whole[:-1] + b', "temperature": ' + word + b"}", "application/json") == (
+            400, "temperature: Input should be a finite number")
+
+
 def test_a_client_leaving_frees_its_blocks(server):
     stream = client(server).completions.create(model=MODEL, prompt="Count from one to a thousand:", stream=True, **LONG)
     next(iter(stream))

@@ -130,7 +130,8 @@ class TextPart(BaseModel):
 class Sampling(BaseModel):
     """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI-compatible servers do, but for
     the ones named in UNSUPPORTED."""
-    model_config = ConfigDict(extra="ignore", strict=True)  # no "true" for 1, no 1 for true, as the document says
+    # no "true" for 1, no 1 for true, as the document says; no NaN or infinity, which no bound would name
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
     # The bounds SamplingParams checks, so that the OpenAPI document says them too.
     model: str | None = None
     max_tokens: Int(ge=1, le=MAX_INT32) | None = None
@@ -470,9 +471,13 @@ def create_app(core: Core, model_name: str, options: HttpOptions) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}"
-                             for err in e.errors())
-        return _error_response(400, problems)
+        def problem(err: dict) -> str:
+            if err["type"] == "json_invalid":  # its loc is the character where the JSON broke
+                return f"body: not JSON ({err['ctx']['error']} at character {err['loc'][-1]})"
+            if err["loc"] == ("body",) and "json" not in request.headers.get("content-type", ""):
+                return "body: a JSON object is expected, sent with Content-Type: application/json"
+            return f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}"
+        return _error_response(400, "; ".join(map(problem, e.errors())))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
