@@ -72,8 +72,9 @@ async def wait_until(condition, timeout: float, what: str):
 
 async def drained(client: AsyncClient) -> bool:
     stats = await client.stats()
-    return stats["in_flight"] == 0 and all(r["in_flight"] == 0 and r["engine"]["blocks_in_use"] == 0
-                                           and r["engine"]["running"] == 0 for r in stats["replicas"])
+    # a replica not yet heard from since it (re)started has no counters, and nothing running
+    return stats["in_flight"] == 0 and all(r["in_flight"] == 0 and r["engine"].get("blocks_in_use", 0) == 0
+                                           and r["engine"].get("running", 0) == 0 for r in stats["replicas"])
 
 
 def test_frontend_modules_do_not_import_torch():
@@ -204,6 +205,33 @@ def test_client_disconnect_aborts_its_requests(deployment):
             await wait_until(lambda: drained(client), 10, "the disconnected client's request to be aborted")
 
     run(body())
+
+
+def test_closing_a_client_fails_its_waiting_requests_and_a_closed_one_says_so(deployment):
+    """Before, a request in flight when its client closed waited forever."""
+    async def body():
+        client, started = AsyncClient(deployment.address), asyncio.Event()
+
+        async def consume():
+            async for _ in client.generate("Count from one to a thousand:", **LONG):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(started.wait(), 60)
+        await client.close()
+        with pytest.raises(ConnectionError, match="was closed"):
+            await asyncio.wait_for(task, 10)
+        async with AsyncClient(deployment.address) as other:
+            await wait_until(lambda: drained(other), 30, "the closed client's request to be aborted")
+
+    run(body())
+    blocking = Client(deployment.address)
+    assert blocking.complete("Hi", max_new_tokens=2).finish_reason in ("stop", "length")
+    blocking.close()
+    with pytest.raises(ConnectionError, match="is closed"):
+        blocking.complete("Hi", max_new_tokens=2)
+    with pytest.raises(ConnectionError, match="is closed"):
+        next(blocking.generate("Hi", max_new_tokens=2))
 
 
 def test_bad_messages_get_an_error_reply_and_the_server_keeps_serving(deployment):

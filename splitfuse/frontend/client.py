@@ -95,10 +95,12 @@ class AsyncClient:
         return (await self._ask(protocol.Stats)).stats
 
     async def close(self) -> None:
+        """Requests still waiting raise ConnectionError. Using the client again connects anew."""
         tasks = [t for t in (self._reader, self._watchdog) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._fail_all(ConnectionError(f"the client of {self.address} was closed"))
         if self._socket is not None:
             self._socket.close(linger=0)
             self._context.term()
@@ -216,6 +218,7 @@ class Client:
         self._thread.start()
 
     def generate(self, prompt: Prompt, *, timeout: float | None = None, **sampling) -> Iterator[Delta]:
+        self._check_open()
         stream = self._client.generate(prompt, timeout=timeout, **sampling)
         try:
             while True:
@@ -251,7 +254,14 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _check_open(self) -> None:
+        if self._loop.is_closed():
+            raise ConnectionError(f"this client of {self._client.address} is closed; make a new one")
+
     def _call(self, awaitable):
+        if self._loop.is_closed():
+            awaitable.close()  # never run: no warning that it was not awaited
+            self._check_open()
         future = asyncio.run_coroutine_threadsafe(awaitable, self._loop)
         try:
             return future.result()
