@@ -364,6 +364,8 @@ async def _lose_a_worker(deployment, sig: signal.Signals, reason: str, within: f
         assert len(failed) == victim["in_flight"], f"{len(failed)} requests ended within {within:.0f}s"
         assert all(d.finish_reason == "error" and reason in d.error for d in failed), failed
         assert not any(t.done() for t in set(tasks) - done)  # replica 1's requests were not disturbed
+        # replica 0's counters are no longer the dead process's (before, until its successor's first heartbeat)
+        assert (await client.stats())["replicas"][0]["engine"].get("blocks_in_use", 0) == 0
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -421,6 +421,7 @@ class Supervisor:
         replica.failures = 0 if replica.ready else replica.failures + 1
         replica.restart_at = time.monotonic() + min(2.0 ** replica.failures - 1, MAX_RESTART_DELAY)
         replica.identity = replica.process = replica.pid = None
+        replica.engine_stats, replica.prefixes = {}, OrderedDict()  # the dead process's counters and cache
         replica.restarts += 1
         return Lost(replica, reason)
 
