@@ -58,7 +58,7 @@ def prompt_fields(prompt: str | list[int] | list[dict]) -> dict:
     """Generate's prompt field for a prompt given as text, token ids or chat messages."""
     if isinstance(prompt, str):
         return {"prompt": prompt}
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return {"prompt_ids": prompt}
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
         return {"messages": prompt}

@@ -1,4 +1,6 @@
 """The bundled SmolLM2-135M-Instruct through our stack against transformers on the same directory (fp32)."""
+import threading
+
 import pytest
 import torch
 import transformers
@@ -86,6 +88,25 @@ def test_batch_invariance_fp32(tokenizer):
         alone = pipe(target, max_new_tokens=16, ignore_eos=True)[0].token_ids
         crowd = pipe(others[:20] + [target] + others[20:], max_new_tokens=16, ignore_eos=True)[20].token_ids
     assert crowd == alone
+
+
+def test_a_pipeline_shared_by_threads_answers_each_as_alone_and_refuses_bool_ids(expected, tokenizer):
+    """Threads' calls take turns at the pipeline's one core; before, its ZeroMQ sockets were used from several
+    threads at once, and the process could abort in libzmq. Booleans are not token ids (a [True] prompt was
+    dropped by the worker, and the call waited forever)."""
+    prompts = prompt_ids(tokenizer)[:4]
+    answers: dict[int, list[int]] = {}
+    with splitfuse.pipeline(device="cpu", dtype="float32", eager=True, num_blocks=256) as pipe:
+        threads = [threading.Thread(target=lambda i=i: answers.__setitem__(
+            i, pipe(prompts[i], max_new_tokens=NEW_TOKENS)[0].token_ids)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        for bad in ([True, False], [5, True]):
+            with pytest.raises(ValueError, match="token ids"):
+                pipe(bad, max_new_tokens=2)
+    assert answers == {i: expected[i] for i in range(len(prompts))}
 
 
 CHAT_QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2+2?", "Who wrote Hamlet?",

@@ -3,6 +3,7 @@
 The model runs in one worker subprocess, started through the same frontend core and worker code
 as `splitfuse serve`; this process polls the core until its requests are done (it never imports
 torch)."""
+import threading
 from collections.abc import Iterator
 from functools import partial
 
@@ -18,9 +19,12 @@ Prompt = str | list[int]
 
 
 class Pipeline:
-    """Holds one worker process; `pipe(prompts, **sampling)` returns responses in input order."""
+    """Holds one worker process; `pipe(prompts, **sampling)` returns responses in input order. Threads may share
+    one: their calls take turns at the core (its ZeroMQ sockets serve one thread at a time), each waiting while
+    another's run; several callers at once are what `splitfuse.serve()` and its clients are for."""
 
     def __init__(self, model: str | None = None, **engine_options):
+        self._lock = threading.RLock()
         self._core: Core | None = Core(EngineConfig.from_kwargs(model=model, **engine_options), request_timeout=None)
         try:
             self._core.start()
@@ -44,11 +48,13 @@ class Pipeline:
         """Deltas of one prompt as they are generated."""
         params = SamplingParams.from_kwargs(**sampling)
         deltas: list[Delta | Exception] = []
-        key = self._core_or_closed().submit(deltas.append, params, **protocol.prompt_fields(prompt))
+        with self._lock:
+            key = self._core_or_closed().submit(deltas.append, params, **protocol.prompt_fields(prompt))
         try:
             while True:
                 while not deltas:
-                    self._core.poll(POLL)
+                    with self._lock:
+                        self._core_or_closed().poll(POLL)
                 delta = deltas.pop(0)
                 if isinstance(delta, Exception):
                     raise delta
@@ -57,16 +63,20 @@ class Pipeline:
                 if delta.finish_reason is not None:
                     return
         finally:
-            self._core.abort(key)  # leaving early frees its blocks; nothing once it has finished
+            with self._lock:
+                if self._core is not None:
+                    self._core.abort(key)  # leaving early frees its blocks; nothing once it has finished
 
     def stats(self) -> dict:
         """The worker engine's latest counters (running, waiting, blocks_in_use, ...)."""
-        return self._core_or_closed().stats()["replicas"][0]["engine"]
+        with self._lock:
+            return self._core_or_closed().stats()["replicas"][0]["engine"]
 
     def close(self) -> None:
-        if self._core is not None:
-            self._core.close()
-            self._core = None
+        with self._lock:
+            if self._core is not None:
+                self._core.close()
+                self._core = None
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -80,6 +90,10 @@ class Pipeline:
         return self._core
 
     def _run(self, prompts: list[dict], params: SamplingParams) -> list[Response]:
+        with self._lock:
+            return self._run_alone(prompts, params)
+
+    def _run_alone(self, prompts: list[dict], params: SamplingParams) -> list[Response]:
         core = self._core_or_closed()
         results: dict[int, Delta | Exception] = {}
         keys = [core.submit(partial(results.__setitem__, i), params, stream=False, **fields)

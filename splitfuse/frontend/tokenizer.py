@@ -98,7 +98,7 @@ class Tokenizer:
                              f"so prompts can have at most {self.max_model_len - 1}")
 
     def _check_ids(self, ids: list[int], what: str) -> None:
-        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
             raise ValueError(f"{what} must be integers in [0, {self.vocab_size}), this model's vocabulary")
 
 
