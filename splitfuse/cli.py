@@ -6,6 +6,7 @@ setting of either is available here under its own name. Never imports torch itse
 model runs in worker processes, whose progress (loading, warm-up) goes to stderr."""
 import argparse
 import asyncio
+import json
 import logging
 import statistics
 import sys
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import msgspec
+import zmq
 
 from splitfuse import logs
 from splitfuse.config import EngineConfig, SamplingParams, read_token_file
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.run(args)
     except ValueError as e:  # a bad option or prompt: say what to change, no traceback
+        sys.exit(f"splitfuse: error: {e}")
+    except (ConnectionError, zmq.ZMQError) as e:  # a wrong address, or no server behind it
         sys.exit(f"splitfuse: error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)
@@ -247,17 +251,33 @@ def _add_struct_options(group, cls: type, skip: tuple[str, ...] = (), defaults: 
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            group.add_argument(flag, type=kind, nargs="+" if many else None, default=default,
-                               help=help_text, metavar={int: "N", float: "X"}.get(kind, "S"))
+            group.add_argument(flag, type=kind, nargs="+" if many else None, default=default, help=help_text,
+                               metavar={int: "N", float: "X"}.get(kind, "JSON" if many is None else "S"))
 
 
-def _option_type(annotation) -> tuple[type, bool]:
-    """(element type, whether it is a list) of a field annotation such as `int | None` or `list[str]`."""
+def _option_type(annotation) -> tuple[typing.Callable, bool | None]:
+    """(what reads a value, whether it is a list; None for a JSON object) of a field annotation such as
+    `int | None`, `list[str]` or `dict[int, float]`."""
     if typing.get_origin(annotation) in (types.UnionType, typing.Union):
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     if typing.get_origin(annotation) is list:
         return typing.get_args(annotation)[0], True
+    if typing.get_origin(annotation) is dict:
+        return _json_object(typing.get_args(annotation)[0]), None
     return annotation, False
+
+
+def _json_object(key_type: type) -> typing.Callable[[str], dict]:
+    """Reads a JSON object given on the command line, its keys (JSON's are strings) as key_type."""
+    def read(text: str) -> dict:
+        try:
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError("a JSON object is expected, such as '{\"5\": 1.5}'")
+            return {key_type(key): item for key, item in value.items()}
+        except ValueError as e:  # argparse shows it, with the option's name
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return read
 
 
 def _options(args: argparse.Namespace, cls: type) -> dict:

@@ -26,6 +26,26 @@ def test_cli_reports_bad_options_without_a_traceback():
     assert "temperature must be 0 (greedy) or in [0.01, 100.0]" in str(exit_info.value)
 
 
+def test_json_object_options_are_read_as_json():
+    args = cli._parser().parse_args(["generate", "hi", "--logit-bias", '{"5": 1.5, "7": -2}',
+                                     "--structured", '{"regex": "a+"}'])
+    assert cli._options(args, SamplingParams) == {"logit_bias": {5: 1.5, 7: -2}, "structured": {"regex": "a+"}}
+    for bad in ("5=1", "[1]", '{"x": 1}'):
+        with pytest.raises(SystemExit):
+            cli._parser().parse_args(["generate", "hi", "--logit-bias", bad])
+
+
+@pytest.mark.parametrize("address", ["bogus", "tcp://127.0.0.1:1"])
+def test_a_wrong_address_is_one_line_of_error(address):
+    """A malformed address, or one no server listens on (after the client's connection timeout, shortened)."""
+    run = subprocess.run([sys.executable, "-P", "-c", "import sys; from splitfuse.frontend import client; "
+                          "client.AsyncClient.__init__.__kwdefaults__['connection_timeout'] = 2.0; "
+                          "from splitfuse import cli; cli.main(sys.argv[1:])", "generate", "Hi", "--address", address],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and run.stderr.startswith("splitfuse: error: ") and "Traceback" not in run.stderr, \
+        run.stderr
+
+
 def test_serve_takes_http_backpressure_and_access_options():
     args = cli._parser().parse_args(["serve", "--http-port", "8000", "--no-zmq", "--api-key", "k",
                                      "--max-queued-requests", "64", "--max-queued-tokens", "65536",
