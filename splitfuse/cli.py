@@ -63,7 +63,7 @@ HELP = {
     "master_addr": "with --nnodes > 1: the address of the host that serves, where the group's ranks meet",
     "master_port": "with --nnodes > 1: a free TCP port on --master-addr for the group's rendezvous",
     "max_new_tokens": "tokens to generate at most",
-    "min_new_tokens": "tokens to generate before EOS or a stop token may end the answer",
+    "min_new_tokens": "tokens to generate before EOS, a stop token or a stop string may end the answer",
     "do_sample": "sample instead of greedy decoding",
     "seed": "random seed of a sampled request",
     "stop": "stop strings: the text ends before the first one",
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
     except ValueError as e:  # a bad option or prompt: say what to change, no traceback
         sys.exit(f"splitfuse: error: {e}")
+    except BrokenPipeError:  # its output went to a reader that left (| head)
+        sys.exit(1)
     except (ConnectionError, zmq.ZMQError) as e:  # a wrong address, or no server behind it
         sys.exit(f"splitfuse: error: {e}")
     except KeyboardInterrupt:

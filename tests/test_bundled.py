@@ -103,6 +103,7 @@ def test_a_pipeline_shared_by_threads_answers_each_as_alone_and_refuses_bool_ids
             thread.start()
         for thread in threads:
             thread.join(120)
+        assert not any(thread.is_alive() for thread in threads)
         for bad in ([True, False], [5, True]):
             with pytest.raises(ValueError, match="token ids"):
                 pipe(bad, max_new_tokens=2)

@@ -39,7 +39,7 @@ def test_json_object_options_are_read_as_json():
 def test_a_wrong_address_is_one_line_of_error(address):
     """A malformed address, or one no server listens on (after the client's connection timeout, shortened)."""
     run = subprocess.run([sys.executable, "-P", "-c", "import sys; from splitfuse.frontend import client; "
-                          "client.AsyncClient.__init__.__kwdefaults__['connection_timeout'] = 2.0; "
+                          "client.Client.__init__.__kwdefaults__['connection_timeout'] = 2.0; "
                           "from splitfuse import cli; cli.main(sys.argv[1:])", "generate", "Hi", "--address", address],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and run.stderr.startswith("splitfuse: error: ") and "Traceback" not in run.stderr, \

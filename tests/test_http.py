@@ -222,7 +222,7 @@ def test_stop_strings_end_the_text(server):
 
 
 def test_min_tokens_holds_back_stop_strings_as_in_vllm(server):
-    """No stop string ends within the first min_tokens tokens' text; one that ends after them stops it."""
+    """No stop string ends within the first min_tokens tokens' text (tests/test_detokenizer.py has the rest)."""
     api = client(server)
     plain = api.completions.create(model=MODEL, prompt="Seattle is", max_tokens=12, temperature=0)
     text = plain.choices[0].text

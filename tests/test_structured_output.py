@@ -9,10 +9,12 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from splitfuse.compiled.bundled import bundled_model_dir
 from splitfuse.config import SamplingParams
 from splitfuse.frontend.client import AsyncClient
 from splitfuse.frontend.serve import serve
 from splitfuse.grammar import _grammar_of, grammar
+from splitfuse.worker.grammars import Grammars
 
 ENGINE = dict(device="cpu", dtype="float32", eager=True, num_blocks=512, max_model_len=1024)
 MODEL = "smollm2-135m-instruct"
@@ -142,7 +144,9 @@ def test_a_constraint_is_compiled_once_for_all_the_choices_of_a_request():
     params = [SamplingParams(max_new_tokens=4, seed=7 + choice, structured={"json": schema}) for choice in range(8)]
     after = _grammar_of.cache_info()
     assert after.misses - before.misses <= 1 and after.hits - before.hits >= 7
-    assert {p.structured["json"]["properties"].__iter__().__next__() for p in params} == {"z"}  # order kept
+    # keyed in the schema's own order: its properties are generated in that order
+    reordered = {"type": "object", "properties": {"a": {"type": "string"}, "z": {"type": "integer"}}}
+    assert grammar({"json": reordered}) != grammar({"json": schema})
 
 
 def test_logit_bias_moves_the_greedy_choice(server):
@@ -171,3 +175,14 @@ def test_bad_constraints_are_refused_before_any_worker(constraint, words):
         grammar(constraint)
     with pytest.raises(ValueError, match=words):
         SamplingParams(structured=constraint)
+
+
+def test_a_worker_compiles_schemas_that_differ_in_property_order_apart():
+    """Its cache of compiled grammars is keyed in the schema's own order (it was sorted: the second of two such
+    schemas was generated in the first one's order)."""
+    grammars = Grammars(bundled_model_dir(), 49152, [2])
+    first = {"type": "object", "properties": {"z": {"type": "integer"}, "a": {"type": "string"}}, "required": ["z", "a"]}
+    second = {"type": "object", "properties": {"a": {"type": "string"}, "z": {"type": "integer"}}, "required": ["a", "z"]}
+    grammars.start("first", {"json": first})
+    grammars.start("second", {"json": second})
+    assert len(grammars._compiled) == 2

@@ -24,7 +24,7 @@ class Grammars:
 
     def start(self, request_id: str, structured: dict) -> None:
         """A matcher for a new request, from the compiled grammar of its constraint (compiled once)."""
-        key = json.dumps(structured, sort_keys=True)
+        key = json.dumps(structured)  # unsorted: a schema's properties are generated in their order
         if (compiled := self._compiled.get(key)) is None:
             compiled = llguidance.LLMatcher(self._llg_tokenizer(), grammar(structured))
             if compiled.is_error():
@@ -55,8 +55,7 @@ class Grammars:
 
     def complete(self, request_id: str) -> bool:
         """The grammar is matched and has taken its end (EOS): nothing more may follow."""
-        matcher = self._matchers[request_id]
-        return matcher.is_stopped() and not matcher.is_error()
+        return self._matchers[request_id].is_stopped()
 
     def finish(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
