@@ -101,9 +101,9 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        _check(_is_int(self.max_new_tokens, 1, MAX_INT32),
+        _check(is_int(self.max_new_tokens, 1, MAX_INT32),
                f"max_new_tokens must be an integer in [1, {MAX_INT32}], got {_show(self.max_new_tokens)}")
-        _check(_is_int(self.min_new_tokens, 0, self.max_new_tokens),
+        _check(is_int(self.min_new_tokens, 0, self.max_new_tokens),
                f"min_new_tokens must be an integer between 0 and max_new_tokens, got {_show(self.min_new_tokens)}")
         for name in ("do_sample", "ignore_eos", "return_full_text"):
             _check(isinstance(getattr(self, name), bool), f"{name} must be true or false, got "
@@ -112,7 +112,7 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True):
         _check(self.temperature == 0 or _is_real(self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE),
                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
                f"got {_show(self.temperature)}")
-        _check(_is_int(self.top_k, 0, MAX_INT32),
+        _check(is_int(self.top_k, 0, MAX_INT32),
                f"top_k must be an integer in [0, {MAX_INT32}] (0: off), got {_show(self.top_k)}")
         _check(_is_real(self.top_p, 0, 1) and self.top_p > 0, f"top_p must be in (0, 1], got {_show(self.top_p)}")
         _check(_is_real(self.min_p, 0, 1) and self.min_p < 1, f"min_p must be in [0, 1), got {_show(self.min_p)}")
@@ -122,7 +122,7 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True):
         for name in ("presence_penalty", "frequency_penalty"):
             _check(_is_real(getattr(self, name), -MAX_PENALTY, MAX_PENALTY),
                    f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}] (0: off), got {_show(getattr(self, name))}")
-        _check(self.seed is None or _is_int(self.seed, 0, MAX_SEED),
+        _check(self.seed is None or is_int(self.seed, 0, MAX_SEED),
                f"seed must be an integer in [0, 2**63), got {_show(self.seed)}")
         _check(isinstance(self.stop, list) and len(self.stop) <= MAX_STOP_STRINGS
                and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
@@ -131,13 +131,13 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True):
         _check(all(is_utf8(s) for s in self.stop), "stop strings must be valid Unicode text (a lone surrogate "
                                                    "such as \\ud800 cannot be encoded)")
         _check(isinstance(self.stop_token_ids, list) and len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS
-               and all(_is_int(t, 0, MAX_INT32) for t in self.stop_token_ids),
+               and all(is_int(t, 0, MAX_INT32) for t in self.stop_token_ids),
                f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} non-negative token ids")
         for name in ("logprobs", "prompt_logprobs"):
-            _check(getattr(self, name) is None or _is_int(getattr(self, name), 0, MAX_LOGPROBS),
+            _check(getattr(self, name) is None or is_int(getattr(self, name), 0, MAX_LOGPROBS),
                    f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {_show(getattr(self, name))}")
         _check(isinstance(self.logit_bias, dict) and len(self.logit_bias) <= MAX_LOGIT_BIAS_TOKENS
-               and all(_is_int(t, 0, MAX_INT32) and _is_real(b, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+               and all(is_int(t, 0, MAX_INT32) and _is_real(b, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
                        for t, b in self.logit_bias.items()),
                f"logit_bias must map at most {MAX_LOGIT_BIAS_TOKENS} token ids to biases in "
                f"[-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]")
@@ -198,12 +198,12 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
         _check(0 < self.kv_memory_fraction < 1, f"kv_memory_fraction must be in (0, 1), got {self.kv_memory_fraction!r}")
         _check(0 < self.gpu_memory_utilization <= 1,
                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        _check(_is_int(self.tensor_parallel_size, 1, 1 << 16),
+        _check(is_int(self.tensor_parallel_size, 1, 1 << 16),
                f"tensor_parallel_size must be a positive integer, got {_show(self.tensor_parallel_size)}")
-        _check(_is_int(self.nnodes, 1, self.tensor_parallel_size) and self.tensor_parallel_size % self.nnodes == 0,
+        _check(is_int(self.nnodes, 1, self.tensor_parallel_size) and self.tensor_parallel_size % self.nnodes == 0,
                f"nnodes ({_show(self.nnodes)}) must divide tensor_parallel_size ({self.tensor_parallel_size}): "
                f"every host runs the same number of ranks")
-        _check(self.nnodes == 1 or _is_int(self.master_port, 1, 65535),
+        _check(self.nnodes == 1 or is_int(self.master_port, 1, 65535),
                "a group over several hosts (nnodes > 1) needs master_port: a free TCP port on master_addr")
         _check(not (self.deterministic and self.scheduler == "prefill-first" and not self.eager),
                "deterministic needs scheduler 'splitfuse' (or eager): prefill-first runs a step longer than the "
@@ -263,7 +263,7 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _is_int(x, low: int, high: int) -> bool:
+def is_int(x, low: int, high: int) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
 
 

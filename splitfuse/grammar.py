@@ -22,11 +22,16 @@ def grammar(structured: dict) -> str:
     """The llguidance grammar of a constraint; ValueError naming what is wrong if it is not one."""
     if not isinstance(structured, dict) or len(structured) != 1 or next(iter(structured)) not in KINDS:
         raise ValueError(f"a structured output constraint is one of {', '.join(KINDS)}, got {_keys(structured)}")
+    return _grammar_of(key(structured))
+
+
+def key(structured: dict) -> str:
+    """A constraint as the text its compiled forms are cached by: JSON in its own order (a schema's properties
+    are generated in theirs)."""
     try:
-        key = json.dumps(structured)  # in its own order: a schema's properties are generated in theirs
+        return json.dumps(structured)
     except (TypeError, ValueError):
         raise ValueError("a structured output constraint must be JSON (objects, lists, strings, numbers)") from None
-    return _grammar_of(key)
 
 
 def error_message(error: str) -> str:

@@ -91,19 +91,16 @@ class Pipeline:
 
     def _run(self, prompts: list[dict], params: SamplingParams) -> list[Response]:
         with self._lock:
-            return self._run_alone(prompts, params)
-
-    def _run_alone(self, prompts: list[dict], params: SamplingParams) -> list[Response]:
-        core = self._core_or_closed()
-        results: dict[int, Delta | Exception] = {}
-        keys = [core.submit(partial(results.__setitem__, i), params, stream=False, **fields)
-                for i, fields in enumerate(prompts)]
-        try:
-            while len(results) < len(keys) and not any(isinstance(r, Exception) for r in results.values()):
-                core.poll(POLL)
-        finally:
-            for key in keys:  # a refused prompt (or Ctrl-C) leaves nothing of this call running
-                core.abort(key)
+            core = self._core_or_closed()
+            results: dict[int, Delta | Exception] = {}
+            keys = [core.submit(partial(results.__setitem__, i), params, stream=False, **fields)
+                    for i, fields in enumerate(prompts)]
+            try:
+                while len(results) < len(keys) and not any(isinstance(r, Exception) for r in results.values()):
+                    core.poll(POLL)
+            finally:
+                for key in keys:  # a refused prompt (or Ctrl-C) leaves nothing of this call running
+                    core.abort(key)
         for result in results.values():
             if isinstance(result, Exception):
                 raise result

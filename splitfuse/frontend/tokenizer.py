@@ -12,7 +12,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from splitfuse.config import SamplingParams
+from splitfuse.config import SamplingParams, is_int
 
 
 class Tokenizer:
@@ -98,7 +98,7 @@ class Tokenizer:
                              f"so prompts can have at most {self.max_model_len - 1}")
 
     def _check_ids(self, ids: list[int], what: str) -> None:
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
+        if not all(is_int(t, 0, self.vocab_size - 1) for t in ids):
             raise ValueError(f"{what} must be integers in [0, {self.vocab_size}), this model's vocabulary")
 
 

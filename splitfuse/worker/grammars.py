@@ -1,7 +1,6 @@
 """The grammar matchers of a worker's structured-output requests (llguidance), and the masks of the tokens each
 may take next. A step's masks depend only on tokens taken before it, so the engine computes them while the
 step's forward runs: llguidance's executor works outside the GIL, on threads of its own."""
-import json
 from collections import OrderedDict
 
 import llguidance
@@ -9,7 +8,7 @@ import llguidance.hf
 import numpy as np
 import torch
 
-from splitfuse.grammar import error_message, grammar
+from splitfuse.grammar import error_message, grammar, key
 
 COMPILED_KEPT = 64  # distinct constraints whose compiled grammars are kept (most recently used)
 
@@ -24,15 +23,15 @@ class Grammars:
 
     def start(self, request_id: str, structured: dict) -> None:
         """A matcher for a new request, from the compiled grammar of its constraint (compiled once)."""
-        key = json.dumps(structured)  # unsorted: a schema's properties are generated in their order
-        if (compiled := self._compiled.get(key)) is None:
+        name = key(structured)
+        if (compiled := self._compiled.get(name)) is None:
             compiled = llguidance.LLMatcher(self._llg_tokenizer(), grammar(structured))
             if compiled.is_error():
                 raise ValueError(error_message(compiled.get_error()))
             if len(self._compiled) >= COMPILED_KEPT:
                 self._compiled.popitem(last=False)
-            self._compiled[key] = compiled
-        self._compiled.move_to_end(key)
+            self._compiled[name] = compiled
+        self._compiled.move_to_end(name)
         self._matchers[request_id] = compiled.deep_copy()
 
     def __contains__(self, request_id: str) -> bool:
