@@ -22,9 +22,15 @@ def ragged_batch(seed: int, *, hq: int, hkv: int, dim: int, block_size: int, dty
     """Decodes and prompt chunks of random lengths over a shuffled block pool, plus padding: a padded
     sequence (query length 0) and padded rows past the last sequence."""
     rng = random.Random(seed)
-    g = torch.Generator().manual_seed(seed)
     q_lens = [rng.choice([1, 1, 1, rng.randint(2, 70)]) for _ in range(num_seqs or rng.randint(1, 7))] + [0]
     ctx_lens = [q + rng.choice([0, rng.randint(1, 150)]) for q in q_lens]
+    return paged_batch(seed, q_lens, ctx_lens, hq=hq, hkv=hkv, dim=dim, block_size=block_size, dtype=dtype)
+
+
+def paged_batch(seed: int, q_lens: list[int], ctx_lens: list[int], *, hq: int, hkv: int, dim: int, block_size: int,
+                dtype: torch.dtype):
+    """Sequences of these new tokens and lengths, over a shuffled block pool, and 3 padded rows."""
+    g = torch.Generator().manual_seed(seed)
     max_blocks = max(1, max(-(-c // block_size) for c in ctx_lens))
     num_blocks = len(q_lens) * max_blocks + 2
     kv_cache = torch.randn(LAYERS, 2, num_blocks, block_size, hkv, dim, generator=g).to(dtype)
@@ -62,6 +68,16 @@ def test_attention_of_many_sequences_matches_reference(window, dtype, hq, hkv):
     expected = reference_attention(*batch, 0.3, window)
     got = torch.ops.splitfuse_cpu.paged_attention(*batch[:2], LAYER, *batch[2:], 0.3, window)
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("window", [0, 300])
+def test_attention_of_long_prompt_chunks_matches_reference(window):
+    """Chunks of many items a KV head over several of the bf16 kernel's spans of 256 keys, which a thread packs
+    once for all its items of a head: a whole prompt, a chunk after an earlier one, and a decode."""
+    batch = paged_batch(3, [700, 300, 1], [700, 900, 650], hq=9, hkv=3, dim=64, block_size=16, dtype=torch.bfloat16)
+    expected = reference_attention(*batch, 0.3, window)
+    got = torch.ops.splitfuse_cpu.paged_attention(*batch[:2], LAYER, *batch[2:], 0.3, window)
+    torch.testing.assert_close(got.float(), expected.float(), atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -510,12 +510,23 @@ inline void pack_values(const bf16* first, int64_t stride, int n, int dim, uint3
         }
 }
 
-// c[M, N] (row stride ldc) = a[M, K] (row stride lda) @ b, b [K / 2][N][2], plus c where add.
-inline void gemm(int64_t M, int64_t N, int64_t K, const void* a, int64_t lda, const void* b, float* c, int64_t ldc,
-                 bool add) {
-    at::native::cpublas::brgemm(M, N, K, lda, N, ldc, add, static_cast<const at::BFloat16*>(a),
+// c[M, N] (row stride ldc) = a[M, K] (row stride lda) @ b, b [K / 2][ldb][2] (its first N columns), plus c where add.
+inline void gemm(int64_t M, int64_t N, int64_t K, const void* a, int64_t lda, const void* b, int64_t ldb, float* c,
+                 int64_t ldc, bool add) {
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, static_cast<const at::BFloat16*>(a),
                                 static_cast<const at::BFloat16*>(b), c, true);
 }
+
+// The spans of keys and values a thread packed for the KV head of a sequence it attended last, kept for its next
+// items of that head (paged_attention hands a thread a head's items in a run): an item sees every key up to its
+// own last, so packing within the items packed a 384-token prompt's first span 12 times, a quarter of a prompt
+// step's attention (measured, Xeon with AMX). A span's keys packed for a later item than the one at hand are
+// real keys past its last, which its weights mask.
+struct PackedSpans {
+    int seq = -1, kv_head = -1;
+    std::vector<int> keys;         // per span: how many of its keys are packed
+    std::vector<uint32_t> data;    // per span: kt [dim / 2][SPAN], then vv [SPAN / 2][dim]
+};
 
 // 2^t for the softmax weights, which are rounded to bf16 (8 bits of mantissa) right after: t = n + f with n an
 // integer and |f| <= 1/2, 2^f by its degree-5 Taylor polynomial (relative error under 3e-6, far below bf16's
@@ -538,12 +549,13 @@ inline __m512 exp2_for_bf16(__m512 t) {
 // many KV heads stays in L2.
 constexpr int HEADS_TOGETHER = 4;
 void attend_heads(const Item& it, const Shape& sh, const bf16* q, const bf16* k_cache, const bf16* v_cache,
-                  const int32_t* block_tables, bf16* out, std::vector<float>& scratch) {
+                  const int32_t* block_tables, bf16* out, std::vector<float>& scratch, PackedSpans& packed) {
     const int group = sh.hq / sh.hkv, dim = sh.dim, rows = it.count * group, heads = it.heads;
     const int padded = (rows + GEMM_ROWS - 1) / GEMM_ROWS * GEMM_ROWS;
-    const size_t sizes[] = {size_t(padded) * dim / 2, size_t(padded) * SPAN, size_t(padded) * SPAN / 2,
-                            size_t(dim) * SPAN / 2, size_t(SPAN) * dim / 2, size_t(padded) * dim, size_t(padded),
-                            size_t(padded)};  // a head's parts, in floats, each rounded up to 64 bytes
+    // A head's parts, in floats, each rounded up to 64 bytes; one head's kt and vv are in `packed`.
+    const size_t spans = heads > 1 ? size_t(dim) * SPAN / 2 : 0;
+    const size_t sizes[] = {size_t(padded) * dim / 2, size_t(padded) * SPAN, size_t(padded) * SPAN / 2, spans, spans,
+                            size_t(padded) * dim, size_t(padded), size_t(padded)};
     size_t each = 0;
     for (const size_t n : sizes) each += (n + 15) / 16 * 16;
     if (scratch.size() < heads * each + 16) scratch.resize(heads * each + 16);
@@ -552,8 +564,8 @@ void attend_heads(const Item& it, const Shape& sh, const bf16* q, const bf16* k_
         bf16* queries;   // [padded][dim]
         float* scores;   // [padded][SPAN]
         bf16* weights;   // [padded][SPAN]: its padding rows stay zero
-        uint32_t* kt;    // [dim / 2][width]
-        uint32_t* vv;    // [width / 2][dim]
+        uint32_t* kt;    // [dim / 2][width] (several heads)
+        uint32_t* vv;    // [width / 2][dim] (several heads)
         float *acc, *m, *l;  // [padded][dim], [padded], [padded]
     };
     Head state[HEADS_TOGETHER];
@@ -575,10 +587,32 @@ void attend_heads(const Item& it, const Shape& sh, const bf16* q, const bf16* k_
     const int last = it.pos + it.count - 1;
     const int lo = sh.window > 0 ? std::max(0, it.pos - sh.window + 1) : 0;
     const int64_t stride = int64_t(sh.hkv) * dim;  // between consecutive keys of a block
+    const int64_t span_size = int64_t(dim) * SPAN;  // a packed span's kt and vv, in pairs of bf16
     const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    if (heads == 1 && (packed.seq != it.seq || packed.kv_head != it.kv_head)) {
+        packed.seq = it.seq, packed.kv_head = it.kv_head;
+        packed.keys.clear();
+    }
+    if (heads == 1 && packed.keys.size() <= size_t(last / SPAN)) {
+        packed.keys.resize(last / SPAN + 1);
+        packed.data.resize(packed.keys.size() * span_size);
+    }
     for (int s0 = lo / SPAN * SPAN; s0 <= last; s0 += SPAN) {
         const int n = std::min(SPAN, last + 1 - s0), width = (n + 31) / 32 * 32;  // keys s0 .. s0 + n - 1, then zeros
-        for (int j0 = 0; j0 < width; j0 += 16) {
+        // Each head's span of keys and values as the products' operands, from key group `from` on packed here,
+        // and the keys' leading dimension: one head's in `packed` (only its keys not packed yet), several
+        // heads' in their scratch.
+        uint32_t *kt[HEADS_TOGETHER], *vv[HEADS_TOGETHER];
+        int ld = width, from = 0;
+        if (heads == 1) {
+            kt[0] = packed.data.data() + s0 / SPAN * span_size, vv[0] = kt[0] + span_size / 2, ld = SPAN;
+            int& done = packed.keys[s0 / SPAN];
+            from = done < n ? done / 16 * 16 : width;
+            done = std::max(done, n);
+        } else {
+            for (int h = 0; h < heads; ++h) kt[h] = state[h].kt, vv[h] = state[h].vv;
+        }
+        for (int j0 = from; j0 < width; j0 += 16) {
             const int valid = std::clamp(n - j0, 0, 16);
             const int64_t first = valid > 0 ? key_row(it, sh, block_tables, s0 + j0) : 0;
             // The next 16 keys' rows (of every head: contiguous), requested a head's share at a time while this
@@ -601,13 +635,13 @@ void attend_heads(const Item& it, const Shape& sh, const bf16* q, const bf16* k_
                     _mm_prefetch(next_k + 64 * line, _MM_HINT_T0);
                     _mm_prefetch(next_v + 64 * line, _MM_HINT_T0);
                 }
-                pack_keys(k_cache + first + h * dim, stride, valid, dim, state[h].kt + j0, width);
-                pack_values(v_cache + first + h * dim, stride, valid, dim, state[h].vv + j0 / 2 * dim);
+                pack_keys(k_cache + first + h * dim, stride, valid, dim, kt[h] + j0, ld);
+                pack_values(v_cache + first + h * dim, stride, valid, dim, vv[h] + j0 / 2 * dim);
             }
         }
         // The heads' score products one after another, then their softmax, then their value products: a
         // product of another shape than the last reconfigures the tiles.
-        for (const Head& hd : std::span(state, heads)) gemm(padded, width, dim, hd.queries, dim, hd.kt, hd.scores, SPAN, false);
+        for (int h = 0; h < heads; ++h) gemm(padded, width, dim, state[h].queries, dim, kt[h], ld, state[h].scores, SPAN, false);
         for (const Head& hd : std::span(state, heads)) {
             for (int r = 0; r < rows; ++r) {
                 // The span's keys [begin, end) that this row sees: its window, up to its own position.
@@ -653,7 +687,7 @@ void attend_heads(const Item& it, const Shape& sh, const bf16* q, const bf16* k_
                 for (int d = 0; d < dim; d += 16) _mm512_storeu_ps(a + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), _mm512_set1_ps(factor)));
             }
         }
-        for (const Head& hd : std::span(state, heads)) gemm(padded, dim, width, hd.weights, SPAN, hd.vv, hd.acc, dim, true);
+        for (int h = 0; h < heads; ++h) gemm(padded, dim, width, state[h].weights, SPAN, vv[h], dim, state[h].acc, dim, true);
     }
     // Back from pack_values' order: of 32 columns, the first 16 hold each 8 dims' first four, the next 16
     // their last four, so the 64-bit groups of the two halves interleave.
@@ -672,63 +706,6 @@ void attend_heads(const Item& it, const Shape& sh, const bf16* q, const bf16* k_
         }
 }
 #endif
-
-template <typename T>
-void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
-                     const int32_t* seq_lens, const int32_t* query_start_loc, int num_seqs, int num_rows,
-                     const Shape& sh, T* out) {
-    const int group = sh.hq / sh.hkv;
-#if defined(__AVX512BF16__)
-    // bf16 over cache blocks that hold whole runs of 16 keys: the GEMM path above.
-    const bool gemm_path = std::is_same_v<T, bf16> && sh.dim % 32 == 0 && sh.block_size % 16 == 0;
-    const int tile = std::max(1, (gemm_path ? PROMPT_ROWS : MAX_ROWS) / group);  // tokens per item
-    const int together = gemm_path ? HEADS_TOGETHER : sh.hkv;
-#else
-    const int tile = std::max(1, MAX_ROWS / group);  // tokens per item
-    const int together = sh.hkv;
-#endif
-    // With sequences enough to share out, a decode is one item for its KV heads (up to `together` of them): it
-    // copies each block whole, one contiguous run that streams from memory, where one head's rows are strided.
-    const bool whole = num_seqs >= 2 * omp_get_max_threads();
-    std::vector<Item> items;
-    for (int seq = 0; seq < num_seqs; ++seq) {
-        const int start = query_start_loc[seq], n = query_start_loc[seq + 1] - start;
-        for (int t = 0; t < n; t += tile) {
-            const int count = std::min(tile, n - t), heads = whole && count * group <= TILE ? together : 1;
-            for (int h = 0; h < sh.hkv; h += heads)
-                items.push_back({seq, h, std::min(heads, sh.hkv - h), start + t, seq_lens[seq] - n + t, count});
-        }
-    }
-    const int used = query_start_loc[num_seqs];
-    std::memset(static_cast<void*>(out + int64_t(used) * sh.hq * sh.dim), 0,
-                size_t(num_rows - used) * sh.hq * sh.dim * sizeof(T));  // padding rows
-#pragma omp parallel
-    {
-        std::vector<float> scratch;
-#pragma omp for schedule(dynamic)
-        for (size_t i = 0; i < items.size(); ++i) {
-            const int rows = items[i].count * group;
-#if defined(__AVX512BF16__)
-            if constexpr (std::is_same_v<T, bf16>)
-                if (gemm_path) {
-                    attend_heads(items[i], sh, q, k_cache, v_cache, block_tables, out, scratch);
-                    continue;
-                }
-#endif
-            if (rows > TILE)
-                attend_rows(items[i], sh, q, k_cache, v_cache, block_tables, out, scratch);
-            else
-                with_count(rows, [&](auto nr) {
-                    attend_decode<T, decltype(nr)::value>(items[i], sh, q, k_cache, v_cache, block_tables, out,
-                                                          scratch);
-                });
-        }
-#if defined(__AVX512BF16__)
-        if (gemm_path) at::native::cpublas::brgemm_release();
-#endif
-    }
-}
-
 
 // Work units [0, n) shared out among the threads: each streams a contiguous run of its own front to back (in
 // pieces of `step` units), then takes pieces from the back of the longest run left, single units at the end.
@@ -777,6 +754,63 @@ void share_out(int64_t n, int64_t step, Body body) {
         });
     }
 }
+
+template <typename T>
+void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
+                     const int32_t* seq_lens, const int32_t* query_start_loc, int num_seqs, int num_rows,
+                     const Shape& sh, T* out) {
+    const int group = sh.hq / sh.hkv;
+#if defined(__AVX512BF16__)
+    // bf16 over cache blocks that hold whole runs of 16 keys: the GEMM path above.
+    const bool gemm_path = std::is_same_v<T, bf16> && sh.dim % 32 == 0 && sh.block_size % 16 == 0;
+    const int tile = std::max(1, (gemm_path ? PROMPT_ROWS : MAX_ROWS) / group);  // tokens per item
+    const int together = gemm_path ? HEADS_TOGETHER : sh.hkv;
+#else
+    const int tile = std::max(1, MAX_ROWS / group);  // tokens per item
+    const int together = sh.hkv;
+#endif
+    // With sequences enough to share out, a decode is one item for its KV heads (up to `together` of them): it
+    // copies each block whole, one contiguous run that streams from memory, where one head's rows are strided.
+    const bool whole = num_seqs >= 2 * omp_get_max_threads();
+    std::vector<Item> items;  // a KV head's items in a run, in order (attend_heads keeps what they share)
+    for (int seq = 0; seq < num_seqs; ++seq) {
+        const int start = query_start_loc[seq], n = query_start_loc[seq + 1] - start;
+        const int heads = whole && n * group <= TILE ? together : 1;
+        for (int h = 0; h < sh.hkv; h += heads)
+            for (int t = 0; t < n; t += tile)
+                items.push_back({seq, h, std::min(heads, sh.hkv - h), start + t, seq_lens[seq] - n + t,
+                                 std::min(tile, n - t)});
+    }
+    const int used = query_start_loc[num_seqs];
+    std::memset(static_cast<void*>(out + int64_t(used) * sh.hq * sh.dim), 0,
+                size_t(num_rows - used) * sh.hq * sh.dim * sizeof(T));  // padding rows
+    share_out(int64_t(items.size()), 1, [&](auto next) {
+        std::vector<float> scratch;
+#if defined(__AVX512BF16__)
+        PackedSpans packed;
+#endif
+        for (int64_t first, count; next(first, count);)
+            for (const Item& it : std::span(items.data() + first, count)) {
+#if defined(__AVX512BF16__)
+                if constexpr (std::is_same_v<T, bf16>)
+                    if (gemm_path) {
+                        attend_heads(it, sh, q, k_cache, v_cache, block_tables, out, scratch, packed);
+                        continue;
+                    }
+#endif
+                if (it.count * group > TILE)
+                    attend_rows(it, sh, q, k_cache, v_cache, block_tables, out, scratch);
+                else
+                    with_count(it.count * group, [&](auto nr) {
+                        attend_decode<T, decltype(nr)::value>(it, sh, q, k_cache, v_cache, block_tables, out, scratch);
+                    });
+            }
+#if defined(__AVX512BF16__)
+        if (gemm_path) at::native::cpublas::brgemm_release();
+#endif
+    });
+}
+
 
 // out[M, N] = x[M, K] @ w[N, K]^T (+ bias), fp32 accumulation, over w packed as [N / 16][K][16] (zero
 // rows pad N) in fp32 or bf16 (its rows' columns interleaved: load16). Each panel streams through once
