@@ -81,6 +81,19 @@ def test_attention_of_long_prompt_chunks_matches_reference(window):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,dim", [(1, 576), (300, 576), (7, 13)])
+def test_add_rms_norm_matches_reference(rows, dim, dtype):
+    """The residual stream's sum exactly (one rounding), its norm within a rounding of the reference's."""
+    g = torch.Generator().manual_seed(rows)
+    x, residual = (torch.randn(rows, dim, generator=g).to(dtype) * 3 for _ in range(2))
+    weight = torch.randn(dim, generator=g).to(dtype)
+    total, normed = torch.ops.splitfuse_cpu.add_rms_norm(x, residual, weight, 1e-5)
+    expected_total, expected = reference.add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(total, expected_total)
+    torch.testing.assert_close(normed.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_store_matches_reference(dtype):
     g = torch.Generator().manual_seed(0)
     key, value = (torch.randn(40, 3, 64, generator=g).to(dtype) for _ in range(2))

@@ -97,6 +97,20 @@ PANEL = 16
 _BF16_ORDER = torch.arange(PANEL).view(2, PANEL // 2).t().flatten()  # 0, 8, 1, 9, ..., 7, 15
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as the reference implementations do it: normalised in fp32, scaled in x's dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream's next value, x + residual, and its RMSNorm."""
+    total = x + residual
+    return total, rms_norm(total, weight, eps)
+
+
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     n, k = weight.shape
     # A bf16 is the top half of an fp32: an fp32 weight is exactly a bf16 when its low halves are all 0.

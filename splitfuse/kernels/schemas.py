@@ -18,12 +18,19 @@ SCHEMAS = {
     "invariant_linear": "(Tensor x, Tensor weight, Tensor? bias, bool fp32_out=False) -> Tensor",
     "argmax_rows": "(Tensor rows) -> Tensor",
 }
+# The C++ kernels' own operators, without a splitfuse::* twin: elsewhere the model runs the reference's torch code,
+# which a compiled step fuses.
+CPU_SCHEMAS = {
+    "add_rms_norm": "(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)",
+}
 # Declared with torch.library's schema API rather than the custom_op decorator: its wrappers cost more
 # per call than a small step's kernel (about 50 us against 15 us for the store, measured here).
 LIBRARIES = {ns: torch.library.Library(ns, "DEF") for ns in ("splitfuse", "splitfuse_cpu")}
 for _name, _schema in SCHEMAS.items():
     for _lib in LIBRARIES.values():
         _lib.define(_name + _schema)
+for _name, _schema in CPU_SCHEMAS.items():
+    LIBRARIES["splitfuse_cpu"].define(_name + _schema)
 
 
 def _fake_store_kv(key, value, kv_cache, layer, slot_mapping):
@@ -50,8 +57,13 @@ def _fake_argmax_rows(rows):
     return rows.new_empty(rows.shape[:-1], dtype=torch.long)
 
 
+def _fake_add_rms_norm(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
 for _ns in LIBRARIES:
     for _name, _fake in (("store_kv", _fake_store_kv), ("paged_attention", _fake_paged_attention),
                          ("packed_linear", _fake_packed_linear), ("brgemm_linear", _fake_brgemm_linear),
                          ("invariant_linear", _fake_invariant_linear), ("argmax_rows", _fake_argmax_rows)):
         torch.library.register_fake(f"{_ns}::{_name}", _fake)
+torch.library.register_fake("splitfuse_cpu::add_rms_norm", _fake_add_rms_norm)

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 from splitfuse.compiled.batch import Batch
 from splitfuse.kernels import cpu, ops
 from splitfuse.kernels.reference import (BRGEMM_CHUNK, PANEL, VNNI, interleave_panels, pack_brgemm_weight,
-                                        pack_linear_weight)
+                                        pack_linear_weight, rms_norm)
 
 
 class RMSNorm(nn.Module):
@@ -18,10 +18,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 as the reference implementations do, then scale in the model dtype.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x + residual (the residual stream's next value) and its norm."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Linear(nn.Linear):

@@ -67,11 +67,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, batch, rotary, kv_cache, rows=None):
-        """With `rows`, the output at those rows only (the keys and values of every row are stored)."""
-        h = self.self_attn(self.input_layernorm(x), batch, rotary, kv_cache, rows)
-        x = (x if rows is None else x[rows]) + h
-        return x + self.mlp(self.post_attention_layernorm(x), batch.used() if rows is None else None)
+    def forward(self, x, residual, batch, rotary, kv_cache, rows=None):
+        """The layer's output and the residual stream before it is added: x + residual is the stream after the
+        layer before (residual None: x is). With `rows`, those rows only (every row's keys and values are stored)."""
+        residual, h = (x, self.input_layernorm(x)) if residual is None else self.input_layernorm.add(x, residual)
+        h = self.self_attn(h, batch, rotary, kv_cache, rows)
+        residual, h = self.post_attention_layernorm.add(h, residual if rows is None else residual[rows])
+        return self.mlp(h, batch.used() if rows is None else None), residual
 
 
 class LlamaModel(nn.Module):
@@ -101,10 +103,11 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, batch: Batch, kv_cache: torch.Tensor) -> torch.Tensor:
-        x = self.model.embed_tokens(batch.input_ids)
+        x, residual = self.model.embed_tokens(batch.input_ids), None
         *layers, last = self.model.layers
         for i, layer in enumerate(layers):
-            x = layer(x, batch, self.rotary, (kv_cache, i))
+            x, residual = layer(x, residual, batch, self.rotary, (kv_cache, i))
         # The last layer's output is read at the logits rows only: the other rows need just its keys and
         # values (a 256-token prompt step spends about a thirtieth of its time there).
-        return self.model.norm(last(x, batch, self.rotary, (kv_cache, len(layers)), batch.logits_indices))
+        x, residual = last(x, residual, batch, self.rotary, (kv_cache, len(layers)), batch.logits_indices)
+        return self.model.norm.add(x, residual)[1]
