@@ -35,7 +35,7 @@ HELP = {
     "token_budget": "tokens per forward pass, the SplitFuse target (default: 256 on CPU, 512 where bf16 runs on AMX "
                     "or AVX-512 BF16, 2048 on GPU)",
     "batch_token_budget": "tokens per forward pass while no request streams its tokens (offline batches, "
-                          "stream=false), when only throughput counts (default: 2048 where bf16 runs on AMX, else "
+                          "stream=false), when only throughput counts (default: 4096 where bf16 runs on AMX, else "
                           "the token budget)",
     "max_num_seqs": "sequences per forward pass (default: the token budget, at most 256)",
     "block_size": "tokens per KV cache block",
