@@ -394,8 +394,14 @@ def _chat(args: argparse.Namespace) -> None:
                 for delta in client.generate(history, **sampling):
                     print(delta.text, end="", flush=True)
                     answer += delta.text
+                    if delta.finish_reason == "error":
+                        raise ValueError(delta.error)
             except KeyboardInterrupt:
                 print(" [stopped]", end="")
+            except ValueError as e:  # a turn the server refuses (too long, say): the chat goes on without it
+                print(f"[error: {e}]")
+                history.pop()
+                continue
             print()
             history.append({"role": "assistant", "content": answer})
 

@@ -1,4 +1,5 @@
 """The `splitfuse` command's options, made from the config dataclasses, and its logs."""
+import contextlib
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import pytest
 
 from splitfuse import cli
+from splitfuse import protocol
 from splitfuse.config import SamplingParams
 
 
@@ -44,6 +46,37 @@ def test_a_wrong_address_is_one_line_of_error(address):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and run.stderr.startswith("splitfuse: error: ") and "Traceback" not in run.stderr, \
         run.stderr
+
+
+def test_chat_goes_on_after_a_refused_turn(monkeypatch, capsys):
+    """A turn the server refuses is reported and left out of the history; the next turn is answered."""
+    sent = []
+
+    class Server:
+        def generate(self, history, **sampling):
+            sent.append([turn["content"] for turn in history])
+            if history[-1]["content"] == "too long":
+                raise ValueError("the prompt is longer than the model's context")
+            yield protocol.Delta("1", text="fine", finish_reason="stop")
+
+    @contextlib.contextmanager
+    def connect(args):
+        yield Server(), {}
+
+    monkeypatch.setattr(cli, "_connect", connect)
+    lines = iter(["too long", "hello"])
+
+    def read(prompt):
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        return line
+
+    monkeypatch.setattr("builtins.input", read)
+    cli._chat(cli._parser().parse_args(["chat"]))
+    assert sent == [["too long"], ["hello"]]
+    out = capsys.readouterr().out
+    assert "[error: the prompt is longer than the model's context]" in out and "fine" in out
 
 
 def test_serve_takes_http_backpressure_and_access_options():
