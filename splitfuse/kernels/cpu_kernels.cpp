@@ -106,6 +106,7 @@ struct Item {
     int row;    // flat row of the item's first token
     int pos;    // its position in the sequence
     int count;  // consecutive new tokens
+    bool keep;  // its sequence's chunk is several items a KV head, which share what they pack (attend_heads)
 };
 
 struct Shape {
@@ -521,7 +522,8 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const void* a, int64_t lda, co
 // items of that head (paged_attention hands a thread a head's items in a run): an item sees every key up to its
 // own last, so packing within the items packed a 384-token prompt's first span 12 times, a quarter of a prompt
 // step's attention (measured, Xeon with AMX). A span's keys packed for a later item than the one at hand are
-// real keys past its last, which its weights mask.
+// real keys past its last, which its weights mask. An item that shares nothing (a decode's) packs each span into
+// its own scratch instead: through here, a decode of 4000 keys took 1.2-1.5x as long.
 struct PackedSpans {
     int seq = -1, kv_head = -1;
     std::vector<int> keys;         // per span: how many of its keys are packed
@@ -552,8 +554,9 @@ void attend_heads(const Item& it, const Shape& sh, const bf16* q, const bf16* k_
                   const int32_t* block_tables, bf16* out, std::vector<float>& scratch, PackedSpans& packed) {
     const int group = sh.hq / sh.hkv, dim = sh.dim, rows = it.count * group, heads = it.heads;
     const int padded = (rows + GEMM_ROWS - 1) / GEMM_ROWS * GEMM_ROWS;
-    // A head's parts, in floats, each rounded up to 64 bytes; one head's kt and vv are in `packed`.
-    const size_t spans = heads > 1 ? size_t(dim) * SPAN / 2 : 0;
+    // A head's parts, in floats, each rounded up to 64 bytes; kt and vv are in `packed` where the item keeps them.
+    const bool keep = it.keep && heads == 1;
+    const size_t spans = keep ? 0 : size_t(dim) * SPAN / 2;
     const size_t sizes[] = {size_t(padded) * dim / 2, size_t(padded) * SPAN, size_t(padded) * SPAN / 2, spans, spans,
                             size_t(padded) * dim, size_t(padded), size_t(padded)};
     size_t each = 0;
@@ -564,8 +567,8 @@ void attend_heads(const Item& it, const Shape& sh, const bf16* q, const bf16* k_
         bf16* queries;   // [padded][dim]
         float* scores;   // [padded][SPAN]
         bf16* weights;   // [padded][SPAN]: its padding rows stay zero
-        uint32_t* kt;    // [dim / 2][width] (several heads)
-        uint32_t* vv;    // [width / 2][dim] (several heads)
+        uint32_t* kt;    // [dim / 2][width], unless kept
+        uint32_t* vv;    // [width / 2][dim], unless kept
         float *acc, *m, *l;  // [padded][dim], [padded], [padded]
     };
     Head state[HEADS_TOGETHER];
@@ -589,22 +592,22 @@ void attend_heads(const Item& it, const Shape& sh, const bf16* q, const bf16* k_
     const int64_t stride = int64_t(sh.hkv) * dim;  // between consecutive keys of a block
     const int64_t span_size = int64_t(dim) * SPAN;  // a packed span's kt and vv, in pairs of bf16
     const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    if (heads == 1 && (packed.seq != it.seq || packed.kv_head != it.kv_head)) {
+    if (keep && (packed.seq != it.seq || packed.kv_head != it.kv_head)) {
         packed.seq = it.seq, packed.kv_head = it.kv_head;
         packed.keys.clear();
     }
-    if (heads == 1 && packed.keys.size() <= size_t(last / SPAN)) {
+    if (keep && packed.keys.size() <= size_t(last / SPAN)) {
         packed.keys.resize(last / SPAN + 1);
         packed.data.resize(packed.keys.size() * span_size);
     }
     for (int s0 = lo / SPAN * SPAN; s0 <= last; s0 += SPAN) {
         const int n = std::min(SPAN, last + 1 - s0), width = (n + 31) / 32 * 32;  // keys s0 .. s0 + n - 1, then zeros
         // Each head's span of keys and values as the products' operands, from key group `from` on packed here,
-        // and the keys' leading dimension: one head's in `packed` (only its keys not packed yet), several
-        // heads' in their scratch.
+        // and the keys' leading dimension: in `packed` where the item keeps them (only its keys not packed yet),
+        // else in the heads' scratch.
         uint32_t *kt[HEADS_TOGETHER], *vv[HEADS_TOGETHER];
         int ld = width, from = 0;
-        if (heads == 1) {
+        if (keep) {
             kt[0] = packed.data.data() + s0 / SPAN * span_size, vv[0] = kt[0] + span_size / 2, ld = SPAN;
             int& done = packed.keys[s0 / SPAN];
             from = done < n ? done / 16 * 16 : width;
@@ -779,7 +782,7 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
         for (int h = 0; h < sh.hkv; h += heads)
             for (int t = 0; t < n; t += tile)
                 items.push_back({seq, h, std::min(heads, sh.hkv - h), start + t, seq_lens[seq] - n + t,
-                                 std::min(tile, n - t)});
+                                 std::min(tile, n - t), n > tile});
     }
     const int used = query_start_loc[num_seqs];
     std::memset(static_cast<void*>(out + int64_t(used) * sh.hq * sh.dim), 0,
