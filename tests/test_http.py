@@ -365,9 +365,10 @@ def test_sigterm_drains_then_exits_0(small, certificates):
             with pytest.raises(openai.InternalServerError) as refused:
                 await api.completions.create(model=MODEL, prompt="Too late.", max_tokens=2)
             assert refused.value.status_code == 503
-            with pytest.raises(openai.APIError, match="shutting down"):
+            with pytest.raises(openai.APIError, match="shutting down") as ended:
                 async for _ in long:
                     pass
+            assert ended.value.body["code"] == 503  # as a whole answer that fails while draining gets
             return await short
 
     answer = run(body(), timeout=120)

@@ -744,11 +744,11 @@ async def _respond(bridge: CoreBridge, request: Request, answer: "Answer", body:
             raise ApiError(_failed_status(error, bridge.core.accepting), error)
         return answer.whole([finals[i] for i in range(len(requests))], body.n)
     usage = body.stream_options is not None and body.stream_options.include_usage
-    return StreamingResponse(_sse(answer, arrived, events, len(requests), body.n, usage),
+    return StreamingResponse(_sse(answer, arrived, events, len(requests), body.n, usage, bridge.core),
                              media_type="text/event-stream")
 
 
-def _failed_status(error: str, accepting: bool = True) -> int:
+def _failed_status(error: str, accepting: bool) -> int:
     """The status of a request that failed in a worker: 400 where its own constraint failed it, else 500 (503
     while the server drains)."""
     return 400 if error.startswith(CONSTRAINT_ERROR) else 500 if accepting else 503
@@ -773,7 +773,7 @@ async def _unless_disconnected(request: Request, work):
 
 
 async def _sse(answer: "Answer", first: tuple[int, Delta], events: AsyncIterator[tuple[int, Delta]],
-               choices: int, n: int, include_usage: bool) -> AsyncIterator[str]:
+               choices: int, n: int, include_usage: bool, core: Core) -> AsyncIterator[str]:
     finals: dict[int, Delta] = {}
     generated = 0
     async with aclosing(events):
@@ -786,7 +786,7 @@ async def _sse(answer: "Answer", first: tuple[int, Delta], events: AsyncIterator
             if delta.finish_reason is not None:
                 finals[i] = delta
             if delta.finish_reason == "error":
-                status = _failed_status(delta.error or "")
+                status = _failed_status(delta.error or "", core.accepting)
                 yield _event({"error": {"message": delta.error, "type": STATUS_TYPES[status], "param": None,
                                         "code": status}})
                 continue
