@@ -35,12 +35,17 @@ inline float widen(bf16 x) {
     std::memcpy(&f, &u, 4);
     return f;
 }
+// The fp32 bits u (a uint32_t, or a vector of them) rounded to bf16's, in the top half: nearest even, a NaN stays
+// a NaN (made quiet). Without branches, so that loops of it vectorize.
+template <typename U>
+inline U bf16_bits(U u) {
+    return (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x400000u) & 0xffff0000u : (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+}
 inline void narrow(float x, float* out) { *out = x; }
-inline void narrow(float x, bf16* out) {  // without branches, so that loops of it vectorize
+inline void narrow(float x, bf16* out) {
     uint32_t u;
     std::memcpy(&u, &x, 4);
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    out->bits = uint16_t((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);  // NaN stays NaN
+    out->bits = uint16_t(bf16_bits(u) >> 16);
 }
 
 // 8-wide vectors that the compiler maps onto the machine's (AVX2 or wider, or NEON pairs).
@@ -554,8 +559,9 @@ void attend_heads(const Item& it, const Shape& sh, const bf16* q, const bf16* k_
                   const int32_t* block_tables, bf16* out, std::vector<float>& scratch, PackedSpans& packed) {
     const int group = sh.hq / sh.hkv, dim = sh.dim, rows = it.count * group, heads = it.heads;
     const int padded = (rows + GEMM_ROWS - 1) / GEMM_ROWS * GEMM_ROWS;
-    // A head's parts, in floats, each rounded up to 64 bytes; kt and vv are in `packed` where the item keeps them.
-    const bool keep = it.keep && heads == 1;
+    // A head's parts, in floats, each rounded up to 64 bytes; kt and vv are in `packed` where the item keeps them
+    // (an item of one head: a chunk of several items a head has more than TILE rows in each).
+    const bool keep = it.keep;
     const size_t spans = keep ? 0 : size_t(dim) * SPAN / 2;
     const size_t sizes[] = {size_t(padded) * dim / 2, size_t(padded) * SPAN, size_t(padded) * SPAN / 2, spans, spans,
                             size_t(padded) * dim, size_t(padded), size_t(padded)};
@@ -1035,20 +1041,20 @@ void brgemm_linear(const at::BFloat16* x, const at::BFloat16* w, const float* bi
     });
 }
 
-// sum = x + residual (in T), out = weight * (sum / rms(sum)) (the normalised row narrowed to T before the
-// weight, as Hugging Face's RMSNorm does), a row at a time: one pass over the row for the sum and its squares,
-// one for the norm, the row in L1 between them. Inductor made three passes over the whole step, each from L3 at a
-// 2048-token step.
-// v rounded to T's precision, still in fp32: nearest even, as narrow rounds (a NaN stays a NaN).
+// v rounded to T's precision, still in fp32: widen(narrow(v)) of each value.
 inline v8f rounded(v8f v, float*) { return v; }
 inline v8f rounded(v8f v, bf16*) {
     v8u u;
     std::memcpy(&u, &v, sizeof u);
-    const v8u r = (u & 0x7fffffffu) > 0x7f800000u ? u : (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-    std::memcpy(&v, &r, sizeof v);
+    u = bf16_bits(u);
+    std::memcpy(&v, &u, sizeof v);
     return v;
 }
 
+// sum = x + residual (in T), out = weight * (sum / rms(sum)) (the normalised row narrowed to T before the
+// weight, as Hugging Face's RMSNorm does), a row at a time: one pass over the row for the sum and its squares,
+// one for the norm, the row in L1 between them. Inductor made three passes over the whole step, each from L3 at a
+// 2048-token step.
 template <typename T>
 void add_rms_norm(const T* x, const T* residual, const T* weight, T* sum, T* out, int64_t rows, int64_t dim,
                   float eps) {
