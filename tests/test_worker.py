@@ -1,4 +1,6 @@
 """The worker's loop over its socket, driven from a frontend's side of an in-process link."""
+import time
+
 from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.worker.engine import Engine
@@ -53,3 +55,30 @@ def test_a_request_sent_without_streaming_takes_the_batch_budget_while_none_stre
         msg = protocol.decode(frontend.recv_multipart()[1], protocol.WORKER_REPLIES)
         finished = isinstance(msg, protocol.Step) and any(o.finish_reason for o in msg.outputs)
     assert [n for n in steps if n][:2] == [20, 1]
+
+
+def test_a_request_the_worker_cannot_read_ends_with_an_error_and_the_worker_serves_on(make_checkpoint, worker_link):
+    """A frontend of another version (a remote worker's, say) sends a field this worker does not know: that request
+    gets an error naming it, where it had waited for ever, and the next request is served."""
+    import msgspec
+    engine = Engine(EngineConfig(model=str(make_checkpoint("llama")), dtype="float32", device="cpu", eager=True,
+                                 num_blocks=64, token_budget=64), progress=False)
+    frontend, identity = worker_link(engine)
+    unknown = msgspec.msgpack.decode(protocol.encode(protocol.Generate("unread", prompt_ids=[1, 2, 3])))
+    unknown["priority"] = 1
+    frontend.send_multipart([identity, msgspec.msgpack.encode(unknown)])
+    frontend.send_multipart([identity, protocol.encode(protocol.Generate(
+        "next", prompt_ids=[1, 2, 3], params=SamplingParams(max_new_tokens=2, ignore_eos=True)))])
+    replies: dict[str, list] = {"unread": [], "next": []}
+    deadline = time.monotonic() + 60  # its heartbeats go on either way
+    while not (replies["unread"] and replies["next"] and replies["next"][-1].finish_reason):
+        assert time.monotonic() < deadline and frontend.poll(30_000), f"no answer to both: {replies}"
+        msg = protocol.decode(frontend.recv_multipart()[1], protocol.WORKER_REPLIES)
+        if isinstance(msg, protocol.Error):
+            replies[msg.id].append(msg)
+        elif isinstance(msg, protocol.Step):
+            for out in msg.outputs:
+                replies[out.id].append(out)
+    [error] = replies["unread"]
+    assert "could not read this request" in error.error and "priority" in error.error
+    assert sum(len(o.token_ids) for o in replies["next"]) == 2

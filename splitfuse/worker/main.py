@@ -115,8 +115,10 @@ class Worker:
     def _handle(self, frame: bytes) -> None:
         try:
             msg = protocol.decode(frame, protocol.WORKER_REQUESTS)
-        except protocol.ProtocolError as e:  # only our frontend talks to us: a bug, not a user error
-            log.warning("replica %d: dropped a message: %s", self.replica, e)
+        except protocol.ProtocolError as e:  # only a frontend talks to us: a bug or another version, not a user error
+            log.warning("replica %d: could not read a message: %s", self.replica, e)
+            if e.request_id is not None:  # its request ends with the reason rather than waiting for ever
+                self._send(protocol.Error(e.request_id, f"the worker could not read this request: {e}"))
             return
         self._heard = time.monotonic()
         if isinstance(msg, protocol.Generate):
