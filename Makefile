@@ -45,14 +45,16 @@ demo: model
 	$(PY) -m splitfuse.cli demo
 
 # The kernels' paths of the CPU classes below this one, on this one: oneDNN stopped at AVX-512 BF16 without AMX
-# (Zen 4/5), then torch and oneDNN at AVX2, where "auto" is fp32 (Zen 3). On a CPU with less, a run repeats its
-# own path.
+# (Zen 4/5), then torch and oneDNN at AVX2, in fp32 ("auto" there: Zen 3) and in bf16 (asked for there). On a CPU
+# with less, a run repeats its own path.
 ISA_TESTS := tests/test_kernels_cpu.py tests/test_batch_invariance.py tests/test_deterministic.py tests/test_models.py
+AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 
 test: model
 	$(PY) -m pytest tests
 	ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 $(PY) -m pytest $(ISA_TESTS)
-	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest $(ISA_TESTS)
+	$(AVX2) $(PY) -m pytest $(ISA_TESTS)
+	$(AVX2) SPLITFUSE_AUTO_DTYPE=bfloat16 $(PY) -m pytest $(ISA_TESTS)
 
 # The suite with dtype "auto" meaning bf16: on a CPU that computes fp32 (where `make test` runs fp32) this
 # checks that what compares answers across paths holds in bf16 too. On a bf16 CPU it is `make test`.

@@ -227,8 +227,8 @@ def test_a_linear_multiplies_only_the_rows_in_use(kernel, used, gated):
         packed = torch.cat(packs) if gated else packs[0]
         args = (gated, False)
     bias = bias if gated else bias[:n]
-    namespaces = [torch.ops.splitfuse] + ([torch.ops.splitfuse_cpu]
-                                          if kernel == "packed_linear" or cpu.has_bf16_gemm() else [])
+    in_cpp = kernel == "packed_linear" or cpu.has_bf16_gemm()
+    namespaces = [torch.ops.splitfuse] + ([torch.ops.splitfuse_cpu] if in_cpp else [])
     for ns in namespaces:
         op = getattr(ns, kernel)
         whole = op(x, packed, bias, n, *args)
@@ -237,8 +237,9 @@ def test_a_linear_multiplies_only_the_rows_in_use(kernel, used, gated):
             got = op(x, packed, bias, n, *args, count)
             assert torch.equal(got[:used], whole[:used])
             assert not got[used:].any()
-    with pytest.raises(RuntimeError, match="41 rows in use of 40"):
-        getattr(torch.ops.splitfuse_cpu, kernel)(x, packed, bias, n, *args, torch.tensor([41]))
+    if in_cpp:
+        with pytest.raises(RuntimeError, match="41 rows in use of 40"):
+            getattr(torch.ops.splitfuse_cpu, kernel)(x, packed, bias, n, *args, torch.tensor([41]))
 
 
 @needs_bf16_gemm
@@ -273,6 +274,32 @@ def test_a_compiler_that_fails_leaves_one_sentence_and_the_reference(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("splitfuse:")]
     assert lines == ["splitfuse: the CPU kernels could not be built or loaded here (cpu_kernels.cpp:60:1: error: "
                      "unknown builtin); the slower torch reference serves instead."], result.stderr
+
+
+def test_bf16_attention_and_linears_serve_where_onednn_computes_no_bf16():
+    """oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA) leaves ATen's brgemm without bf16, which it then refuses by
+    throwing: inside the attention's threads that had ended the process. Here the attention takes its other
+    path and matches the reference, the linears are not offered the brgemm kernel, and called anyway it says why."""
+    code = """
+import torch, sys
+sys.path.insert(0, %r)
+from test_kernels_cpu import LAYER, paged_batch, reference_attention
+from splitfuse.kernels import cpu, reference
+assert cpu.library()
+batch = paged_batch(3, [300, 1, 1], [300, 410, 20], hq=9, hkv=3, dim=64, block_size=16, dtype=torch.bfloat16)
+got = torch.ops.splitfuse_cpu.paged_attention(*batch[:2], LAYER, *batch[2:], 0.3, 0)
+torch.testing.assert_close(got.float(), reference_attention(*batch, 0.3, 0).float(), atol=2e-2, rtol=2e-2)
+assert not cpu.has_bf16_gemm()
+w = reference.pack_brgemm_weight(torch.ones(64, 64, dtype=torch.bfloat16))
+try:
+    torch.ops.splitfuse_cpu.brgemm_linear(torch.ones(2, 64, dtype=torch.bfloat16), w, None, 64)
+except RuntimeError as e:
+    print(str(e).splitlines()[0])
+""" % os.path.dirname(__file__)
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    result = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "does not multiply bf16 here" in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("width", [1, 7, 31, 33, 100, 49152])

@@ -451,6 +451,23 @@ void attend_decode(const Item& it, const Shape& sh, const T* q, const T* k_cache
     }
 }
 
+// Whether ATen's brgemm multiplies bf16 pairs here. oneDNN can be capped below it (ONEDNN_MAX_CPU_ISA=AVX2) or
+// turned off; ATen then throws, which inside a parallel region ends the process. Tried once, outside any.
+bool brgemm_takes_bf16() {
+    static const bool takes = [] {
+        std::vector<at::BFloat16> a(2, 1.f), b(2 * 16, 1.f);
+        float c[16];
+        try {
+            at::native::cpublas::brgemm(1, 16, 2, 2, 16, 16, false, a.data(), b.data(), c, true);
+            at::native::cpublas::brgemm_release();
+            return true;
+        } catch (const c10::Error&) {
+            return false;
+        }
+    }();
+    return takes;
+}
+
 #if defined(__AVX512BF16__)
 // bf16 attention through ATen's batch-reduce GEMM (oneDNN's micro-kernels: AMX tiles, or AVX-512 BF16 dot
 // products), reading the cache unwidened. One function serves every item, a decode or a prompt chunk of any
@@ -771,7 +788,7 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
     const int group = sh.hq / sh.hkv;
 #if defined(__AVX512BF16__)
     // bf16 over cache blocks that hold whole runs of 16 keys: the GEMM path above.
-    const bool gemm_path = std::is_same_v<T, bf16> && sh.dim % 32 == 0 && sh.block_size % 16 == 0;
+    const bool gemm_path = std::is_same_v<T, bf16> && sh.dim % 32 == 0 && sh.block_size % 16 == 0 && brgemm_takes_bf16();
     const int tile = std::max(1, (gemm_path ? PROMPT_ROWS : MAX_ROWS) / group);  // tokens per item
     const int together = gemm_path ? HEADS_TOGETHER : sh.hkv;
 #else
@@ -1215,6 +1232,8 @@ at::Tensor brgemm_linear_op(const at::Tensor& x, const at::Tensor& packed, const
                             int64_t out_features, bool gated, bool fp32_out, const std::optional<at::Tensor>& used) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu() && x.size(1) % 2 == 0,
                 "brgemm_linear: x must be a bf16 CPU tensor [M, K] with K even");
+    TORCH_CHECK(brgemm_takes_bf16(), "brgemm_linear: ATen's brgemm does not multiply bf16 here (oneDNN capped below "
+                "AVX-512 or turned off); cpu.has_bf16_gemm() says so too");
     const int64_t K = x.size(1);
     const int64_t chunks = (gated ? 2 : 1) * ((out_features + CHUNK_N - 1) / CHUNK_N);
     TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() && out_features > 0
