@@ -1,5 +1,6 @@
 """The bundled SmolLM2-135M-Instruct through our stack against transformers on the same directory (fp32)."""
 import threading
+import time
 
 import pytest
 import torch
@@ -109,6 +110,25 @@ def test_a_pipeline_shared_by_threads_answers_each_as_alone_and_refuses_bool_ids
                 pipe(bad, max_new_tokens=2)
     assert answers == {i: expected[i] for i in range(len(prompts))}
 
+
+
+def test_close_from_another_thread_ends_the_call_running_there():
+    """close() had waited for a running call to finish: one of 1000 new tokens, here. The call now ends with
+    ValueError within a poll of the core, and nothing of it keeps running."""
+    outcome: dict[str, object] = {}
+
+    def call():
+        try:
+            outcome["answer"] = pipe("Tell me a long story.", max_new_tokens=1000, ignore_eos=True)
+        except ValueError as e:
+            outcome["error"] = str(e)
+    with splitfuse.pipeline(device="cpu", dtype="float32", eager=True, num_blocks=256) as pipe:
+        thread = threading.Thread(target=call)
+        thread.start()
+        time.sleep(1)  # well into the call, or at worst before it: either way it must not answer
+        pipe.close()
+        thread.join(60)
+    assert not thread.is_alive() and "closed" in str(outcome.get("error")), outcome
 
 CHAT_QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2+2?", "Who wrote Hamlet?",
                   "What is the largest planet?", "How many legs does a spider have?"]

@@ -21,10 +21,12 @@ Prompt = str | list[int]
 class Pipeline:
     """Holds one worker process; `pipe(prompts, **sampling)` returns responses in input order. Threads may share
     one: their calls take turns at the core (its ZeroMQ sockets serve one thread at a time), each waiting while
-    another's run; several callers at once are what `splitfuse.serve()` and its clients are for."""
+    another's run; several callers at once are what `splitfuse.serve()` and its clients are for. `close()` from
+    another thread ends the calls running or waiting there with ValueError."""
 
     def __init__(self, model: str | None = None, **engine_options):
         self._lock = threading.RLock()
+        self._closing = threading.Event()  # a call polling the core stops at its next turn
         self._core: Core | None = Core(EngineConfig.from_kwargs(model=model, **engine_options), request_timeout=None)
         try:
             self._core.start()
@@ -55,6 +57,7 @@ class Pipeline:
                 while not deltas:
                     with self._lock:
                         self._core_or_closed().poll(POLL)
+                    self._raise_if_closing()
                 delta = deltas.pop(0)
                 if isinstance(delta, Exception):
                     raise delta
@@ -73,6 +76,7 @@ class Pipeline:
             return self._core_or_closed().stats()["replicas"][0]["engine"]
 
     def close(self) -> None:
+        self._closing.set()
         with self._lock:
             if self._core is not None:
                 self._core.close()
@@ -89,6 +93,10 @@ class Pipeline:
             raise ValueError("this pipeline is closed")
         return self._core
 
+    def _raise_if_closing(self) -> None:
+        if self._closing.is_set():
+            raise ValueError("this pipeline was closed while the call ran")
+
     def _run(self, prompts: list[dict], params: SamplingParams) -> list[Response]:
         with self._lock:
             core = self._core_or_closed()
@@ -97,6 +105,7 @@ class Pipeline:
                     for i, fields in enumerate(prompts)]
             try:
                 while len(results) < len(keys) and not any(isinstance(r, Exception) for r in results.values()):
+                    self._raise_if_closing()
                     core.poll(POLL)
             finally:
                 for key in keys:  # a refused prompt (or Ctrl-C) leaves nothing of this call running
