@@ -1,7 +1,7 @@
 """Routing: each request goes to the ready replica with the least outstanding work."""
 from splitfuse import protocol
 from splitfuse.config import EngineConfig, SamplingParams
-from splitfuse.frontend.replicas import Lost, Replica, Serving, Supervisor
+from splitfuse.frontend.replicas import Lost, Replica, Serving, Supervisor, worker_env
 from splitfuse.frontend.router import Job, Router, least_loaded
 
 
@@ -54,3 +54,12 @@ def test_a_replica_lost_in_the_drain_that_made_it_ready_leaves_the_waiting_jobs_
         assert router.handle([Serving(replica)]) == [] and not router.waiting and "a" in replica.jobs
     finally:
         supervisor.close()
+
+
+def test_workers_start_with_malloc_asking_for_huge_pages_unless_the_user_said_otherwise(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert worker_env()["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert worker_env()["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+    assert worker_env()["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
