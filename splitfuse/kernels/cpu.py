@@ -88,7 +88,8 @@ def library() -> Path | None:
 
 def has_bf16_gemm() -> bool:
     """Whether bf16 linears take the brgemm kernel: the CPU has bf16 dot products (AVX-512 BF16) or AMX tiles,
-    which ATen's batch-reduce GEMM uses, and the kernels are built."""
+    which ATen's batch-reduce GEMM uses, oneDNN computes bf16 (ONEDNN_MAX_CPU_ISA can stop it below), and the
+    kernels are built."""
     return ((torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
             and torch.ops.mkldnn._is_mkldnn_bf16_supported() and library() is not None)
 

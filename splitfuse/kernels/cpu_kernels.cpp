@@ -788,7 +788,8 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int32
     const int group = sh.hq / sh.hkv;
 #if defined(__AVX512BF16__)
     // bf16 over cache blocks that hold whole runs of 16 keys: the GEMM path above.
-    const bool gemm_path = std::is_same_v<T, bf16> && sh.dim % 32 == 0 && sh.block_size % 16 == 0 && brgemm_takes_bf16();
+    const bool gemm_path =
+        std::is_same_v<T, bf16> && sh.dim % 32 == 0 && sh.block_size % 16 == 0 && brgemm_takes_bf16();
     const int tile = std::max(1, (gemm_path ? PROMPT_ROWS : MAX_ROWS) / group);  // tokens per item
     const int together = gemm_path ? HEADS_TOGETHER : sh.hkv;
 #else
