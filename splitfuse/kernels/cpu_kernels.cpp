@@ -1257,10 +1257,6 @@ at::Tensor brgemm_linear_op(const at::Tensor& x, const at::Tensor& packed, const
     return out;
 }
 
-// Each row's first maximum, as torch's max(dim=-1).indices gives it (a NaN counts as the maximum): the greedy
-// choice of a step's tokens. Four vectors of lanes keep each their first maximum (four, so that the compares
-// do not wait on each other), then the lanes' maxima are compared; the rows are shared out among the threads.
-// torch's took 1.0 ms for 48 rows of 49152 logits, this 0.2 (Xeon with AMX, two cores).
 std::tuple<at::Tensor, at::Tensor> add_rms_norm_op(const at::Tensor& x, const at::Tensor& residual,
                                                    const at::Tensor& weight, double eps) {
     check_type(x, "add_rms_norm: x");
@@ -1278,6 +1274,10 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_op(const at::Tensor& x, const at
     return {sum, out};
 }
 
+// Each row's first maximum, as torch's max(dim=-1).indices gives it (a NaN counts as the maximum): the greedy
+// choice of a step's tokens. Four vectors of lanes keep each their first maximum (four, so that the compares
+// do not wait on each other), then the lanes' maxima are compared; the rows are shared out among the threads.
+// torch's took 1.0 ms for 48 rows of 49152 logits, this 0.2 (Xeon with AMX, two cores).
 at::Tensor argmax_rows_op(const at::Tensor& rows) {
     TORCH_CHECK(rows.dim() == 2 && rows.scalar_type() == at::kFloat && rows.device().is_cpu() && rows.size(1) > 0,
                 "argmax_rows: rows must be an fp32 CPU tensor [M, N] with N > 0");
