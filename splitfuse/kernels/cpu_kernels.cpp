@@ -96,9 +96,10 @@ inline void load16(const bf16* p, v8f& lo, v8f& hi) {
     std::memcpy(&lo, &a, sizeof lo);
     std::memcpy(&hi, &b, sizeof hi);
 }
-inline float hsum(v8f v) {
+template <typename V>
+inline float hsum(V v) {
     float s = 0.f;
-    for (int e = 0; e < 8; ++e) s += v[e];
+    for (size_t e = 0; e < sizeof(V) / sizeof(float); ++e) s += v[e];
     return s;
 }
 
@@ -174,6 +175,49 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 inline v16f fma16(v16f a, v16f b, v16f c) { return (v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
 inline v16f exp16(v16f x) { return exp_vector<v16f, v16i, fma16>(x); }
 #endif
+
+// The build's widest vectors, for the passes over every value of a row (finish_row, add_rms_norm).
+#if defined(__AVX512F__)
+typedef v16f vwide;
+inline vwide load_wide(const bf16* p) {
+    return (v16f)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+}
+inline vwide fma_wide(vwide a, vwide b, vwide c) { return fma16(a, b, c); }
+inline vwide exp_wide(vwide x) { return exp16(x); }
+#else
+typedef v8f vwide;
+inline vwide load_wide(const bf16* p) { return load8(p); }
+inline vwide fma_wide(vwide a, vwide b, vwide c) { return fma8(a, b, c); }
+inline vwide exp_wide(vwide x) { return exp8(x); }
+#endif
+constexpr int64_t WIDE = sizeof(vwide) / sizeof(float);
+inline vwide load_wide(const float* p) { vwide v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store_wide(float* p, vwide v) { std::memcpy(p, &v, sizeof v); }
+// v rounded to T's precision, still in fp32: widen(narrow(v)) of each value.
+inline vwide rounded(vwide v, float*) { return v; }
+inline vwide rounded(vwide v, bf16*) {
+    typedef uint32_t U __attribute__((vector_size(sizeof(vwide))));
+    U u;
+    std::memcpy(&u, &v, sizeof u);
+    u = bf16_bits(u);
+    std::memcpy(&v, &u, sizeof v);
+    return v;
+}
+// v stored as T's values: bf16 rounded to nearest even, by the CPU's own conversion where it has one.
+inline void store_narrow(float* p, vwide v) { store_wide(p, v); }
+inline void store_narrow(bf16* p, vwide v) {
+#if defined(__AVX512BF16__)
+    const __m256bh b = _mm512_cvtneps_pbh((__m512)v);
+    std::memcpy(p, &b, sizeof b);
+#else
+    typedef uint32_t U __attribute__((vector_size(sizeof(vwide))));
+    typedef uint16_t H __attribute__((vector_size(sizeof(vwide) / 2)));
+    U u;
+    std::memcpy(&u, &v, sizeof u);
+    const H h = __builtin_convertvector(bf16_bits(u) >> 16, H);
+    std::memcpy(p, &h, sizeof h);
+#endif
+}
 
 inline float fast_exp(float x) { return exp8(v8f{} + x)[0]; }
 
@@ -911,45 +955,20 @@ void packed_linear(const float* x, const W* w, const float* bias, float* out, in
 // rows takes dot_product instead where that gives a row the same bits.
 constexpr int64_t BLOCK_M = 64, CHUNK_N = 64;  // CHUNK_N: reference.BRGEMM_CHUNK
 
-// n fp32 values rounded to bf16 (or copied), 16 at a time where the CPU converts them itself.
-inline void narrow_row(const float* row, float* out, int64_t n) { std::memcpy(out, row, n * sizeof(float)); }
-inline void narrow_row(const float* row, bf16* out, int64_t n) {
-    int64_t j = 0;
-#if defined(__AVX512BF16__)
-    for (; j + 16 <= n; j += 16) {
-        const __m256bh b = _mm512_cvtneps_pbh(_mm512_loadu_ps(row + j));
-        std::memcpy(out + j, &b, sizeof b);
-    }
-#endif
-    for (; j < n; ++j) narrow(row[j], out + j);
-}
-
 // One row of a chunk's products: bias added, gated where up is given, stored (narrowed where Out is bf16).
-// A pass over every output of a linear, so in vectors as wide as the build's.
 template <typename Out>
 inline void finish_row(const float* acc, const float* bias, const float* up, const float* up_bias, Out* out,
                        int64_t cols) {
-#if defined(__AVX512F__)
-    typedef v16f V;
-    auto exp = exp16;
-#else
-    typedef v8f V;
-    auto exp = exp8;
-#endif
-    constexpr int64_t W = sizeof(V) / sizeof(float);
-    auto load = [](const float* p) { V v; std::memcpy(&v, p, sizeof v); return v; };
-    float row[CHUNK_N];
     int64_t j = 0;
-    for (; j + W <= cols; j += W) {
-        V v = load(acc + j) + (bias ? load(bias + j) : V{});
-        if (up) v = v / (1.f + exp(-v)) * (load(up + j) + (up_bias ? load(up_bias + j) : V{}));
-        std::memcpy(row + j, &v, sizeof v);
+    for (; j + WIDE <= cols; j += WIDE) {
+        vwide v = load_wide(acc + j) + (bias ? load_wide(bias + j) : vwide{});
+        if (up) v = v / (1.f + exp_wide(-v)) * (load_wide(up + j) + (up_bias ? load_wide(up_bias + j) : vwide{}));
+        store_narrow(out + j, v);
     }
     for (; j < cols; ++j) {
         const float v = acc[j] + (bias ? bias[j] : 0.f);
-        row[j] = up ? v / (1.f + std::exp(-v)) * (up[j] + (up_bias ? up_bias[j] : 0.f)) : v;
+        narrow(up ? v / (1.f + std::exp(-v)) * (up[j] + (up_bias ? up_bias[j] : 0.f)) : v, out + j);
     }
-    narrow_row(row, out, cols);
 }
 
 #if defined(__AVX512BF16__)
@@ -1059,53 +1078,36 @@ void brgemm_linear(const at::BFloat16* x, const at::BFloat16* w, const float* bi
     });
 }
 
-// v rounded to T's precision, still in fp32: widen(narrow(v)) of each value.
-inline v8f rounded(v8f v, float*) { return v; }
-inline v8f rounded(v8f v, bf16*) {
-    v8u u;
-    std::memcpy(&u, &v, sizeof u);
-    u = bf16_bits(u);
-    std::memcpy(&v, &u, sizeof v);
-    return v;
-}
-
 // sum = x + residual (in T), out = weight * (sum / rms(sum)) (the normalised row narrowed to T before the
-// weight, as Hugging Face's RMSNorm does), a row at a time: one pass over the row for the sum and its squares,
-// one for the norm, the row in L1 between them. Inductor made three passes over the whole step, each from L3 at a
-// 2048-token step.
+// weight, as Hugging Face's RMSNorm does), a row at a time: one pass over the row storing the sum and adding up
+// its squares, one reading the sum back from L1 for the norm. Inductor made three passes over the whole step,
+// each from L3 at a 2048-token step.
 template <typename T>
 void add_rms_norm(const T* x, const T* residual, const T* weight, T* sum, T* out, int64_t rows, int64_t dim,
                   float eps) {
-#pragma omp parallel if (rows * dim > (1 << 14))
-    {
-        std::vector<float> row(dim);
-        float* r = row.data();
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < rows; ++t) {
-            const T *a = x + t * dim, *b = residual + t * dim;
-            v8f squares{};
-            float tail = 0.f;
-            int64_t d = 0;
-            for (; d + 8 <= dim; d += 8) {
-                const v8f v = rounded(load8(a + d) + load8(b + d), sum);
-                store8(r + d, v);
-                squares = fma8(v, v, squares);
-            }
-            for (; d < dim; ++d) {
-                T v;
-                narrow(widen(a[d]) + widen(b[d]), &v);
-                r[d] = widen(v);
-                tail += r[d] * r[d];
-            }
-            narrow_row(r, sum + t * dim, dim);  // exact: r holds T's values
-            const float inv = 1.f / std::sqrt((hsum(squares) + tail) / float(dim) + eps);
-            for (d = 0; d + 8 <= dim; d += 8) store8(r + d, load8(weight + d) * rounded(load8(r + d) * inv, sum));
-            for (; d < dim; ++d) {
-                T n;
-                narrow(r[d] * inv, &n);
-                r[d] = widen(weight[d]) * widen(n);
-            }
-            narrow_row(r, out + t * dim, dim);
+#pragma omp parallel for schedule(static) if (rows * dim > (1 << 14))
+    for (int64_t t = 0; t < rows; ++t) {
+        const T *a = x + t * dim, *b = residual + t * dim;
+        T *s = sum + t * dim, *o = out + t * dim;
+        vwide squares{};
+        float tail = 0.f;
+        int64_t d = 0;
+        for (; d + WIDE <= dim; d += WIDE) {
+            const vwide v = rounded(load_wide(a + d) + load_wide(b + d), s);
+            store_narrow(s + d, v);  // exact: v holds T's values
+            squares = fma_wide(v, v, squares);
+        }
+        for (; d < dim; ++d) {
+            narrow(widen(a[d]) + widen(b[d]), s + d);
+            tail += widen(s[d]) * widen(s[d]);
+        }
+        const float inv = 1.f / std::sqrt((hsum(squares) + tail) / float(dim) + eps);
+        for (d = 0; d + WIDE <= dim; d += WIDE)
+            store_narrow(o + d, load_wide(weight + d) * rounded(load_wide(s + d) * inv, s));
+        for (; d < dim; ++d) {
+            T n;
+            narrow(widen(s[d]) * inv, &n);
+            narrow(widen(weight[d]) * widen(n), o + d);
         }
     }
 }
