@@ -94,6 +94,31 @@ def test_add_rms_norm_matches_reference(rows, dim, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,dim", [(1, 64), (70, 64), (5, 40), (3, 8)])
+def test_rotary_matches_reference_bit_for_bit_and_fp64(tokens, dim, dtype):
+    """q and k as the model passes them, column slices of one projection's rows, turned at scattered positions:
+    the kernel's bits are the reference's (fp32, one rounding), and both are within a rounding of fp64."""
+    g = torch.Generator().manual_seed(tokens + dim)
+    hq, hk = 9, 3
+    qkv = (torch.randn(tokens, (hq + 2 * hk) * dim, generator=g) * 4).to(dtype)
+    q, k = qkv[:, :hq * dim].view(tokens, hq, dim), qkv[:, hq * dim:(hq + hk) * dim].view(tokens, hk, dim)
+    angles = torch.outer(torch.arange(1000, dtype=torch.float64), torch.rand(dim // 2, generator=g, dtype=torch.float64))
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = angles.cos().float(), angles.sin().float()
+    positions = torch.randint(0, 1000, (tokens,), generator=g, dtype=torch.int32)
+    got = torch.ops.splitfuse_cpu.rotary(q, k, positions, cos, sin)
+    expected = reference.rotary(q, k, positions, cos, sin)
+    for x, out, ref in zip((q, k), got, expected):
+        assert out.is_contiguous() and out.shape == x.shape and torch.equal(out, ref)
+        h, half = x.double(), dim // 2
+        c, s = cos.double()[positions.long()].unsqueeze(1), sin.double()[positions.long()].unsqueeze(1)
+        exact = h * c + torch.cat([-h[..., half:], h[..., :half]], dim=-1) * s
+        torch.testing.assert_close(out.double(), exact, atol=TOL[dtype] * 4, rtol=TOL[dtype])
+    with pytest.raises(RuntimeError, match="a position outside the tables"):
+        torch.ops.splitfuse_cpu.rotary(q, k, torch.full_like(positions, 1000), cos, sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_store_matches_reference(dtype):
     g = torch.Generator().manual_seed(0)
     key, value = (torch.randn(40, 3, 64, generator=g).to(dtype) for _ in range(2))

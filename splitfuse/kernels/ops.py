@@ -121,6 +121,15 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return reference.add_rms_norm(x, residual, weight, eps)
 
 
+def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k turned by their positions (reference.rotary): the C++ kernel on CPU, one pass where Inductor's code
+    made three; elsewhere the reference, which a compiled step fuses."""
+    if cpu.supports(q, k) and positions.dtype == torch.int32 and cos.dtype == sin.dtype == torch.float32:
+        return torch.ops.splitfuse_cpu.rotary(q, k, positions, cos, sin)
+    return reference.rotary(q, k, positions, cos, sin)
+
+
 def argmax_rows(rows: torch.Tensor) -> torch.Tensor:
     """Each row of rows [M, N] (fp32) its first maximum's index, as torch's max(dim=-1).indices gives it."""
     cpu_kernel = rows.device.type == "cpu" and rows.dtype == torch.float32 and rows.dim() == 2 and rows.shape[1] > 0

@@ -111,6 +111,19 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return total, rms_norm(total, weight, eps)
 
 
+def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, D] and k [T, Hk, D] turned by their tokens' positions, x cos + rotate_half(x) sin, over the fp32
+    tables cos and sin [P, D]: in fp32, rounded once to x's dtype."""
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+
+    def turn(x: torch.Tensor) -> torch.Tensor:
+        h, half = x.float(), x.shape[-1] // 2
+        return (h * c + torch.cat([-h[..., half:], h[..., :half]], dim=-1) * s).to(x.dtype)
+
+    return turn(q), turn(k)
+
+
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     n, k = weight.shape
     # A bf16 is the top half of an fp32: an fp32 weight is exactly a bf16 when its low halves are all 0.

@@ -22,6 +22,7 @@ SCHEMAS = {
 # which a compiled step fuses.
 CPU_SCHEMAS = {
     "add_rms_norm": "(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)",
+    "rotary": "(Tensor q, Tensor k, Tensor positions, Tensor cos, Tensor sin) -> (Tensor, Tensor)",
 }
 # Declared with torch.library's schema API rather than the custom_op decorator: its wrappers cost more
 # per call than a small step's kernel (about 50 us against 15 us for the store, measured here).
@@ -66,4 +67,9 @@ for _ns in LIBRARIES:
                          ("packed_linear", _fake_packed_linear), ("brgemm_linear", _fake_brgemm_linear),
                          ("invariant_linear", _fake_invariant_linear), ("argmax_rows", _fake_argmax_rows)):
         torch.library.register_fake(f"{_ns}::{_name}", _fake)
+def _fake_rotary(q, k, positions, cos, sin):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
 torch.library.register_fake("splitfuse_cpu::add_rms_norm", _fake_add_rms_norm)
+torch.library.register_fake("splitfuse_cpu::rotary", _fake_rotary)
