@@ -119,9 +119,14 @@ def test_rotary_matches_reference_bit_for_bit_and_fp64(tokens, dim, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_matches_reference(dtype):
+@pytest.mark.parametrize("slices", [False, True])
+def test_store_matches_reference(dtype, slices):
+    """Keys and values whole, or as the model passes them: column slices of one projection's rows."""
     g = torch.Generator().manual_seed(0)
-    key, value = (torch.randn(40, 3, 64, generator=g).to(dtype) for _ in range(2))
+    if slices:
+        key, value = torch.randn(40, 7 * 64, generator=g).to(dtype)[:, 64:].view(40, 2, 3, 64).unbind(1)
+    else:
+        key, value = (torch.randn(40, 3, 64, generator=g).to(dtype) for _ in range(2))
     slots = torch.randperm(8 * 16, generator=g)[:40]
     slots[[3, 17, 39]] = -1  # padded tokens
     before = torch.randn(LAYERS, 2, 8, 16, 3, 64, generator=g).to(dtype)

@@ -135,13 +135,13 @@ inline int64_t key_row(const Item& it, const Shape& sh, const int32_t* block_tab
 }
 
 template <typename T>
-void store_kv(const T* key, const T* value, T* k_cache, T* v_cache, const int32_t* slots, int64_t num_tokens,
-              int64_t row) {
+void store_kv(const T* key, int64_t key_stride, const T* value, int64_t value_stride, T* k_cache, T* v_cache,
+              const int32_t* slots, int64_t num_tokens, int64_t row) {
 #pragma omp parallel for if (num_tokens * row > (1 << 16))
     for (int64_t t = 0; t < num_tokens; ++t) {
         if (slots[t] < 0) continue;
-        std::memcpy(k_cache + slots[t] * row, key + t * row, row * sizeof(T));
-        std::memcpy(v_cache + slots[t] * row, value + t * row, row * sizeof(T));
+        std::memcpy(k_cache + slots[t] * row, key + t * key_stride, row * sizeof(T));
+        std::memcpy(v_cache + slots[t] * row, value + t * value_stride, row * sizeof(T));
     }
 }
 
@@ -1191,11 +1191,13 @@ void store_kv_op(const at::Tensor& key, const at::Tensor& value, const at::Tenso
     TORCH_CHECK(key.size(1) == kv_cache.size(4) && key.size(2) == kv_cache.size(5),
                 "store_kv: key rows [Hkv, D] must match the cache's");
     TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0), "store_kv: one slot per key row");
-    const at::Tensor k = key.contiguous(), v = value.contiguous(), slots = slot_mapping.to(at::kInt).contiguous();
+    // A token's row contiguous; the rows may lie apart (columns of the step's projections).
+    auto rows = [](const at::Tensor& t) { return t.stride(2) == 1 && t.stride(1) == t.size(2) ? t : t.contiguous(); };
+    const at::Tensor k = rows(key), v = rows(value), slots = slot_mapping.to(at::kInt).contiguous();
     with_type(k, [&](auto t) {
         using T = decltype(t);
-        store_kv(data<T>(k), data<T>(v), static_cast<T*>(cache.k), static_cast<T*>(cache.v), data<int32_t>(slots),
-                 k.size(0), k[0].numel());
+        store_kv(data<T>(k), k.stride(0), data<T>(v), v.stride(0), static_cast<T*>(cache.k), static_cast<T*>(cache.v),
+                 data<int32_t>(slots), k.size(0), k.size(1) * k.size(2));
     });
 }
 

@@ -207,7 +207,7 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
     With `rows`, attend for the tokens at those rows only, each as a sequence of one query over its context;
     rows of -1 (padding, after the others) attend to nothing."""
     cache, layer = kv_cache
-    ops.store_kv(k.contiguous(), v.contiguous(), cache, layer, batch.slot_mapping)  # v may be a column slice
+    ops.store_kv(k, v, cache, layer, batch.slot_mapping)  # k and v may be column slices of a projection
     tables, lens, starts = batch.block_tables, batch.seq_lens, batch.query_start_loc
     if rows is not None:
         real = rows >= 0
