@@ -62,14 +62,14 @@ def _fake_add_rms_norm(x, residual, weight, eps):
     return torch.empty_like(x), torch.empty_like(x)
 
 
+def _fake_rotary(q, k, positions, cos, sin):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
 for _ns in LIBRARIES:
     for _name, _fake in (("store_kv", _fake_store_kv), ("paged_attention", _fake_paged_attention),
                          ("packed_linear", _fake_packed_linear), ("brgemm_linear", _fake_brgemm_linear),
                          ("invariant_linear", _fake_invariant_linear), ("argmax_rows", _fake_argmax_rows)):
         torch.library.register_fake(f"{_ns}::{_name}", _fake)
-def _fake_rotary(q, k, positions, cos, sin):
-    return q.new_empty(q.shape), k.new_empty(k.shape)
-
-
 torch.library.register_fake("splitfuse_cpu::add_rms_norm", _fake_add_rms_norm)
 torch.library.register_fake("splitfuse_cpu::rotary", _fake_rotary)
