@@ -111,7 +111,6 @@ def test_a_pipeline_shared_by_threads_answers_each_as_alone_and_refuses_bool_ids
     assert answers == {i: expected[i] for i in range(len(prompts))}
 
 
-
 def test_close_from_another_thread_ends_the_call_running_there():
     """close() had waited for a running call to finish: one of 1000 new tokens, here. The call now ends with
     ValueError within a poll of the core, and nothing of it keeps running."""
@@ -129,6 +128,7 @@ def test_close_from_another_thread_ends_the_call_running_there():
         pipe.close()
         thread.join(60)
     assert not thread.is_alive() and "closed" in str(outcome.get("error")), outcome
+
 
 CHAT_QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2+2?", "Who wrote Hamlet?",
                   "What is the largest planet?", "How many legs does a spider have?"]

@@ -191,13 +191,13 @@ inline vwide fma_wide(vwide a, vwide b, vwide c) { return fma8(a, b, c); }
 inline vwide exp_wide(vwide x) { return exp8(x); }
 #endif
 constexpr int64_t WIDE = sizeof(vwide) / sizeof(float);
+typedef uint32_t vwide_bits __attribute__((vector_size(sizeof(vwide))));
 inline vwide load_wide(const float* p) { vwide v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store_wide(float* p, vwide v) { std::memcpy(p, &v, sizeof v); }
 // v rounded to T's precision, still in fp32: widen(narrow(v)) of each value.
 inline vwide rounded(vwide v, float*) { return v; }
 inline vwide rounded(vwide v, bf16*) {
-    typedef uint32_t U __attribute__((vector_size(sizeof(vwide))));
-    U u;
+    vwide_bits u;
     std::memcpy(&u, &v, sizeof u);
     u = bf16_bits(u);
     std::memcpy(&v, &u, sizeof v);
@@ -210,9 +210,8 @@ inline void store_narrow(bf16* p, vwide v) {
     const __m256bh b = _mm512_cvtneps_pbh((__m512)v);
     std::memcpy(p, &b, sizeof b);
 #else
-    typedef uint32_t U __attribute__((vector_size(sizeof(vwide))));
     typedef uint16_t H __attribute__((vector_size(sizeof(vwide) / 2)));
-    U u;
+    vwide_bits u;
     std::memcpy(&u, &v, sizeof u);
     const H h = __builtin_convertvector(bf16_bits(u) >> 16, H);
     std::memcpy(p, &h, sizeof h);
@@ -1112,10 +1111,10 @@ void add_rms_norm(const T* x, const T* residual, const T* weight, T* sum, T* out
     }
 }
 
-// q [T, Hq, D] and k [T, Hk, D] (rows of a token tq and tk apart, heads hq and hk apart) turned by their tokens'
-// positions: x cos + rotate_half(x) sin over cos and sin [P, D] (fp32, the halves repeated), in fp32 and rounded
-// once into contiguous outputs. One pass over the step's q and k, where Inductor's code made one for each half
-// and one for the sum: 0.84 ms a layer at 4096 tokens, most of a prompt step's own elementwise time.
+// q [T, hq, D] and k [T, hk, D] (a token's rows tq and tk apart, their heads hq_stride and hk_stride) turned by
+// their tokens' positions: x cos + rotate_half(x) sin over cos and sin [P, D] (fp32, the halves repeated), in fp32
+// and rounded once into contiguous outputs. One pass over the step's q and k, where Inductor's code made one for
+// each half and one for the sum: 0.84 ms a layer at 4096 tokens, most of a prompt step's own elementwise time.
 template <typename T>
 void rotary(const T* q, int64_t tq, int64_t hq_stride, const T* k, int64_t tk, int64_t hk_stride,
             const int32_t* positions, const float* cos, const float* sin, T* q_out, T* k_out, int64_t tokens, int hq,
