@@ -88,7 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def machine() -> dict:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name")), "unknown CPU")
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lscpu)}
+    # Under a hypervisor the name is often only the vendor's ("AMD EPYC"); family and model tell Zen 4 from Zen 5.
+    cpu = f"{fields.get('Model name', 'unknown CPU')} (family {fields.get('CPU family', '?')}, model " \
+          f"{fields.get('Model', '?')})"
     flags = next((set(line.split(":", 1)[1].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("flags")), set())
     present = [f for f in ISA_FLAGS if f in flags]
