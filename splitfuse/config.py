@@ -14,11 +14,11 @@ from splitfuse.grammar import grammar
 SCHEDULERS = ("splitfuse", "prefill-first")
 CPU_TOKEN_BUDGET = 256
 # Where bf16 matmuls run on the CPU's AMX tiles or AVX-512 BF16 units, a step's throughput still grows past 256
-# tokens (offline 1.08x at 512, README).
+# tokens (offline 1.08x at 512, docs/performance.md).
 BF16_CPU_TOKEN_BUDGET = 512
 # While no request streams its tokens, no one waits on a step: where bf16 runs on AMX tiles, steps of 2048 tokens
-# then gave offline 1.07x over 512, and 4096 1.01-1.05x over 2048 (README), fewer steps each reading every weight
-# once. vLLM's CPU build takes 4096 tokens a step in LLM.generate too.
+# then gave offline 1.07x over 512, and 4096 1.01-1.05x over 2048 (docs/performance.md), fewer steps each reading
+# every weight once. vLLM's CPU build takes 4096 tokens a step in LLM.generate too.
 AMX_BATCH_TOKEN_BUDGET = 4096
 GPU_TOKEN_BUDGET = 2048
 MAX_NUM_SEQS = 256
@@ -215,8 +215,8 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
 
     def for_device(self, gpu: bool, bf16_gemm: bool = False, amx: bool = False) -> "EngineConfig":
         """The options a device leaves open filled in: the token budget (the benchmark's best on CPU, more
-        where bf16 runs on the CPU's bf16 units (`bf16_gemm`), README; a GPU's matmuls want thousands of rows),
-        sequences per step following it, and the budget while no request streams (more on AMX tiles, `amx`)."""
+        where bf16 runs on the CPU's bf16 units (`bf16_gemm`), docs/performance.md; a GPU's matmuls want thousands
+        of rows), sequences per step following it, and the budget while no request streams (more on AMX tiles, `amx`)."""
         cpu_budget = BF16_CPU_TOKEN_BUDGET if bf16_gemm else CPU_TOKEN_BUDGET
         budget = self.token_budget or (GPU_TOKEN_BUDGET if gpu else cpu_budget)
         if self.token_budget is None and self.buckets:
