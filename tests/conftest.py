@@ -16,6 +16,20 @@ import zmq
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import numpy as np
+    from triton.runtime import interpreter
+
+    # Interpreted, tl.dot is numpy's matmul, whose BLAS gives a row other bits at another place in the tile where
+    # OpenBLAS runs its AVX2 kernels (on AVX2 CPUs, and on a Zen 5, which OpenBLAS 0.3.31 named Haswell): the tests
+    # of batch invariance would see the batch change a row's bits, as no GPU's matrix units do. einsum sums every
+    # output over k in one order, wherever its row lies. (Only the dots the kernels here make: no fp8 operands.)
+    def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        product = np.einsum("...ik,...kj->...ij", a.data, b.data, dtype=d.data.dtype)
+        return interpreter.TensorHandle(product + d.data, d.dtype.scalar)
+
+    interpreter.InterpreterBuilder.create_dot = _create_dot
+
 TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
 FAMILIES = {
     "llama": lambda: transformers.LlamaConfig(
