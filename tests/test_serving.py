@@ -23,8 +23,10 @@ from splitfuse.frontend.tokenizer import Tokenizer
 
 # fp32: these tests compare answers across paths (plumbing), which bf16 near-ties could flip where a path
 # computes a prompt in another shape (a cached prefix, another chunking).
-ENGINE = dict(device="cpu", dtype="float32", eager=True, num_blocks=512, max_model_len=512)
-LONG = dict(max_new_tokens=480, ignore_eos=True)  # far longer than any test waits for
+ENGINE = dict(device="cpu", dtype="float32", eager=True, num_blocks=512, max_model_len=2048)
+# Far longer than any test waits for: a replica with a core to itself generated 480 tokens within the 20 s a
+# frozen worker is given to be found (Zen 5).
+LONG = dict(max_new_tokens=2000, ignore_eos=True)
 HEARTBEAT_TIMEOUT = 10.0
 
 
@@ -177,7 +179,7 @@ def test_cancel_break_and_stop_strings_free_the_workers_blocks(deployment):
                 break  # leaving the loop early aborts too
             stopped = await client.complete("Count from one to a thousand: one, two,", stop=[","], **LONG)
             assert stopped.finish_reason == "stop" and "," not in stopped.generated_text
-            # Neither 480-token request could have finished in this time: only aborts free the blocks.
+            # Neither 2000-token request could have finished in this time: only aborts free the blocks.
             await wait_until(lambda: drained(client), 10, "zero blocks in use")
 
     run(body())
@@ -247,8 +249,8 @@ def test_bad_messages_get_an_error_reply_and_the_server_keeps_serving(deployment
          "protocol version 1 is not supported; this peer speaks v2"),
         ([msgpack.packb({"type": "generate", "v": 2, "id": "p", "prompt": "hi", "params": {"max_tokens": 3}})],
          "p", "unknown field `max_tokens` - at `$.params`"),
-        ([msgpack.packb({"type": "generate", "v": 2, "id": "o", "prompt_ids": [1] * 600})],
-         "o", "maximum length is 512"),
+        ([msgpack.packb({"type": "generate", "v": 2, "id": "o", "prompt_ids": [1] * (ENGINE["max_model_len"] + 1)})],
+         "o", f"maximum length is {ENGINE['max_model_len']}"),
         ([msgpack.packb({"type": "generate", "v": 2, "id": "m", "messages": [{"role": "user"}]})], "m", "content"),
     ]
     for frames, request_id, words in cases:
@@ -262,7 +264,7 @@ def test_bad_messages_get_an_error_reply_and_the_server_keeps_serving(deployment
     async def refused():
         async with AsyncClient(deployment.address) as client:
             with pytest.raises(ValueError, match="maximum length"):
-                await client.complete(list(range(600)))
+                await client.complete(list(range(ENGINE["max_model_len"] + 1)))
             with pytest.raises(ValueError, match="temperature"):
                 await client.complete("hi", temperature=-1)  # checked before it is sent
 
