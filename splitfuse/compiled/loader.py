@@ -101,15 +101,22 @@ def _packs_to_huge_pages(model: nn.Module) -> None:
     if not modules:
         return
     sizes = [-(-m.packed.nbytes // 64) * 64 for m in modules]  # each pack 64-byte aligned, as the allocator's
-    memory = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux only
-        memory.madvise(mmap.MADV_HUGEPAGE)
-    flat = torch.frombuffer(memory, dtype=torch.uint8)  # keeps the mapping alive as long as a pack is
+    flat = anonymous_memory(sum(sizes) + HUGE_PAGE, huge_pages=True)
     offset = -flat.data_ptr() % HUGE_PAGE  # only whole, aligned 2 MB spans can be huge pages
     for module, size in zip(modules, sizes):
         packed = module.packed
         module.packed = flat[offset:offset + packed.nbytes].view(packed.dtype).view(packed.shape).copy_(packed)
         offset += size
+
+
+def anonymous_memory(nbytes: int, huge_pages: bool = False) -> torch.Tensor:
+    """nbytes of a private anonymous mapping as a uint8 tensor, which keeps the mapping alive as long as a view of
+    it is: zeros that the kernel fills in a page at a time where they are first touched. `huge_pages`: advised
+    for transparent huge pages (Linux)."""
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(memory, dtype=torch.uint8)
 
 
 def _slices(model: nn.Module) -> dict[str, tuple[int, int, int]]:

@@ -35,6 +35,7 @@ from torch import nn
 
 from splitfuse.compiled import precompile
 from splitfuse.compiled.batch import Batch
+from splitfuse.compiled.loader import anonymous_memory
 from splitfuse.compiled.precompile import CompileSpec
 
 log = logging.getLogger(__name__)
@@ -108,14 +109,19 @@ class ModelRunner:
         self.buckets = sorted(buckets)
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         shape = (model.num_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
-        # Zeros, not empty: masked-out context still enters the attention's weighted sum as 0 * value.
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # Zeros, not empty: masked-out context still enters the attention's weighted sum as 0 * value. On CPU a fresh
+        # mapping's zeros, which the kernel fills in as steps first touch its pages: zeroing all of the default 2.4 GB
+        # first, `pipeline()` answered first after 5.5-8.1 s, against 2.9-3.3 (Zen 5, bf16, with the compile's
+        # wrapper made later, below).
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device) if self.device.type != "cpu" else \
+            anonymous_memory(math.prod(shape) * self.dtype.itemsize).view(self.dtype).view(shape)
         torch._dynamo.maybe_mark_dynamic(self.kv_cache, 2)  # the block count follows memory: no graph depends on it
         self._buffers = _StepBuffers(self.buckets[-1], max_num_seqs, self.max_blocks_per_seq, self.device)
         self._static = self._buffers.batch
         self._views = {t: self._bucket_view(t) for t in self.buckets}
         self._forward = model.forward
-        self._compiled = None
+        self._compiled = None  # made as the compile starts: torch.compile imports Inductor (0.5-0.7 s of a start)
+        self._compile_options = None
         # Tensor parallel, rank 0: called with each step's filled buffers before it runs (StepBroadcast.send).
         self.on_step: Callable[[_StepBuffers, int | None, int, int], None] | None = None
         self.compiled = threading.Event()  # set once every bucket is compiled (or when not compiling)
@@ -130,7 +136,7 @@ class ModelRunner:
                 # replays a CUDA graph instead). The wrapper is built apart from the kernels, at -O1: built
                 # whole at -O3, a cold compile took twice as long.
                 options |= {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
-            self._compiled = torch.compile(model.forward, dynamic=False, options=options)
+            self._compile_options = options
         else:
             self.compiled.set()
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
@@ -241,7 +247,7 @@ class ModelRunner:
         so that the interpreter and the cores stay with the eager steps (precompile.py). This process then
         loads the compiled code, once `start` is set, or COMPILE_START_S later at the latest: loading holds
         the interpreter for seconds, which would slow the first answers."""
-        if self._compiled is None:
+        if self._compile_options is None:
             return
         if background:
             _confine_fx_patches_to_their_thread()
@@ -260,6 +266,7 @@ class ModelRunner:
         self._compile_all(progress)
 
     def _compile_all(self, progress: bool) -> None:
+        self._compiled = torch.compile(self.model.forward, dynamic=False, options=self._compile_options)
         # Laid out as the static buffers (each field a view of one flat buffer), and made outside inference
         # mode like them: dynamo's guards tell the two kinds apart.
         buffers = _StepBuffers(self.buckets[-1], self.max_num_seqs, self.max_blocks_per_seq, self.device)
